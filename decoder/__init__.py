@@ -1,0 +1,25 @@
+"""JAX target models, DFlash drafters, and autoregressive / speculative decoding.
+
+Axis alphabet, used in einsum strings and shape comments throughout:
+  B batch (slots)        T new tokens in a pass     S cache / context length
+  N query heads          K kv heads                 G = N / K (query heads per kv head)
+  H head dim             D model dim                F MLP hidden dim
+  V vocabulary           L draft block size         C completion capacity per slot
+
+This package never imports Beam or click: it runs as-is on an accelerator host.
+"""
+
+from dflash_batch.decoder._cache import KVCache
+from dflash_batch.decoder._checkpoint import TargetModel, load_target, params_from_hf, read_safetensors
+from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.decoder._decoder import MODES, Decoder, timed_generate
+from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, bucket_for
+from dflash_batch.decoder._prompts import render_messages, tokenize_prompt
+from dflash_batch.decoder._requests import Request, Result
+from dflash_batch.decoder._target import forward
+
+__all__ = [
+    "DEFAULT_PROMPT_BUCKETS", "MODES", "Decoder", "KVCache", "Request", "Result", "TargetConfig", "TargetModel",
+    "bucket_for", "forward", "load_target", "params_from_hf", "read_safetensors", "render_messages",
+    "timed_generate", "tokenize_prompt",
+]

@@ -1,0 +1,69 @@
+"""Autoregressive decoding: the lossless reference and the speedup denominator.
+
+Two jitted phases over a ``Slots`` state: ``prefill`` one request into a slot,
+and ``decode`` up to ``n_steps`` one-token steps for the whole batch inside a
+``lax.while_loop``, so there is no host round-trip per token.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.decoder._sampling import sample
+from dflash_batch.decoder._slots import Slots, commit, start_slot
+from dflash_batch.decoder._target import Params, forward
+
+
+def prefill_into_slot(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], s: Slots, tokens: jax.Array,
+                      length: jax.Array, slot: jax.Array, budget: jax.Array, temperature: jax.Array,
+                      top_p: jax.Array, key: jax.Array, collect_layers: tuple[int, ...] = ()):
+    """Runs one prompt (tokens [1, P], right-padded, ``length`` real) into cache row ``slot``.
+
+    Returns the new state and, when ``collect_layers`` is set, the prompt's
+    hidden states after those layers [1, P, n_f, D] (the drafter's context).
+    """
+    logits, feats, cache = forward(params, cfg, tokens, jnp.zeros((1,), jnp.int32), s.cache, slot=slot,
+                                   logits_at=(length - 1)[None], collect_layers=collect_layers)
+    first = sample(logits, temperature[None], top_p[None], key[None], length[None, None])[0, 0]
+    s = start_slot(s.replace(cache=cache), slot, first, length, budget, temperature, top_p, key, eos_ids)
+    return s, feats
+
+
+def ar_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], s: Slots) -> Slots:
+    """One token for every active row: run the target on ``last``, sample, commit."""
+    logits, _, cache = forward(params, cfg, s.last[:, None], s.pos, s.cache)
+    tok = sample(logits, s.temperature, s.top_p, s.key, (s.pos + 1)[:, None])  # [B, 1]
+    return commit(s.replace(cache=cache), tok, jnp.ones_like(s.pos), eos_ids)
+
+
+def run_steps(step, s: Slots, n_steps: int, stop_on_first_done: jax.Array) -> tuple[Slots, jax.Array]:
+    """Repeats ``step`` until every row is done, ``n_steps`` ran, or (when asked) a row finishes.
+
+    Stopping at the first finished row lets the host refill that slot at once, so
+    the batch stays full; otherwise the host is visited every ``n_steps`` steps.
+    """
+    done0 = s.done
+
+    def cond(c):
+        s, i = c
+        newly_done = jnp.any(s.done & ~done0)
+        return (i < n_steps) & ~jnp.all(s.done) & ~(stop_on_first_done & newly_done)
+
+    def body(c):
+        s, i = c
+        return step(s), i + 1
+
+    return jax.lax.while_loop(cond, body, (s, jnp.int32(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "eos_ids", "n_steps"), donate_argnames=("s",))
+def ar_decode(params: Params, s: Slots, stop_on_first_done: jax.Array, *, cfg: TargetConfig,
+              eos_ids: tuple[int, ...], n_steps: int) -> tuple[Slots, jax.Array]:
+    return run_steps(lambda st: ar_step(params, cfg, eos_ids, st), s, n_steps, stop_on_first_done)
+
+
+ar_prefill = jax.jit(prefill_into_slot, static_argnames=("cfg", "eos_ids", "collect_layers"), donate_argnames=("s",))

@@ -1,0 +1,168 @@
+"""The host loop that keeps a static batch of slots full.
+
+Requests stream in; each free slot is prefilled with the next one; the jitted
+decode phase runs until some row finishes (when more requests wait) or for a
+fixed number of steps; finished rows are emitted and their slots refilled.
+Shapes never change after warmup, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from typing import Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dflash_batch.decoder._requests import Request, Result
+from dflash_batch.decoder._sampling import row_key
+from dflash_batch.decoder._slots import Slots
+
+DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"prompt of {length} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class Phases:
+    """The jitted functions of one decode mode, bound to their static arguments.
+
+    prefill(state, tokens [1, P], length, slot, budget, temperature, top_p, key) -> state
+    decode(state, stop_on_first_done) -> (state, steps_run)
+    """
+
+    prefill: Callable
+    decode: Callable
+    init_state: Callable[[], Slots]
+
+
+class SlotEngine:
+    """Runs requests through one static batch (B slots, cache length S)."""
+
+    def __init__(self, phases: Phases, tokenizer, prompt_buckets: Sequence[int], capacity: int):
+        self.phases = phases
+        self.tokenizer = tokenizer
+        self.prompt_buckets = tuple(prompt_buckets)
+        self.capacity = capacity
+        self.state: Slots | None = None
+        self.compile_seconds = 0.0
+        self._warm: set[int] = set()
+
+    def warmup(self, buckets: Iterable[int] | None = None) -> float:
+        """Compiles prefill for each prompt bucket and the decode phase; returns seconds."""
+        t0 = time.perf_counter()
+        s = self.phases.init_state()
+        for p in buckets or self.prompt_buckets:
+            if p in self._warm:
+                continue
+            s = self.phases.prefill(s, np.zeros((1, p), np.int32), np.int32(1), np.int32(0), np.int32(2),
+                                    np.float32(0), np.float32(1), row_key(0))
+            self._warm.add(p)
+        s, _ = self.phases.decode(s, jnp.asarray(True))
+        jax.block_until_ready(s.pos)
+        self.state = self.phases.init_state()
+        dt = time.perf_counter() - t0
+        self.compile_seconds += dt
+        return dt
+
+    def _prefill(self, slot: int, req: Request) -> int:
+        n = len(req.token_ids)
+        if n > self.prompt_buckets[-1]:
+            raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed the largest bucket {self.prompt_buckets[-1]}")
+        if req.max_new_tokens > self.capacity:
+            raise ValueError(f"request {req.id!r}: {req.max_new_tokens=} exceeds the engine capacity {self.capacity}")
+        p = bucket_for(n, self.prompt_buckets)
+        if p not in self._warm:
+            self.warmup([p])
+        tokens = np.zeros((1, p), np.int32)
+        tokens[0, :n] = req.token_ids
+        self.state = self.phases.prefill(
+            self.state, tokens, np.int32(n), np.int32(slot), np.int32(req.max_new_tokens),
+            np.float32(req.temperature), np.float32(req.top_p), row_key(req.seed))
+        return p
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Decodes every request, yielding each result as soon as its row finishes."""
+        if self.state is None:
+            self.warmup()
+        queue = iter(requests)
+        lookahead: deque[Request] = deque()
+
+        def pop() -> Request | None:
+            if lookahead:
+                return lookahead.popleft()
+            return next(queue, None)
+
+        def more() -> bool:
+            if not lookahead:
+                nxt = next(queue, None)
+                if nxt is None:
+                    return False
+                lookahead.append(nxt)
+            return True
+
+        b = self.state.batch
+        rows: list[tuple[Request, float, int] | None] = [None] * b
+        while True:
+            for i in range(b):
+                if rows[i] is None:
+                    req = pop()
+                    if req is None:
+                        break
+                    t0 = time.perf_counter()
+                    rows[i] = (req, t0, self._prefill(i, req))
+            if all(r is None for r in rows):
+                return
+            self.state, _ = self.phases.decode(self.state, jnp.asarray(more()))
+            done, n_out = jax.device_get((self.state.done, self.state.n_out))
+            need_out = [i for i, r in enumerate(rows) if r is not None and (done[i] or r[0].stop)]
+            out = jax.device_get(self.state.out) if need_out else None
+            for i in need_out:
+                req, t0, bucket = rows[i]
+                tokens = [int(t) for t in out[i, : n_out[i]]]
+                stopped = _truncate_at_stop(self.tokenizer, tokens, req.stop) if req.stop else None
+                if stopped is None and not done[i]:
+                    continue
+                if stopped is not None and not done[i]:
+                    self.state = self.state.replace(done=self.state.done.at[i].set(True))
+                yield self._result(i, req, t0, bucket, tokens, stopped)
+                rows[i] = None
+
+    def _result(self, i: int, req: Request, t0: float, bucket: int, tokens: list[int],
+                stopped: tuple[list[int], str] | None) -> Result:
+        hist, drafted, accepted, eos = jax.device_get(
+            (self.state.hist[i], self.state.drafted[i], self.state.accepted[i], self.state.eos[i]))
+        if stopped is not None:
+            tokens, text = stopped
+            reason = "stop"
+        else:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""
+            reason = "eos" if eos else "length"
+        return Result(
+            id=req.id, prompt_tokens=len(req.token_ids), token_ids=tokens, text=text, finish_reason=reason,
+            decode_steps=int(hist.sum()), accepted_per_step=np.asarray(hist, np.int64),
+            draft_tokens_proposed=int(drafted), draft_tokens_accepted=int(accepted),
+            decode_seconds=time.perf_counter() - t0, bucket=bucket)
+
+
+def _truncate_at_stop(tokenizer, tokens: list[int], stops: Sequence[str]) -> tuple[list[int], str] | None:
+    """If the decoded text contains a stop string, the shortest token prefix that
+    reaches it and the text before the stop string; else None."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    hits = [(text.find(s), s) for s in stops if s and s in text]
+    if not hits:
+        return None
+    at, stop = min(hits)
+    for k in range(1, len(tokens) + 1):
+        if stop in tokenizer.decode(tokens[:k], skip_special_tokens=True):
+            return tokens[:k], text[:at]
+    return tokens, text[:at]

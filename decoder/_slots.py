@@ -1,0 +1,127 @@
+"""Per-sequence decode state for a static batch of slots, as one explicit pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dflash_batch.decoder._cache import KVCache
+from dflash_batch.decoder._config import TargetConfig
+
+
+@flax.struct.dataclass
+class Slots:
+    """B slots sharing one preallocated KV cache; a finished slot takes the next request.
+
+    ``last`` is each slot's newest committed token at position ``pos``: it is not in
+    the cache yet, and the next target pass runs on it. ``out`` [B, C] holds the
+    completion so far (``n_out`` tokens). Lengths are data, never shapes.
+    """
+
+    cache: KVCache
+    pos: jax.Array  # [B] int32
+    last: jax.Array  # [B] int32
+    out: jax.Array  # [B, C] int32
+    n_out: jax.Array  # [B] int32
+    budget: jax.Array  # [B] int32, per-row max_new_tokens
+    done: jax.Array  # [B] bool; empty slots are done
+    eos: jax.Array  # [B] bool, finished on an EOS token
+    temperature: jax.Array  # [B] float32
+    top_p: jax.Array  # [B] float32
+    key: jax.Array  # [B, 2] uint32
+    hist: jax.Array  # [B, L] int32: steps that committed i+1 tokens
+    drafted: jax.Array  # [B] int32
+    accepted: jax.Array  # [B] int32
+    extra: Any = None  # mode-specific state (drafter context cache, ...)
+
+    @classmethod
+    def init(cls, cfg: TargetConfig, batch: int, cache_len: int, capacity: int, max_block: int, extra=None) -> "Slots":
+        z = lambda dt=jnp.int32: jnp.zeros((batch,), dt)  # noqa: E731
+        return cls(
+            cache=KVCache.init(cfg, batch, cache_len),
+            pos=z(),
+            last=z(),
+            out=jnp.zeros((batch, capacity), jnp.int32),
+            n_out=z(),
+            budget=z(),
+            done=jnp.ones((batch,), bool),
+            eos=z(bool),
+            temperature=z(jnp.float32),
+            top_p=jnp.ones((batch,), jnp.float32),
+            key=jnp.zeros((batch, 2), jnp.uint32),
+            hist=jnp.zeros((batch, max_block), jnp.int32),
+            drafted=z(),
+            accepted=z(),
+            extra=extra,
+        )
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.out.shape[1]
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    """Elementwise: is this token one of the model's end-of-sequence ids."""
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.any(tokens[..., None] == jnp.asarray(eos_ids, jnp.int32), axis=-1)
+
+
+def start_slot(s: Slots, slot: jax.Array, first: jax.Array, length: jax.Array, budget, temperature, top_p, key,
+               eos_ids: tuple[int, ...]) -> Slots:
+    """Resets slot ``slot`` for a new request whose prefill produced token ``first``."""
+    hit = is_eos(first, eos_ids)
+    return s.replace(
+        pos=s.pos.at[slot].set(length),
+        last=s.last.at[slot].set(first),
+        out=s.out.at[slot].set(jnp.zeros((s.capacity,), jnp.int32).at[0].set(first)),
+        n_out=s.n_out.at[slot].set(1),
+        budget=s.budget.at[slot].set(budget),
+        done=s.done.at[slot].set(hit | (budget <= 1)),
+        eos=s.eos.at[slot].set(hit),
+        temperature=s.temperature.at[slot].set(temperature),
+        top_p=s.top_p.at[slot].set(top_p),
+        key=s.key.at[slot].set(key),
+        hist=s.hist.at[slot].set(0),
+        drafted=s.drafted.at[slot].set(0),
+        accepted=s.accepted.at[slot].set(0),
+    )
+
+
+def commit(s: Slots, tokens: jax.Array, n_new: jax.Array, eos_ids: tuple[int, ...]) -> Slots:
+    """Appends each active row's first ``n_new`` of ``tokens`` [B, T] to its completion.
+
+    Stops a row at its first EOS or at its budget, whichever comes first, so a
+    block that runs past either commits only what AR decoding would have emitted.
+    Returns the state with positions, outputs, done flags and the histogram updated.
+    """
+    b, t = tokens.shape
+    active = ~s.done
+    idx = jnp.arange(t)[None, :]  # [1, T]
+    room = s.budget - s.n_out  # [B]
+    hit = is_eos(tokens, eos_ids) & (idx < n_new[:, None])
+    first_eos = jnp.min(jnp.where(hit, idx, t), axis=1)  # [B]
+    n = jnp.minimum(jnp.minimum(n_new, room), first_eos + 1)
+    n = jnp.where(active, n, 0)  # [B]
+    write = jnp.where(idx < n[:, None], s.n_out[:, None] + idx, s.capacity)  # out of range = dropped
+    out = s.out.at[jnp.arange(b)[:, None], write].set(tokens, mode="drop")
+    ended_eos = active & (first_eos < n)
+    n_out = s.n_out + n
+    last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    hist = s.hist.at[jnp.arange(b), jnp.maximum(n - 1, 0)].add(active.astype(jnp.int32))
+    return s.replace(
+        pos=s.pos + n,
+        last=jnp.where(active, last, s.last),
+        out=out,
+        n_out=n_out,
+        done=s.done | ended_eos | (n_out >= s.budget),
+        eos=s.eos | ended_eos,
+        hist=hist,
+    )

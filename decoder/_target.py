@@ -1,0 +1,114 @@
+"""The target transformer (Llama and Qwen3 families) as pure JAX functions.
+
+Parameters are a pytree of arrays with the layers stacked on a leading axis, so
+the forward pass is one ``lax.scan`` over layers: compile time does not grow with
+depth. Projections are stored [in, out] and fused (q|k|v, gate|up) at load time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dflash_batch.decoder._cache import KVCache
+from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.decoder._layers import apply_rope, attend, attend_cached, rms_norm, rope_inv_freq, swiglu
+
+Params = dict[str, Any]
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> [B, T, D]."""
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def lm_head(params: Params, x: jax.Array) -> jax.Array:
+    """x [..., D] -> logits [..., V] in fp32 (tied embeddings when there is no lm_head)."""
+    w = params.get("lm_head")
+    if w is None:
+        return jnp.einsum("...D,VD->...V", x, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
+
+
+def final_norm(params: Params, cfg: TargetConfig, x: jax.Array) -> jax.Array:
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def forward(
+    params: Params,
+    cfg: TargetConfig,
+    tokens: jax.Array,
+    start: jax.Array,
+    cache: KVCache,
+    *,
+    slot: jax.Array | None = None,
+    logits_at: jax.Array | None = None,
+    collect_layers: Sequence[int] = (),
+) -> tuple[jax.Array, jax.Array | None, KVCache]:
+    """Runs the target over a block of new tokens and appends their K/V to the cache.
+
+    Steps:
+      1. Embed tokens [B, T]; token t of row b sits at absolute position start[b] + t.
+      2. Per layer: each query attends to its row's cache rows before ``start`` and,
+         causally, to the block's own keys. The cache is only read inside the layer
+         loop, so no per-layer copy of it is ever made.
+      3. After the last layer, write the block's K/V of every layer into the cache
+         in one in-place scatter (rows start..start+T-1).
+      4. Final norm and lm_head, on every position or only at ``logits_at`` [B].
+
+    With ``slot`` set, B is 1, the block is a whole prompt starting at position 0,
+    and its K/V go to cache row ``slot`` (prefill of one request into a running batch).
+
+    Returns (logits [B, T or 1, V], hidden states after ``collect_layers`` as
+    [B, T, len(collect_layers), D] or None, the updated cache).
+    """
+    bsz, t = tokens.shape  # B, T
+    n_kv, g, h = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    inv_freq = rope_inv_freq(cfg)
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    causal = jnp.tril(jnp.ones((t, t), bool))[None]  # [1, T, T]
+    past = jnp.arange(cache.length)[None, None, :] < start[:, None, None]  # [B, 1, S]
+    use_cache = slot is None
+    x = embed(params, tokens)  # [B, T, D]
+
+    def layer(x, xs):
+        w, l = xs
+        hn = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        qkv = hn @ w["qkv"]  # [B, T, (N + 2K) H]
+        q, k, v = jnp.split(qkv, [cfg.num_heads * h, (cfg.num_heads + n_kv) * h], axis=-1)
+        q = q.reshape(bsz, t, cfg.num_heads, h)
+        k = k.reshape(bsz, t, n_kv, h)
+        v = v.reshape(bsz, t, n_kv, h)
+        if cfg.qk_norm:
+            q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        qg = q.reshape(bsz, t, n_kv, g, h)
+        if use_cache:
+            o = attend_cached(qg, cache.k[l], cache.v[l], past, k, v, causal)  # [B, T, K, G, H]
+        else:
+            o = attend(qg, k, v, jnp.broadcast_to(causal, (bsz, t, t)))
+        x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]
+        x = x + swiglu(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w["gate_up"], w["down"])
+        return x, (k, v, x if collect_layers else None)
+
+    layer_ids = jnp.arange(cfg.num_layers)
+    x, (k_new, v_new, hidden) = jax.lax.scan(layer, x, (params["layers"], layer_ids))  # k_new [L, B, T, K, H]
+    if slot is None:
+        rows = jnp.arange(bsz)[:, None]  # [B, 1]
+        kc = cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype), mode="drop")
+        vc = cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype), mode="drop")
+    else:
+        kc = jax.lax.dynamic_update_slice_in_dim(cache.k, k_new.astype(cache.k.dtype), slot, axis=1)
+        vc = jax.lax.dynamic_update_slice_in_dim(cache.v, v_new.astype(cache.v.dtype), slot, axis=1)
+    feats = None
+    if collect_layers:
+        # hidden [L, B, T, D] -> the chosen layers' outputs, [B, T, n_f, D]
+        feats = jnp.moveaxis(hidden[jnp.asarray(collect_layers)], 0, 2)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
+    logits = lm_head(params, final_norm(params, cfg, x))
+    return logits, feats, KVCache(k=kc, v=vc)

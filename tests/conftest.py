@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny checkpoints are built once per session so JAX compiles stay few."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    from tiny_models import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from dflash_batch.decoder import load_target
+
+    return load_target(str(tiny_llama_dir), with_tokenizer=False)

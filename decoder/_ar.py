@@ -18,19 +18,27 @@ from dflash_batch.decoder._slots import Slots, commit, start_slot
 from dflash_batch.decoder._target import Params, forward
 
 
-def prefill_into_slot(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], s: Slots, tokens: jax.Array,
-                      length: jax.Array, slot: jax.Array, budget: jax.Array, temperature: jax.Array,
-                      top_p: jax.Array, key: jax.Array, collect_layers: tuple[int, ...] = ()):
-    """Runs one prompt (tokens [1, P], right-padded, ``length`` real) into cache row ``slot``.
+def prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], s: Slots, tokens: jax.Array,
+                  start: jax.Array, length: jax.Array, slot: jax.Array, budget: jax.Array, temperature: jax.Array,
+                  top_p: jax.Array, key: jax.Array, collect_layers: tuple[int, ...] = ()):
+    """Prefills one chunk (tokens [1, P] at positions start..start+P-1) of a prompt of
+    ``length`` tokens into cache row ``slot``.
 
-    Returns the new state and, when ``collect_layers`` is set, the prompt's
-    hidden states after those layers [1, P, n_f, D] (the drafter's context).
+    Prompts are fed in fixed-size chunks, so one compiled function serves every
+    prompt length and padding is under one chunk. The chunk holding the prompt's
+    last token also samples the first completion token and opens the slot.
+    Returns the new state and, when ``collect_layers`` is set, the chunk's hidden
+    states after those layers [1, P, n_f, D] (the drafter's context).
     """
-    logits, feats, cache = forward(params, cfg, tokens, jnp.zeros((1,), jnp.int32), s.cache, slot=slot,
-                                   logits_at=(length - 1)[None], collect_layers=collect_layers)
+    p = tokens.shape[1]
+    last_at = jnp.clip(length - 1 - start, 0, p - 1)
+    logits, feats, cache = forward(params, cfg, tokens, start[None], s.cache, slot=slot,
+                                   logits_at=last_at[None], collect_layers=collect_layers)
     first = sample(logits, temperature[None], top_p[None], key[None], length[None, None])[0, 0]
-    s = start_slot(s.replace(cache=cache), slot, first, length, budget, temperature, top_p, key, eos_ids)
-    return s, feats
+    opened = start_slot(s, slot, first, length, budget, temperature, top_p, key, eos_ids).replace(cache=None)
+    is_last = start + p >= length
+    small = jax.tree.map(lambda a, b: jnp.where(is_last, a, b), opened, s.replace(cache=None))
+    return small.replace(cache=cache), feats
 
 
 def ar_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], s: Slots) -> Slots:
@@ -66,4 +74,4 @@ def ar_decode(params: Params, s: Slots, stop_on_first_done: jax.Array, *, cfg: T
     return run_steps(lambda st: ar_step(params, cfg, eos_ids, st), s, n_steps, stop_on_first_done)
 
 
-ar_prefill = jax.jit(prefill_into_slot, static_argnames=("cfg", "eos_ids", "collect_layers"), donate_argnames=("s",))
+ar_prefill = jax.jit(prefill_chunk, static_argnames=("cfg", "eos_ids", "collect_layers"), donate_argnames=("s",))

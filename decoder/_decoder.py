@@ -25,7 +25,8 @@ class Decoder:
     """
 
     def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
-                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = 64):
+                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = 64,
+                 prefill_chunk: int = 64):
         if mode not in MODES:
             raise ValueError(f"unknown decode {mode=}; choose one of {MODES}")
         if batch_size < 1 or max_new_tokens < 1:
@@ -36,6 +37,7 @@ class Decoder:
         self.max_new_tokens = max_new_tokens
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.chunk_steps = chunk_steps
+        self.prefill_chunk = prefill_chunk
         self._engines: dict[int, SlotEngine] = {}
 
     @property
@@ -50,7 +52,8 @@ class Decoder:
         if bucket not in self._engines:
             cfg = self.target.config
             eos = self.target.eos_token_ids
-            cache_len = bucket + self.max_new_tokens + 1
+            # Room for the prompt rounded up to whole prefill chunks, plus the completion.
+            cache_len = -(-bucket // self.prefill_chunk) * self.prefill_chunk + self.max_new_tokens + 1
             params = self.target.params
             phases = Phases(
                 prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
@@ -58,34 +61,33 @@ class Decoder:
                                                        n_steps=self.chunk_steps),
                 init_state=lambda: Slots.init(cfg, self.batch_size, cache_len, self.max_new_tokens, 1),
             )
-            buckets = [b for b in self.prompt_buckets if b <= bucket]
-            self._engines[bucket] = SlotEngine(phases, self.target.tokenizer, buckets, self.max_new_tokens)
+            self._engines[bucket] = SlotEngine(phases, self.target.tokenizer, bucket, self.max_new_tokens,
+                                               self.prefill_chunk)
         return self._engines[bucket]
 
     def warmup(self, bucket: int) -> float:
         """Compiles the engine of one bucket; returns the seconds it took."""
-        return self.engine(bucket).warmup([bucket])
+        return self.engine(bucket).warmup()
 
     def generate(self, requests: Iterable[Request], bucket: int | None = None) -> Iterator[Result]:
         """Decodes requests, yielding results as rows finish (not in input order).
 
-        With ``bucket`` given, every request must fit it and they share one static
-        batch; otherwise requests are grouped by their own bucket first.
+        With ``bucket`` given, every request must fit it; otherwise the requests are
+        read first and all share the static batch of the largest bucket they need,
+        so a small job keeps its batch full. (The pipeline buckets large jobs by
+        length, which keeps each batch's cache short.)
         """
-        if bucket is not None:
-            yield from self.engine(bucket).run(requests)
-            return
-        groups: dict[int, list[Request]] = {}
-        for r in requests:
-            groups.setdefault(self.bucket(len(r.token_ids)), []).append(r)
-        for b in sorted(groups):
-            yield from self.engine(b).run(groups[b])
+        if bucket is None:
+            requests = list(requests)
+            if not requests:
+                return
+            bucket = max(self.bucket(len(r.token_ids)) for r in requests)
+        yield from self.engine(bucket).run(requests)
 
 
 def timed_generate(decoder: Decoder, requests: Sequence[Request]) -> tuple[list[Result], float]:
     """Runs all requests after warming up their buckets; returns results and decode seconds."""
-    for b in sorted({decoder.bucket(len(r.token_ids)) for r in requests}):
-        decoder.warmup(b)
+    decoder.warmup(max(decoder.bucket(len(r.token_ids)) for r in requests))
     t0 = time.perf_counter()
     results = list(decoder.generate(requests))
     return results, time.perf_counter() - t0

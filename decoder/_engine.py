@@ -36,7 +36,8 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 class Phases:
     """The jitted functions of one decode mode, bound to their static arguments.
 
-    prefill(state, tokens [1, P], length, slot, budget, temperature, top_p, key) -> state
+    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
+        (one fixed-size chunk of a prompt; the last chunk opens the slot)
     decode(state, stop_on_first_done) -> (state, steps_run)
     """
 
@@ -48,25 +49,23 @@ class Phases:
 class SlotEngine:
     """Runs requests through one static batch (B slots, cache length S)."""
 
-    def __init__(self, phases: Phases, tokenizer, prompt_buckets: Sequence[int], capacity: int):
+    def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int):
         self.phases = phases
         self.tokenizer = tokenizer
-        self.prompt_buckets = tuple(prompt_buckets)
+        self.max_prompt_len = max_prompt_len
         self.capacity = capacity
+        self.prefill_chunk = prefill_chunk
         self.state: Slots | None = None
         self.compile_seconds = 0.0
-        self._warm: set[int] = set()
 
-    def warmup(self, buckets: Iterable[int] | None = None) -> float:
-        """Compiles prefill for each prompt bucket and the decode phase; returns seconds."""
+    def warmup(self) -> float:
+        """Compiles the prefill chunk and the decode phase (once); returns seconds spent."""
+        if self.state is not None:
+            return 0.0
         t0 = time.perf_counter()
         s = self.phases.init_state()
-        for p in buckets or self.prompt_buckets:
-            if p in self._warm:
-                continue
-            s = self.phases.prefill(s, np.zeros((1, p), np.int32), np.int32(1), np.int32(0), np.int32(2),
-                                    np.float32(0), np.float32(1), row_key(0))
-            self._warm.add(p)
+        s = self.phases.prefill(s, np.zeros((1, self.prefill_chunk), np.int32), np.int32(0), np.int32(1),
+                                np.int32(0), np.int32(2), np.float32(0), np.float32(1), row_key(0))
         s, _ = self.phases.decode(s, jnp.asarray(True))
         jax.block_until_ready(s.pos)
         self.state = self.phases.init_state()
@@ -74,26 +73,25 @@ class SlotEngine:
         self.compile_seconds += dt
         return dt
 
-    def _prefill(self, slot: int, req: Request) -> int:
-        n = len(req.token_ids)
-        if n > self.prompt_buckets[-1]:
-            raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed the largest bucket {self.prompt_buckets[-1]}")
+    def _prefill(self, slot: int, req: Request) -> None:
+        n, c = len(req.token_ids), self.prefill_chunk
+        if n > self.max_prompt_len:
+            raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed this batch's limit {self.max_prompt_len}")
         if req.max_new_tokens > self.capacity:
             raise ValueError(f"request {req.id!r}: {req.max_new_tokens=} exceeds the engine capacity {self.capacity}")
-        p = bucket_for(n, self.prompt_buckets)
-        if p not in self._warm:
-            self.warmup([p])
-        tokens = np.zeros((1, p), np.int32)
-        tokens[0, :n] = req.token_ids
-        self.state = self.phases.prefill(
-            self.state, tokens, np.int32(n), np.int32(slot), np.int32(req.max_new_tokens),
-            np.float32(req.temperature), np.float32(req.top_p), row_key(req.seed))
-        return p
+        padded = np.zeros((-(-n // c)) * c, np.int32)
+        padded[:n] = req.token_ids
+        key = row_key(req.seed)
+        for start in range(0, n, c):
+            self.state = self.phases.prefill(
+                self.state, padded[None, start : start + c], np.int32(start), np.int32(n), np.int32(slot),
+                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Result]:
         """Decodes every request, yielding each result as soon as its row finishes."""
         if self.state is None:
             self.warmup()
+        assert self.state is not None
         queue = iter(requests)
         lookahead: deque[Request] = deque()
 
@@ -119,7 +117,8 @@ class SlotEngine:
                     if req is None:
                         break
                     t0 = time.perf_counter()
-                    rows[i] = (req, t0, self._prefill(i, req))
+                    self._prefill(i, req)
+                    rows[i] = (req, t0, self.max_prompt_len)
             if all(r is None for r in rows):
                 return
             self.state, _ = self.phases.decode(self.state, jnp.asarray(more()))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._layers import apply_rope, attend, attend_cached, rms_norm, rope_inv_freq, swiglu
+from dflash_batch.decoder._layers import apply_rope, attend_cached, rms_norm, rope_inv_freq, swiglu
 
 Params = dict[str, Any]
 
@@ -58,8 +58,8 @@ def forward(
          in one in-place scatter (rows start..start+T-1).
       4. Final norm and lm_head, on every position or only at ``logits_at`` [B].
 
-    With ``slot`` set, B is 1, the block is a whole prompt starting at position 0,
-    and its K/V go to cache row ``slot`` (prefill of one request into a running batch).
+    With ``slot`` set, B is 1 and the block belongs to the sequence in cache row
+    ``slot`` (a prompt chunk of one request being prefilled into a running batch).
 
     Returns (logits [B, T or 1, V], hidden states after ``collect_layers`` as
     [B, T, len(collect_layers), D] or None, the updated cache).
@@ -70,7 +70,6 @@ def forward(
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     causal = jnp.tril(jnp.ones((t, t), bool))[None]  # [1, T, T]
     past = jnp.arange(cache.length)[None, None, :] < start[:, None, None]  # [B, 1, S]
-    use_cache = slot is None
     x = embed(params, tokens)  # [B, T, D]
 
     def layer(x, xs):
@@ -87,10 +86,11 @@ def forward(
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         qg = q.reshape(bsz, t, n_kv, g, h)
-        if use_cache:
-            o = attend_cached(qg, cache.k[l], cache.v[l], past, k, v, causal)  # [B, T, K, G, H]
+        if slot is None:
+            k_cache, v_cache = cache.k[l], cache.v[l]  # [B, S, K, H]
         else:
-            o = attend(qg, k, v, jnp.broadcast_to(causal, (bsz, t, t)))
+            k_cache, v_cache = cache.k[l, slot][None], cache.v[l, slot][None]  # [1, S, K, H]
+        o = attend_cached(qg, k_cache, v_cache, past, k, v, causal)  # [B, T, K, G, H]
         x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]
         x = x + swiglu(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w["gate_up"], w["down"])
         return x, (k, v, x if collect_layers else None)
@@ -102,8 +102,8 @@ def forward(
         kc = cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype), mode="drop")
         vc = cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype), mode="drop")
     else:
-        kc = jax.lax.dynamic_update_slice_in_dim(cache.k, k_new.astype(cache.k.dtype), slot, axis=1)
-        vc = jax.lax.dynamic_update_slice_in_dim(cache.v, v_new.astype(cache.v.dtype), slot, axis=1)
+        kc = cache.k.at[:, slot, positions[0]].set(k_new[:, 0].astype(cache.k.dtype), mode="drop")
+        vc = cache.v.at[:, slot, positions[0]].set(v_new[:, 0].astype(cache.v.dtype), mode="drop")
     feats = None
     if collect_layers:
         # hidden [L, B, T, D] -> the chosen layers' outputs, [B, T, n_f, D]

@@ -27,7 +27,7 @@ def _prompts(n, vocab, seed=0, lo=3, hi=40):
 
 @pytest.fixture(scope="module")
 def decoder3(tiny_llama):
-    return Decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=(16, 64))
+    return Decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=(16, 64), prefill_chunk=16)
 
 
 def _hf_greedy(folder, prompt, n):

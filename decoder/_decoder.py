@@ -12,8 +12,9 @@ from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
+from dflash_batch.decoder._speculative import init_spec_state, spec_decode, spec_prefill
 
-MODES = ("ar",)
+MODES = ("ar", "dflash", "ngram")
 
 
 class Decoder:
@@ -26,9 +27,19 @@ class Decoder:
 
     def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = 64,
-                 prefill_chunk: int = 64):
+                 prefill_chunk: int = 64, drafter=None, block_size: int = 16):
+        """``drafter`` is (DrafterConfig, params), required by ``dflash``; ``block_size`` is the
+        verified block length L (drafts per step + 1) of the speculative modes."""
         if mode not in MODES:
             raise ValueError(f"unknown decode {mode=}; choose one of {MODES}")
+        if mode == "dflash":
+            if drafter is None:
+                raise ValueError("mode 'dflash' needs a drafter")
+            drafter[0].check_target(target.config)
+            if not 2 <= block_size <= drafter[0].block_size:
+                raise ValueError(f"{block_size=} must be in [2, {drafter[0].block_size}] (the drafter's block size)")
+        elif mode == "ngram" and block_size < 2:
+            raise ValueError(f"{block_size=} must be >= 2 for mode 'ngram'")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"{batch_size=} and {max_new_tokens=} must be >= 1")
         self.target = target
@@ -38,6 +49,8 @@ class Decoder:
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.chunk_steps = chunk_steps
         self.prefill_chunk = prefill_chunk
+        self.drafter = drafter if mode == "dflash" else None
+        self.block_size = 1 if mode == "ar" else block_size
         self._engines: dict[int, SlotEngine] = {}
 
     @property
@@ -53,17 +66,32 @@ class Decoder:
             cfg = self.target.config
             eos = self.target.eos_token_ids
             # Room for the prompt rounded up to whole prefill chunks, plus the completion.
-            cache_len = -(-bucket // self.prefill_chunk) * self.prefill_chunk + self.max_new_tokens + 1
-            params = self.target.params
-            phases = Phases(
-                prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
-                decode=lambda s, stop_first: ar_decode(params, s, stop_first, cfg=cfg, eos_ids=eos,
-                                                       n_steps=self.chunk_steps),
-                init_state=lambda: Slots.init(cfg, self.batch_size, cache_len, self.max_new_tokens, 1),
-            )
+            # The prompt rounded up to whole prefill chunks, the completion, and one block of slack.
+            cache_len = (-(-bucket // self.prefill_chunk) * self.prefill_chunk + self.max_new_tokens
+                         + self.block_size)
+            phases = self._phases(cache_len)
             self._engines[bucket] = SlotEngine(phases, self.target.tokenizer, bucket, self.max_new_tokens,
                                                self.prefill_chunk)
         return self._engines[bucket]
+
+    def _phases(self, cache_len: int) -> Phases:
+        cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
+        b, cap, blk = self.batch_size, self.max_new_tokens, self.block_size
+        if self.mode == "ar":
+            return Phases(
+                prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
+                decode=lambda s, stop_first: ar_decode(params, s, stop_first, cfg=cfg, eos_ids=eos,
+                                                       n_steps=self.chunk_steps),
+                init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
+            )
+        dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
+        static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, block=blk, mode=self.mode)
+        return Phases(
+            prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
+            decode=lambda s, stop_first: spec_decode(params, dparams, s, stop_first, n_steps=self.chunk_steps,
+                                                     **static),
+            init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg)),
+        )
 
     def warmup(self, bucket: int) -> float:
         """Compiles the engine of one bucket; returns the seconds it took."""

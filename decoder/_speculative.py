@@ -1,0 +1,159 @@
+"""Speculative decoding over the slot batch: DFlash block drafts or n-gram lookups, verified losslessly.
+
+One decode step, for every active row at once (the DFlash paper's loop):
+  1. Draft L-1 tokens: one drafter pass over [anchor, MASK x (L-1)] (``dflash``), or
+     the tokens that followed the latest earlier match of the row's last few tokens
+     (``ngram``, prompt lookup).
+  2. Verify: one target pass over [anchor, d1..d(L-1)] at the row's own offset.
+  3. The target picks its own token y_i at every block position (argmax, or a sample
+     keyed by the position). Accept the longest prefix with d(i+1) == y_i and commit
+     y_0..y_a: the accepted drafts plus one bonus token, so tau counts the bonus.
+     With sampling this is rejection sampling with a one-hot draft: every committed
+     token is exactly what AR decoding would have sampled at that position.
+  4. Append the committed rows' target features to the drafter's context cache.
+     Context K/V depend only on committed tokens, so they never need rollback.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dflash_batch.decoder._ar import prefill_chunk, run_steps
+from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.decoder._drafter import DrafterConfig, context_kv, draft_block, draft_to_target_ids
+from dflash_batch.decoder._sampling import sample
+from dflash_batch.decoder._slots import Slots, commit
+from dflash_batch.decoder._target import Params, forward
+
+NGRAM_MAX = 3  # longest suffix the n-gram proposer tries to match
+
+
+@flax.struct.dataclass
+class SpecState:
+    """Per-slot state the proposers need beyond the target's.
+
+    tokens [B, S]: the token at each position (prompt, then completion), for n-gram lookup.
+    ctx_k, ctx_v [Ld, B, S, K, H]: the drafter's context K/V (None without a drafter);
+    rows below a slot's ``pos`` are valid.
+    """
+
+    tokens: jax.Array
+    ctx_k: Any = None
+    ctx_v: Any = None
+
+
+def init_spec_state(batch: int, length: int, dcfg: DrafterConfig | None) -> SpecState:
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    if dcfg is None:
+        return SpecState(tokens=tokens)
+    shape = (dcfg.num_layers, batch, length, dcfg.num_kv_heads, dcfg.head_dim)
+    return SpecState(tokens=tokens, ctx_k=jnp.zeros(shape, jnp.float32), ctx_v=jnp.zeros(shape, jnp.float32))
+
+
+def ngram_propose(tokens: jax.Array, pos: jax.Array, n_draft: int) -> jax.Array:
+    """Prompt-lookup drafts [B, n_draft]: find the latest earlier occurrence of the row's
+    last k tokens (k = NGRAM_MAX down to 1, longest match wins) and propose what followed.
+
+    tokens [B, S] with positions <= pos [B] valid (pos holds the newest token).
+    """
+    b, s = tokens.shape
+    idx = jnp.arange(s)[None, :]  # [1, S]
+    best = jnp.full((b,), -1)
+    for k in range(1, NGRAM_MAX + 1):  # later (longer) matches override shorter ones
+        eq = (idx >= k - 1) & (idx < pos[:, None])
+        for m in range(k):
+            shifted = jnp.roll(tokens, m, axis=1)  # shifted[:, j] = tokens[:, j - m]
+            want = jnp.take_along_axis(tokens, jnp.maximum(pos - m, 0)[:, None], axis=1)  # [B, 1]
+            eq = eq & (shifted == want)
+        found = jnp.max(jnp.where(eq, idx, -1), axis=1)  # [B], latest end position of a match
+        best = jnp.where(found >= 0, found, best)
+    take = jnp.clip(best[:, None] + 1 + jnp.arange(n_draft)[None, :], 0, pos[:, None])
+    return jnp.take_along_axis(tokens, take, axis=1)
+
+
+def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
+              s: Slots) -> Slots:
+    """One speculative step (steps 1-4 of the module docstring) for the whole batch."""
+    ex: SpecState = s.extra
+    b = s.batch
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+    offs = jnp.arange(block, dtype=jnp.int32)[None, :]  # [1, L]
+    # 1. Draft.
+    if mode == "dflash":
+        dparams, dcfg = drafter
+        masks = jnp.full((b, block - 1), dcfg.mask_token_id, jnp.int32)
+        block_in = jnp.concatenate([s.last[:, None], masks], axis=1)  # [B, L]
+        dlogits = draft_block(dparams, dcfg, params, cfg, block_in, s.pos, ex.ctx_k, ex.ctx_v, s.pos)
+        drafts = draft_to_target_ids(dparams, jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)  # [B, L-1]
+        layers = dcfg.target_layer_ids
+    else:
+        drafts = ngram_propose(ex.tokens, s.pos, block - 1)
+        layers = ()
+    # 2. Verify.
+    verify_in = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, L]
+    logits, feats, cache = forward(params, cfg, verify_in, s.pos, s.cache, collect_layers=layers)
+    y = sample(logits, s.temperature, s.top_p, s.key, s.pos[:, None] + 1 + offs)  # [B, L]
+    # 3. Accept the longest matching prefix, plus the bonus token.
+    accepted = jnp.sum(jnp.cumprod(drafts == y[:, :-1], axis=1), axis=1).astype(jnp.int32)  # [B]
+    active = ~s.done
+    new = commit(s.replace(cache=cache), y, accepted + 1, eos_ids)
+    n = new.pos - s.pos  # tokens committed per row (0 for idle rows)
+    # 4. Remember the new tokens and extend the drafter's context with their features.
+    positions = s.pos[:, None] + offs  # [B, L]
+    tokens = ex.tokens.at[rows, positions + 1].set(y, mode="drop")
+    ctx_k, ctx_v = ex.ctx_k, ex.ctx_v
+    if mode == "dflash":
+        k_new, v_new = context_kv(dparams, dcfg, feats, positions)  # [Ld, B, L, K, H]
+        ctx_k = ctx_k.at[:, rows, positions].set(k_new.astype(ctx_k.dtype), mode="drop")
+        ctx_v = ctx_v.at[:, rows, positions].set(v_new.astype(ctx_v.dtype), mode="drop")
+    return new.replace(
+        extra=ex.replace(tokens=tokens, ctx_k=ctx_k, ctx_v=ctx_v),
+        drafted=new.drafted + jnp.where(active, block - 1, 0),
+        accepted=new.accepted + jnp.maximum(n - 1, 0),
+    )
+
+
+def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, mode: str, s: Slots,
+                       tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array, budget: jax.Array,
+                       temperature: jax.Array, top_p: jax.Array, key: jax.Array) -> Slots:
+    """``prefill_chunk``, plus the prompt's tokens and (DFlash) its context K/V for the slot."""
+    layers = drafter[1].target_layer_ids if mode == "dflash" else ()
+    ex: SpecState = s.extra
+    s, feats = prefill_chunk(params, cfg, eos_ids, s.replace(extra=None), tokens, start, length, slot, budget,
+                             temperature, top_p, key, collect_layers=layers)
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [P]
+    hist = ex.tokens.at[slot, positions].set(tokens[0], mode="drop")
+    hist = jnp.where(start + tokens.shape[1] >= length, hist.at[slot, length].set(s.last[slot]), hist)
+    ctx_k, ctx_v = ex.ctx_k, ex.ctx_v
+    if mode == "dflash":
+        dparams, dcfg = drafter
+        k_new, v_new = context_kv(dparams, dcfg, feats, positions[None])  # [Ld, 1, P, K, H]
+        ctx_k = ctx_k.at[:, slot, positions].set(k_new[:, 0].astype(ctx_k.dtype), mode="drop")
+        ctx_v = ctx_v.at[:, slot, positions].set(v_new[:, 0].astype(ctx_v.dtype), mode="drop")
+    return s.replace(extra=ex.replace(tokens=hist, ctx_k=ctx_k, ctx_v=ctx_v))
+
+
+_STATIC = ("cfg", "eos_ids", "dcfg", "block", "mode")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("n_steps",), donate_argnames=("s",))
+def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, *, cfg: TargetConfig,
+                eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int, mode: str,
+                n_steps: int) -> tuple[Slots, jax.Array]:
+    drafter = (dparams, dcfg)
+    return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st), s, n_steps,
+                     stop_on_first_done)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("s",))
+def spec_prefill(params: Params, dparams, s: Slots, tokens, start, length, slot, budget, temperature, top_p, key, *,
+                 cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int,
+                 mode: str) -> Slots:
+    del block  # part of the engine's identity only
+    return spec_prefill_chunk(params, cfg, eos_ids, (dparams, dcfg), mode, s, tokens, start, length, slot, budget,
+                              temperature, top_p, key)

@@ -12,7 +12,7 @@ from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
-from dflash_batch.decoder._speculative import init_spec_state, spec_decode, spec_prefill
+from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
 
 MODES = ("ar", "dflash", "ngram")
 
@@ -30,7 +30,7 @@ class Decoder:
                  prefill_chunk: int = 64, drafter=None, block_size: int = 16):
         """``drafter`` is (DrafterConfig, params), required by ``dflash``; ``block_size`` is the
         verified block length L (drafts per step + 1) of the speculative modes."""
-        if mode not in MODES:
+        if mode != "ar" and mode not in PROPOSERS:
             raise ValueError(f"unknown decode {mode=}; choose one of {MODES}")
         if mode == "dflash":
             if drafter is None:
@@ -38,8 +38,8 @@ class Decoder:
             drafter[0].check_target(target.config)
             if not 2 <= block_size <= drafter[0].block_size:
                 raise ValueError(f"{block_size=} must be in [2, {drafter[0].block_size}] (the drafter's block size)")
-        elif mode == "ngram" and block_size < 2:
-            raise ValueError(f"{block_size=} must be >= 2 for mode 'ngram'")
+        elif mode != "ar" and block_size < 2:
+            raise ValueError(f"{block_size=} must be >= 2 for mode {mode!r}")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"{batch_size=} and {max_new_tokens=} must be >= 1")
         self.target = target

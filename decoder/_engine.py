@@ -132,14 +132,17 @@ class SlotEngine:
                 if stopped is None and not done[i]:
                     continue
                 if stopped is not None and not done[i]:
-                    self.state = self.state.replace(done=self.state.done.at[i].set(True))
+                    done = done.copy()
+                    done[i] = True  # host-side edit: an eager .at[] update would compile a kernel
+                    self.state = self.state.replace(done=jnp.asarray(done))
                 yield self._result(i, req, t0, bucket, tokens, stopped)
                 rows[i] = None
 
     def _result(self, i: int, req: Request, t0: float, bucket: int, tokens: list[int],
                 stopped: tuple[list[int], str] | None) -> Result:
-        hist, drafted, accepted, eos = jax.device_get(
-            (self.state.hist[i], self.state.drafted[i], self.state.accepted[i], self.state.eos[i]))
+        # Whole small arrays to the host, then index there: no per-shape eager kernels.
+        hist, drafted, accepted, eos = (a[i] for a in jax.device_get(
+            (self.state.hist, self.state.drafted, self.state.accepted, self.state.eos)))
         if stopped is not None:
             tokens, text = stopped
             reason = "stop"

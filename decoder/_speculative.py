@@ -76,30 +76,53 @@ def ngram_propose(tokens: jax.Array, pos: jax.Array, n_draft: int) -> jax.Array:
     return jnp.take_along_axis(tokens, take, axis=1)
 
 
+def propose_dflash(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
+    """L-1 drafts per row from ONE drafter pass over [anchor, MASK x (L-1)], greedy."""
+    dparams, dcfg = drafter
+    ex: SpecState = s.extra
+    masks = jnp.full((s.batch, block - 1), dcfg.mask_token_id, jnp.int32)
+    block_in = jnp.concatenate([s.last[:, None], masks], axis=1)  # [B, L]
+    # The anchor at ``pos`` has not been through the target yet: context is rows < pos.
+    dlogits = draft_block(dparams, dcfg, params, cfg, block_in, s.pos, ex.ctx_k, ex.ctx_v, s.pos)
+    return draft_to_target_ids(dparams, jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)  # [B, L-1]
+
+
+def propose_ngram(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
+    del params, cfg, drafter
+    return ngram_propose(s.extra.tokens, s.pos, block - 1)
+
+
+def accept_length(drafts: jax.Array, targets: jax.Array, logits: jax.Array) -> jax.Array:
+    """Accepted drafts per row: the longest prefix with d(i+1) == y_i.
+
+    drafts [B, L-1]; targets [B, L] (the target's own choices y); logits unused by
+    this exact rule, passed so a test can substitute a wrong rule and watch the
+    distribution test catch it.
+    """
+    del logits
+    return jnp.sum(jnp.cumprod(drafts == targets[:, :-1], axis=1), axis=1).astype(jnp.int32)
+
+
+# Proposal sources by decode mode. Each maps (params, cfg, drafter, state, L) to drafts [B, L-1].
+PROPOSERS = {"dflash": propose_dflash, "ngram": propose_ngram}
+
+
 def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
               s: Slots) -> Slots:
     """One speculative step (steps 1-4 of the module docstring) for the whole batch."""
     ex: SpecState = s.extra
-    b = s.batch
-    rows = jnp.arange(b)[:, None]  # [B, 1]
+    rows = jnp.arange(s.batch)[:, None]  # [B, 1]
     offs = jnp.arange(block, dtype=jnp.int32)[None, :]  # [1, L]
     # 1. Draft.
-    if mode == "dflash":
-        dparams, dcfg = drafter
-        masks = jnp.full((b, block - 1), dcfg.mask_token_id, jnp.int32)
-        block_in = jnp.concatenate([s.last[:, None], masks], axis=1)  # [B, L]
-        dlogits = draft_block(dparams, dcfg, params, cfg, block_in, s.pos, ex.ctx_k, ex.ctx_v, s.pos)
-        drafts = draft_to_target_ids(dparams, jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)  # [B, L-1]
-        layers = dcfg.target_layer_ids
-    else:
-        drafts = ngram_propose(ex.tokens, s.pos, block - 1)
-        layers = ()
+    drafts = PROPOSERS[mode](params, cfg, drafter, s, block)  # [B, L-1]
+    uses_drafter = ex.ctx_k is not None
+    layers = drafter[1].target_layer_ids if uses_drafter else ()
     # 2. Verify.
     verify_in = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, L]
     logits, feats, cache = forward(params, cfg, verify_in, s.pos, s.cache, collect_layers=layers)
     y = sample(logits, s.temperature, s.top_p, s.key, s.pos[:, None] + 1 + offs)  # [B, L]
     # 3. Accept the longest matching prefix, plus the bonus token.
-    accepted = jnp.sum(jnp.cumprod(drafts == y[:, :-1], axis=1), axis=1).astype(jnp.int32)  # [B]
+    accepted = accept_length(drafts, y, logits)  # [B]
     active = ~s.done
     new = commit(s.replace(cache=cache), y, accepted + 1, eos_ids)
     n = new.pos - s.pos  # tokens committed per row (0 for idle rows)
@@ -107,8 +130,9 @@ def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], draft
     positions = s.pos[:, None] + offs  # [B, L]
     tokens = ex.tokens.at[rows, positions + 1].set(y, mode="drop")
     ctx_k, ctx_v = ex.ctx_k, ex.ctx_v
-    if mode == "dflash":
-        k_new, v_new = context_kv(dparams, dcfg, feats, positions)  # [Ld, B, L, K, H]
+    if uses_drafter:
+        # All L rows are written; those past the new ``pos`` are dead until overwritten.
+        k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions)  # [Ld, B, L, K, H]
         ctx_k = ctx_k.at[:, rows, positions].set(k_new.astype(ctx_k.dtype), mode="drop")
         ctx_v = ctx_v.at[:, rows, positions].set(v_new.astype(ctx_v.dtype), mode="drop")
     return new.replace(
@@ -122,17 +146,16 @@ def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ..
                        tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array, budget: jax.Array,
                        temperature: jax.Array, top_p: jax.Array, key: jax.Array) -> Slots:
     """``prefill_chunk``, plus the prompt's tokens and (DFlash) its context K/V for the slot."""
-    layers = drafter[1].target_layer_ids if mode == "dflash" else ()
     ex: SpecState = s.extra
+    layers = drafter[1].target_layer_ids if ex.ctx_k is not None else ()
     s, feats = prefill_chunk(params, cfg, eos_ids, s.replace(extra=None), tokens, start, length, slot, budget,
                              temperature, top_p, key, collect_layers=layers)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [P]
     hist = ex.tokens.at[slot, positions].set(tokens[0], mode="drop")
     hist = jnp.where(start + tokens.shape[1] >= length, hist.at[slot, length].set(s.last[slot]), hist)
     ctx_k, ctx_v = ex.ctx_k, ex.ctx_v
-    if mode == "dflash":
-        dparams, dcfg = drafter
-        k_new, v_new = context_kv(dparams, dcfg, feats, positions[None])  # [Ld, 1, P, K, H]
+    if ex.ctx_k is not None:
+        k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions[None])  # [Ld, 1, P, K, H]
         ctx_k = ctx_k.at[:, slot, positions].set(k_new[:, 0].astype(ctx_k.dtype), mode="drop")
         ctx_v = ctx_v.at[:, slot, positions].set(v_new[:, 0].astype(ctx_v.dtype), mode="drop")
     return s.replace(extra=ex.replace(tokens=hist, ctx_k=ctx_k, ctx_v=ctx_v))

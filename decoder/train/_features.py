@@ -1,0 +1,166 @@
+"""The frozen target's outputs over every training sequence, computed once and cached on disk.
+
+Training reads the target only through this cache, so many epochs cost one target pass
+per sequence. One jitted ``forward`` over [prompt ; response] gives both things the
+trainer needs:
+  * context features: the outputs of ``target_layer_ids`` at every position, fp16,
+    [N, n_f, D] in one ``.npy`` file opened as a memory map (N = tokens of all sequences);
+  * the target's next-token distribution at every position, as its top-k ids [N, k]
+    int32 and probabilities [N, k] fp16, for distillation. Row t holds the distribution
+    of token t+1, i.e. of the label a block drafts at position t+1.
+Per channel, the root mean square of the features is stored too (``scale`` [n_f, D]):
+a few SmolLM2 channels carry activations of 100-500, and the trainer divides by it.
+
+The cache is filled in sequence order and records how far it got, so an interrupted
+extraction resumes. Its identity (sequence ids, token counts, layers, k) is checked on
+reopening; a different training set gets a fresh cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dflash_batch.decoder._cache import KVCache
+from dflash_batch.decoder._checkpoint import TargetModel
+from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.decoder._target import Params, forward
+from dflash_batch.decoder.train._data import Sample
+
+LENGTH_STEP = 64  # sequences are padded to a multiple of this: few compiled shapes, little padding
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer_ids", "top_k"))
+def _extract(params: Params, tokens: jax.Array, *, cfg: TargetConfig, layer_ids: tuple[int, ...],
+             top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens [1, T] -> (features [T, n_f, D] fp16, top-k ids [T, k], top-k probs [T, k] fp16)."""
+    cache = KVCache.init(cfg, 1, tokens.shape[1])
+    logits, feats, _ = forward(params, cfg, tokens, jnp.zeros((1,), jnp.int32), cache, collect_layers=layer_ids)
+    vals, ids = jax.lax.top_k(logits[0], top_k)  # [T, k]
+    probs = jnp.exp(vals - jax.nn.logsumexp(logits[0], axis=-1, keepdims=True))
+    return feats[0].astype(jnp.float16), ids.astype(jnp.int32), probs.astype(jnp.float16)
+
+
+@dataclasses.dataclass
+class FeatureCache:
+    """Read access to a finished cache. Sequence i spans rows offsets[i]:offsets[i+1]."""
+
+    folder: Path
+    ids: list[str]
+    tokens: np.ndarray  # [N] int32
+    offsets: np.ndarray  # [n + 1] int64
+    prompt_lens: np.ndarray  # [n] int32
+    feats: np.ndarray  # [N, n_f, D] fp16 (memory map)
+    topk_ids: np.ndarray  # [N, k] int32
+    topk_probs: np.ndarray  # [N, k] fp16
+    scale: np.ndarray  # [n_f, D] float32, per-channel RMS of the features
+    layer_ids: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def seq_lens(self) -> np.ndarray:  # [n]
+        return np.diff(self.offsets).astype(np.int32)
+
+    @property
+    def response_tokens(self) -> int:
+        return int((self.seq_lens - self.prompt_lens).sum())
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+def _identity(samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int, target_name: str) -> str:
+    h = hashlib.sha256(json.dumps([target_name, list(layer_ids), top_k]).encode())
+    for s in samples:
+        h.update(s.id.encode())
+        h.update(s.token_ids.tobytes())
+    return h.hexdigest()
+
+
+def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: Path, layer_ids: Sequence[int],
+                        top_k: int = 32, progress: Callable[[int, int], None] | None = None) -> FeatureCache:
+    """Fills (or resumes) the cache of ``samples`` in ``folder`` and opens it.
+
+    Each sequence is one target pass at its own length rounded up to ``LENGTH_STEP``
+    (the causal mask makes the padded tail invisible to real rows).
+    """
+    layer_ids = tuple(int(i) for i in layer_ids)
+    if not samples:
+        raise ValueError("no training samples")
+    if max(layer_ids) >= target.config.num_layers:
+        raise ValueError(f"{layer_ids=} exceed the target's {target.config.num_layers=}")
+    folder.mkdir(parents=True, exist_ok=True)
+    ident = _identity(samples, layer_ids, top_k, str(target.path))
+    lens = np.array([len(s.token_ids) for s in samples], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    n_rows, n_f, d = int(offsets[-1]), len(layer_ids), target.config.hidden_size
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    fresh = meta.get("identity") != ident
+    mode = "w+" if fresh else "r+"
+    feats = np.lib.format.open_memmap(folder / "feats.npy", mode, np.float16, (n_rows, n_f, d))
+    topk_ids = np.lib.format.open_memmap(folder / "topk_ids.npy", mode, np.int32, (n_rows, top_k))
+    topk_probs = np.lib.format.open_memmap(folder / "topk_probs.npy", mode, np.float16, (n_rows, top_k))
+    if fresh:
+        meta = {"identity": ident, "done": 0, "layer_ids": list(layer_ids), "top_k": top_k,
+                "ids": [s.id for s in samples], "target": str(target.path)}
+        np.save(folder / "tokens.npy", np.concatenate([s.token_ids for s in samples]).astype(np.int32))
+        np.save(folder / "offsets.npy", offsets)
+        np.save(folder / "prompt_lens.npy", np.array([len(s.prompt_ids) for s in samples], np.int32))
+        meta_path.write_text(json.dumps(meta))
+    t_last = time.perf_counter()
+    for i in range(meta["done"], len(samples)):
+        toks = samples[i].token_ids
+        t = -(-len(toks) // LENGTH_STEP) * LENGTH_STEP
+        padded = np.zeros((1, t), np.int32)
+        padded[0, : len(toks)] = toks
+        f, ki, kp = jax.device_get(_extract(target.params, padded, cfg=target.config, layer_ids=layer_ids,
+                                            top_k=top_k))
+        rows = slice(int(offsets[i]), int(offsets[i + 1]))
+        feats[rows], topk_ids[rows], topk_probs[rows] = f[: len(toks)], ki[: len(toks)], kp[: len(toks)]
+        if i + 1 == len(samples) or time.perf_counter() - t_last > 30:  # record progress twice a minute
+            for a in (feats, topk_ids, topk_probs):
+                a.flush()
+            meta["done"] = i + 1
+            meta_path.write_text(json.dumps(meta))
+            t_last = time.perf_counter()
+        if progress is not None:
+            progress(i + 1, len(samples))
+    if "scale" not in meta:
+        meta["scale"] = _channel_rms(feats).tolist()
+        meta_path.write_text(json.dumps(meta))
+    del feats, topk_ids, topk_probs
+    return open_feature_cache(folder)
+
+
+def _channel_rms(feats: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Per-channel root mean square [n_f, D] over all rows, in float64 chunks."""
+    acc = np.zeros(feats.shape[1:], np.float64)
+    for a in range(0, feats.shape[0], chunk):
+        x = np.asarray(feats[a : a + chunk], np.float64)
+        acc += (x * x).sum(axis=0)
+    return np.sqrt(acc / max(feats.shape[0], 1)).astype(np.float32)
+
+
+def open_feature_cache(folder: Path) -> FeatureCache:
+    """Opens a finished cache (features memory-mapped, read-only)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["done"] != len(meta["ids"]) or "scale" not in meta:
+        raise ValueError(f"feature cache {folder} is incomplete ({meta['done']}/{len(meta['ids'])} sequences)")
+    return FeatureCache(
+        folder=folder, ids=list(meta["ids"]), tokens=np.load(folder / "tokens.npy"),
+        offsets=np.load(folder / "offsets.npy"), prompt_lens=np.load(folder / "prompt_lens.npy"),
+        feats=np.load(folder / "feats.npy", mmap_mode="r"), topk_ids=np.load(folder / "topk_ids.npy", mmap_mode="r"),
+        topk_probs=np.load(folder / "topk_probs.npy", mmap_mode="r"),
+        scale=np.asarray(meta["scale"], np.float32), layer_ids=tuple(meta["layer_ids"]))

@@ -1,0 +1,277 @@
+"""The training loop: AdamW + warmup-cosine + clipping over packed blocks, checkpointed and resumable.
+
+Determinism is what makes resuming exact. Step s trains on
+  * sequences: positions s*B .. s*B+B-1 of an endless stream of epochs, epoch e being a
+    permutation drawn from (seed, e);
+  * anchors: drawn from (seed, s);
+so a run restarted from the checkpoint of step s computes bit-for-bit the same steps
+s, s+1, ... as a run that never stopped. The checkpoint holds parameters, optimiser
+state, the step and the seed (see ``_state``); SIGTERM and Ctrl-C write one before leaving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dflash_batch.decoder._drafter import DrafterConfig
+from dflash_batch.decoder._target import Params
+from dflash_batch.decoder.train._blocks import make_batch
+from dflash_batch.decoder.train._features import LENGTH_STEP, FeatureCache
+from dflash_batch.decoder.train._loss import block_loss, loss_weights
+from dflash_batch.decoder.train._packed import packed_draft_logits
+from dflash_batch.decoder.train._state import has_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Defaults follow the DFlash paper where it says (AdamW,
+    lr 6e-4, cosine, 4% warmup, clip 1.0); the rest were chosen on this project's CPU."""
+
+    steps: int = 2000
+    batch_size: int = 4  # sequences per step
+    anchors: int = 16  # blocks per sequence (A)
+    lr: float = 6e-4
+    warmup: float = 0.04  # fraction of ``steps``
+    weight_decay: float = 0.01
+    b2: float = 0.95
+    clip: float = 1.0
+    gamma: float | None = None  # loss decay; None: the paper's value for the block size
+    distill: float = 0.5  # weight of the soft (target distribution) loss; 1 - distill on hard labels
+    top_k: int = 32  # target distribution entries kept for distillation
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_every: int = 0  # steps between evaluations (0: at the end only)
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.anchors < 1:
+            raise ValueError(f"{self.steps=}, {self.batch_size=} and {self.anchors=} must be >= 1")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"{self.distill=} must be in [0, 1]")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"{self.warmup=} must be in [0, 1)")
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW on a warmup-cosine schedule (decay only on matrices)."""
+    warm = max(1, round(tcfg.warmup * tcfg.steps))
+    sched = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, warm, max(tcfg.steps, warm + 1), end_value=0.0)
+    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)  # noqa: E731 (not norms, not d2t)
+    return optax.chain(optax.clip_by_global_norm(tcfg.clip),
+                       optax.adamw(sched, b1=0.9, b2=tcfg.b2, weight_decay=tcfg.weight_decay, mask=decay_mask))
+
+
+def batch_sequences(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
+    """The sequence indices [B] of ``step``: a slice of an endless stream of seeded epochs."""
+    pos = step * batch_size + np.arange(batch_size)
+    out = np.empty(batch_size, np.int64)
+    for e in np.unique(pos // n):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        sel = pos // n == e
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+def anchor_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 1, step])
+
+
+def _frozen(params: Params) -> Params:
+    """``d2t`` is integer data, not a parameter: keep it out of gradients and updates."""
+    return {k: v for k, v in params.items() if k != "d2t"}
+
+
+class Trainer:
+    """Jitted step and evaluation of one drafter on one feature cache."""
+
+    def __init__(self, dcfg: DrafterConfig, target_params: Params, cache: FeatureCache, tcfg: TrainConfig, *,
+                 inv_scale: np.ndarray, t2d: np.ndarray | None):
+        self.dcfg, self.cache, self.tcfg = dcfg, cache, tcfg
+        self.target_params = {"embed": target_params["embed"], **(
+            {"lm_head": target_params["lm_head"]} if "lm_head" in target_params else {})}
+        self.inv_scale = jnp.asarray(inv_scale)
+        self.t2d = t2d
+        self.seq_len = int(-(-cache.seq_lens.max() // LENGTH_STEP) * LENGTH_STEP)
+        self.weights = jnp.asarray(loss_weights(dcfg.block_size, tcfg.gamma))
+        self.opt = make_optimizer(tcfg)
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self._eval = jax.jit(self._metrics)
+
+    def _loss(self, trainable, d2t, target_params, batch):
+        params = dict(trainable, **({"d2t": d2t} if d2t is not None else {}))
+        logits = packed_draft_logits(params, self.dcfg, target_params, batch["feats"], self.inv_scale,
+                                     batch["block_tokens"], batch["anchor_pos"])
+        return block_loss(logits, batch, self.weights, self.tcfg.distill)
+
+    def _train_step(self, params, opt_state, target_params, batch):
+        trainable, d2t = _frozen(params), params.get("d2t")
+        (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(trainable, d2t, target_params, batch)
+        updates, opt_state = self.opt.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return dict(trainable, **({"d2t": d2t} if d2t is not None else {})), opt_state, metrics
+
+    def _metrics(self, params, target_params, batch):
+        return self._loss(_frozen(params), params.get("d2t"), target_params, batch)[1]
+
+    def init_opt(self, params: Params):
+        return self.opt.init(_frozen(params))
+
+    def batch(self, seqs: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return make_batch(self.cache, seqs, rng, n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size,
+                          seq_len=self.seq_len, mask_token_id=self.dcfg.mask_token_id, t2d=self.t2d)
+
+    def step(self, params, opt_state, batch):
+        return self._step(params, opt_state, self.target_params, batch)
+
+    def evaluate(self, params: Params, seqs: Sequence[int], seed: int = 12345) -> dict[str, float]:
+        """Metrics of ``_loss.block_loss`` on ``seqs`` (fixed anchors), averaged over batches."""
+        rng = np.random.default_rng(seed)
+        b = self.tcfg.batch_size
+        seqs = np.asarray(seqs)
+        out: list[dict] = []
+        for i in range(0, len(seqs), b):
+            chunk = seqs[i : i + b]
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk))])  # fixed shape; repeats count twice
+            out.append(jax.device_get(self._eval(params, self.target_params, self.batch(chunk, rng))))
+        return {k: float(np.mean([o[k] for o in out])) for k in out[0]} if out else {}
+
+
+@dataclasses.dataclass
+class LoopResult:
+    params: Params
+    step: int
+    losses: list[float]  # the loss of every step this call ran, in order
+    meta: dict
+
+
+class _Stop:
+    """Turns SIGTERM into a flag the loop checks, so a killed run still checkpoints."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt_dir: Path, *, resume: bool,
+               identity: dict, stop_at: int | None = None, heldout_seqs: Sequence[int] = (),
+               evaluate: Callable[[Params, int], dict] | None = None, log_path: Path | None = None,
+               progress: bool = True) -> LoopResult:
+    """Runs steps until ``trainer.tcfg.steps`` (or ``stop_at``), checkpointing every
+    ``checkpoint_every`` steps, on exit, and on SIGTERM / Ctrl-C.
+
+    ``identity``: what must match to resume (the configuration and data); a mismatch
+    refuses to resume. ``evaluate(params, step)`` (optional) runs every ``eval_every``
+    steps and at the end, on top of the cheap held-out metrics of ``heldout_seqs``.
+    Without ``resume`` an existing checkpoint is an error, so no run is overwritten by accident.
+    """
+    tcfg = trainer.tcfg
+    train_seqs = np.asarray(train_seqs)
+    opt_state = trainer.init_opt(params)
+    meta = {"step": 0, "seed": tcfg.seed, "identity": identity, "train_seconds": 0.0, "predicted_tokens": 0,
+            "history": [], "evals": []}
+    if has_checkpoint(ckpt_dir):
+        if not resume:
+            raise FileExistsError(f"{ckpt_dir} holds a checkpoint: resume it, or choose another work dir")
+        (params, opt_state), meta = load_checkpoint(ckpt_dir, (params, opt_state))
+        if meta["identity"] != json.loads(json.dumps(identity)):
+            diff = sorted(k for k in set(identity) | set(meta["identity"])
+                          if json.loads(json.dumps(identity.get(k))) != meta["identity"].get(k))
+            raise ValueError(f"cannot resume {ckpt_dir}: the run's settings differ in {diff}")
+    end = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
+    start = meta["step"]
+    losses: list[float] = []
+
+    def checkpoint(step: int) -> None:
+        meta["step"] = step
+        save_checkpoint(ckpt_dir, (params, opt_state), meta)
+
+    def log(record: dict) -> None:
+        if log_path is not None:
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_eval(step: int) -> None:
+        rec: dict = {"step": step}
+        if len(heldout_seqs):
+            rec.update({f"heldout_{k}": v for k, v in trainer.evaluate(params, heldout_seqs).items()})
+        if evaluate is not None:
+            rec.update(evaluate(params, step))
+        meta["evals"].append(rec)
+        log({"eval": rec})
+        if bar is not None:
+            bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in rec.items() if not isinstance(v, (list, dict))))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start, unit="step", desc="train-drafter", dynamic_ncols=True)
+    step = start
+    window: list[dict] = []
+    t_mark, tokens_mark = time.perf_counter(), 0
+    try:
+        with _Stop() as stop:
+            while step < end and not stop.requested:
+                seqs = train_seqs[batch_sequences(tcfg.seed, step, len(train_seqs), tcfg.batch_size)]
+                batch = trainer.batch(seqs, anchor_rng(tcfg.seed, step))
+                batch_tokens = int(batch["label_exists"].sum())
+                t0 = time.perf_counter()
+                params, opt_state, metrics = trainer.step(params, opt_state, batch)
+                metrics = jax.device_get(metrics)
+                meta["train_seconds"] += time.perf_counter() - t0
+                meta["predicted_tokens"] += batch_tokens
+                tokens_mark += batch_tokens
+                losses.append(float(metrics["loss"]))
+                step += 1
+                window.append({k: float(v) for k, v in metrics.items()})
+                if step % tcfg.log_every == 0 or step == end:
+                    avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                    now = time.perf_counter()
+                    avg.update(step=step, tok_s=tokens_mark / max(now - t_mark, 1e-9))
+                    meta["history"].append(avg)
+                    log(avg)
+                    window, t_mark, tokens_mark = [], now, 0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc1']:.3f}",
+                                    tau=f"{metrics['tau']:.2f}")
+                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                    run_eval(step)
+                if step % tcfg.checkpoint_every == 0:
+                    checkpoint(step)
+            if step >= tcfg.steps and not any(e["step"] == step for e in meta["evals"]):
+                run_eval(step)
+    except KeyboardInterrupt:
+        checkpoint(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    checkpoint(step)
+    return LoopResult(params=params, step=step, losses=losses, meta=meta)

@@ -1,0 +1,206 @@
+"""``train_drafter``: prompts in, a z-lab format DFlash drafter out.
+
+Steps (each cached in ``work_dir``, so a rerun or ``resume`` skips what is done):
+  1. Hold out ``eval_prompts`` prompts (seeded) for evaluation; train on the rest.
+  2. Generate the target's greedy responses to all prompts (``_data``).
+  3. Run the target once over every [prompt ; response]: context features and top-k
+     distributions (``_features``).
+  4. Choose the draft vocabulary from the training responses (``_vocab``).
+  5. Initialise the drafter from the target (``_init``) and train (``_loop``), with
+     periodic tau evaluations through the real Decoder (``_eval``).
+  6. Fold the feature standardisation into ``fc`` and save (``save_drafter``, bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dflash_batch.decoder._checkpoint import TargetModel
+from dflash_batch.decoder._drafter import DrafterConfig, default_target_layer_ids, save_drafter
+from dflash_batch.decoder._target import Params
+from dflash_batch.decoder.train._data import generate_responses
+from dflash_batch.decoder.train._eval import decode_tau
+from dflash_batch.decoder.train._features import build_feature_cache
+from dflash_batch.decoder.train._init import default_source_layers, export_params, feature_inv_scale, init_params
+from dflash_batch.decoder.train._loop import TrainConfig, Trainer, train_loop
+from dflash_batch.decoder.train._vocab import coverage, select_draft_vocab, target_to_draft, token_counts
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterSpec:
+    """What drafter to train: its shape, and the levers that start it off well."""
+
+    num_layers: int = 1
+    block_size: int = 16
+    target_layer_ids: tuple[int, ...] | None = None  # None: 5 layers spread by z-lab's rule
+    draft_vocab_size: int | None = 8192  # None: score the full target vocabulary
+    mask_token_id: int | None = None  # None: the tokenizer's pad (else EOS) id, replaced by a learned embedding
+    mask_embedding: bool = True
+    init_from_target: bool = True
+    source_layers: tuple[int, ...] | None = None  # target layers the draft layers copy; None: after the deepest feature
+    standardize: bool = True
+    intermediate_size: int | None = None  # None: the target's (required when initialising from it)
+
+    def layer_ids(self, num_target_layers: int) -> tuple[int, ...]:
+        if self.target_layer_ids is not None:
+            return tuple(int(i) for i in self.target_layer_ids)
+        if num_target_layers < 8:
+            return tuple(range(num_target_layers))
+        return default_target_layer_ids(num_target_layers, max(self.num_layers, 5))
+
+
+def drafter_config(spec: DrafterSpec, target: TargetModel) -> DrafterConfig:
+    cfg = target.config
+    mask_id = spec.mask_token_id
+    if mask_id is None:
+        tok = target.tokenizer
+        pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+        mask_id = pad if pad is not None else (target.eos_token_ids or (0,))[0]
+        if not spec.mask_embedding:
+            raise ValueError("without a learned mask embedding, name a mask_token_id the target never emits")
+    return DrafterConfig(
+        block_size=spec.block_size, mask_token_id=int(mask_id), target_layer_ids=spec.layer_ids(cfg.num_layers),
+        num_layers=spec.num_layers, hidden_size=cfg.hidden_size,
+        intermediate_size=spec.intermediate_size or cfg.intermediate_size, num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps, vocab_size=cfg.vocab_size, rope_scaling=cfg.rope_scaling,
+        num_target_layers=cfg.num_layers, mask_embedding=spec.mask_embedding,
+        draft_vocab_size=spec.draft_vocab_size)
+
+
+def split_prompts(ids: Sequence[str], n_eval: int, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): a seeded choice of ``n_eval`` held-out prompts."""
+    if n_eval >= len(ids):
+        raise ValueError(f"{n_eval=} held-out prompts leave none of the {len(ids)} to train on")
+    perm = np.random.default_rng([seed, 7]).permutation(len(ids))
+    held = sorted(perm[:n_eval].tolist())
+    return sorted(perm[n_eval:].tolist()), held
+
+
+def hardware() -> str:
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    return f"{dev.platform}:{kind}, {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+
+
+def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]], out_dir: Path, *,
+                  work_dir: Path, spec: DrafterSpec = DrafterSpec(), tcfg: TrainConfig = TrainConfig(),
+                  max_new_tokens: int = 128, gen_batch: int = 8, gen_mode: str = "ar", eval_prompts: int = 16,
+                  eval_max_new_tokens: int = 64, eval_batch: int = 8, resume: bool = False,
+                  stop_at: int | None = None, progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+    """Trains a drafter for ``target`` on its own responses to ``prompts`` (id, token ids)
+    and saves it to ``out_dir``. Returns a summary (data, compute, tau) for the model card.
+
+    ``resume`` continues the checkpoint in ``work_dir`` (the same settings are required);
+    ``stop_at`` ends this call after that step (the schedule still spans ``tcfg.steps``).
+    """
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    dcfg = drafter_config(spec, target)
+    ids = [p[0] for p in prompts]
+    train_idx, held_idx = split_prompts(ids, eval_prompts, tcfg.seed)
+
+    # 2. Responses.
+    t0 = time.perf_counter()
+    bar = _bar(progress, len(prompts), "responses")
+    samples = generate_responses(target, prompts, work_dir / "responses.jsonl", max_new_tokens=max_new_tokens,
+                                 batch_size=gen_batch, mode=gen_mode,
+                                 progress=lambda d, n, tps: _tick(bar, d, tok_s=f"{tps:.1f}"))
+    _close(bar)
+    gen_seconds = time.perf_counter() - t0
+
+    # 3. Features.
+    t0 = time.perf_counter()
+    bar = _bar(progress, len(samples), "features")
+    cache = build_feature_cache(target, samples, work_dir / "features", dcfg.target_layer_ids, top_k=tcfg.top_k,
+                                progress=lambda d, n: _tick(bar, d))
+    _close(bar)
+    feat_seconds = time.perf_counter() - t0
+
+    # 4. Draft vocabulary.
+    resp = [s.response_ids for s in samples]
+    counts = token_counts([resp[i] for i in train_idx], dcfg.vocab_size)
+    held_counts = token_counts([resp[i] for i in held_idx], dcfg.vocab_size)
+    d2t = t2d = None
+    if dcfg.draft_vocab_size is not None:
+        d2t = select_draft_vocab(counts, dcfg.draft_vocab_size, always=target.eos_token_ids)
+        t2d = target_to_draft(d2t, dcfg.vocab_size)
+    vocab = {"size": dcfg.out_vocab_size,
+             "train_coverage": coverage(counts, d2t) if d2t is not None else 1.0,
+             "heldout_coverage": coverage(held_counts, d2t) if d2t is not None else 1.0}
+    log(f"draft vocabulary {vocab}")
+
+    # 5. Initialise and train.
+    inv_scale = feature_inv_scale(cache.scale, spec.standardize)
+    params = init_params(dcfg, target.params, target.config, jax.random.PRNGKey(tcfg.seed), inv_scale=inv_scale,
+                         d2t=d2t, from_target=spec.init_from_target, source_layers=spec.source_layers)
+    trainer = Trainer(dcfg, target.params, cache, tcfg, inv_scale=inv_scale, t2d=t2d)
+    held_prompts = [(ids[i], prompts[i][1]) for i in held_idx]
+
+    def evaluate(p: Params, step: int) -> dict:
+        exported = export_params(p, inv_scale)
+        save_drafter(out_dir, dcfg, exported)  # the latest evaluated drafter is always usable
+        r = decode_tau(target, held_prompts, drafter=(dcfg, exported), max_new_tokens=eval_max_new_tokens,
+                       batch_size=eval_batch)
+        return {"decoder_tau": r["tau"], "decoder_tau_mean": r["tau_mean"], "decode_seconds": r["seconds"]}
+
+    identity = {"target": str(target.path), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
+                "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
+                          if k not in ("checkpoint_every", "log_every", "eval_every")},
+                "data": hashlib.sha256("".join(cache.ids).encode() + cache.tokens.tobytes()).hexdigest(),
+                "held_out": held_idx}
+    result = train_loop(trainer, params, train_idx, work_dir / "checkpoint", resume=resume, identity=identity,
+                        stop_at=stop_at, heldout_seqs=held_idx, evaluate=evaluate if eval_prompts else None,
+                        log_path=work_dir / "metrics.jsonl", progress=progress)
+
+    # 6. Export.
+    save_drafter(out_dir, dcfg, export_params(result.params, inv_scale), dtype=jnp.bfloat16)
+    meta = result.meta
+    summary = {
+        "target": target.name, "out_dir": str(out_dir), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
+        "train_config": dataclasses.asdict(tcfg), "step": result.step, "finished": result.step >= tcfg.steps,
+        "prompts": {"train": len(train_idx), "heldout": len(held_idx)},
+        "tokens": {"prompt": int(cache.prompt_lens.sum()), "response": cache.response_tokens,
+                   "train_response": int(sum(len(resp[i]) for i in train_idx))},
+        "vocab": vocab, "train_seconds": meta["train_seconds"], "predicted_tokens": meta["predicted_tokens"],
+        "train_tokens_per_s": meta["predicted_tokens"] / max(meta["train_seconds"], 1e-9),
+        "seconds_this_call": {"responses": gen_seconds, "features": feat_seconds,
+                              "total": time.perf_counter() - t_start},
+        "last_log": meta["history"][-1] if meta["history"] else {}, "evals": meta["evals"], "hardware": hardware(),
+    }
+    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+
+
+def _tick(bar, done: int, **postfix) -> None:
+    if bar is not None:
+        bar.n = done
+        if postfix:
+            bar.set_postfix(**postfix, refresh=False)
+        bar.refresh()
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()

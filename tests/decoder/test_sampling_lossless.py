@@ -1,0 +1,75 @@
+"""Speculative sampling has the same distribution as AR sampling, and the test has the power
+to catch a wrong acceptance rule.
+
+Both runs sample one prompt many times with disjoint seeds. A chi-square test on a
+contingency table compares the next-token distribution (the first token a speculative
+step commits) and the distribution of the 3-token sequence after it.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dflash_batch.decoder import Decoder, Request
+from dflash_batch.decoder import _speculative
+from oracle_proposer import propose_oracle
+
+N = 1500
+TEMPERATURE = 0.5  # peaked enough that 3-token sequences repeat, so the test has power
+
+
+def _samples(target, mode, seeds):
+    prompt = [5, 17, 33, 8, 91, 4, 60]
+    dec = Decoder(target, mode=mode, block_size=4, batch_size=16, max_new_tokens=4, prompt_buckets=(16,),
+                  prefill_chunk=16, chunk_steps=8)
+    reqs = [Request(id=str(s), token_ids=prompt, max_new_tokens=4, temperature=TEMPERATURE, seed=int(s))
+            for s in seeds]
+    return [tuple(r.token_ids[1:4]) for r in dec.generate(reqs) if len(r.token_ids) >= 4]
+
+
+def _pvalue(a, b):
+    """Chi-square homogeneity test of two samples over categories (rare ones pooled)."""
+    cats = sorted(set(a) | set(b), key=str)
+    ca = np.array([a.count(c) for c in cats])
+    cb = np.array([b.count(c) for c in cats])
+    common = (ca + cb) >= 10
+    table = np.array([np.append(ca[common], ca[~common].sum()), np.append(cb[common], cb[~common].sum())])
+    table = table[:, table.sum(0) > 0]
+    return stats.chi2_contingency(table).pvalue
+
+
+def wrong_accept(drafts, targets, logits):
+    """A plausible bug: verify drafts against the target's argmax even when sampling."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.sum(jnp.cumprod(drafts == greedy[:, :-1], axis=1), axis=1).astype(jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def ar_samples(tiny_llama):
+    return _samples(tiny_llama, "ar", range(N))
+
+
+@pytest.fixture
+def oracle(monkeypatch):
+    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
+    _speculative.spec_decode.clear_cache()
+    yield "oracle"
+    _speculative.spec_decode.clear_cache()
+
+
+def test_speculative_sampling_matches_ar_distribution(tiny_llama, ar_samples, oracle):
+    spec = _samples(tiny_llama, oracle, range(N, 2 * N))
+    assert len(spec) > 0.9 * N and len(ar_samples) > 0.9 * N
+    assert _pvalue([s[0] for s in ar_samples], [s[0] for s in spec]) > 1e-3  # next token
+    assert _pvalue(ar_samples, spec) > 1e-3  # 3-token sequences
+
+
+def test_distribution_test_catches_a_wrong_acceptance_rule(tiny_llama, ar_samples, oracle, monkeypatch):
+    monkeypatch.setattr(_speculative, "accept_length", wrong_accept)
+    _speculative.spec_decode.clear_cache()
+    spec = _samples(tiny_llama, oracle, range(N, 2 * N))
+    worst = min(_pvalue([s[0] for s in ar_samples], [s[0] for s in spec]), _pvalue(ar_samples, spec))
+    assert worst < 1e-6

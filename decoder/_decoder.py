@@ -15,6 +15,7 @@ from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
 
 MODES = ("ar", "dflash", "ngram")
+AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
 
 
 class Decoder:
@@ -27,19 +28,29 @@ class Decoder:
 
     def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = 64,
-                 prefill_chunk: int = 64, drafter=None, block_size: int = 16):
-        """``drafter`` is (DrafterConfig, params), required by ``dflash``; ``block_size`` is the
-        verified block length L (drafts per step + 1) of the speculative modes."""
+                 prefill_chunk: int = 64, drafter=None, block_size: int | str = "auto"):
+        """``drafter`` is (DrafterConfig, params), required by ``dflash``. ``block_size`` is the
+        verified block length L (drafts per step + 1) of the speculative modes, or "auto":
+        chosen per batch among AUTO_BLOCKS (1 = AR included) from measured step costs and
+        observed acceptance."""
+        largest = drafter[0].block_size if (mode == "dflash" and drafter is not None) else 16
+        if block_size == "auto":
+            self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)
+        elif isinstance(block_size, int) and not isinstance(block_size, bool):
+            self.blocks = (block_size,)
+        else:
+            raise ValueError(f"{block_size=} must be an integer or 'auto'")
+        block_size = max(self.blocks)
         if mode != "ar" and mode not in PROPOSERS:
             raise ValueError(f"unknown decode {mode=}; choose one of {MODES}")
         if mode == "dflash":
             if drafter is None:
                 raise ValueError("mode 'dflash' needs a drafter")
             drafter[0].check_target(target.config)
-            if not 2 <= block_size <= drafter[0].block_size:
-                raise ValueError(f"{block_size=} must be in [2, {drafter[0].block_size}] (the drafter's block size)")
-        elif mode != "ar" and block_size < 2:
-            raise ValueError(f"{block_size=} must be >= 2 for mode {mode!r}")
+            if not 1 <= min(self.blocks) <= block_size <= drafter[0].block_size:
+                raise ValueError(f"{block_size=} must be in [1, {drafter[0].block_size}] (the drafter's block size)")
+        elif mode != "ar" and min(self.blocks) < 1:
+            raise ValueError(f"{block_size=} must be >= 1 for mode {mode!r}")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"{batch_size=} and {max_new_tokens=} must be >= 1")
         self.target = target
@@ -50,7 +61,9 @@ class Decoder:
         self.chunk_steps = chunk_steps
         self.prefill_chunk = prefill_chunk
         self.drafter = drafter if mode == "dflash" else None
-        self.block_size = 1 if mode == "ar" else block_size
+        if mode == "ar":
+            self.blocks = (1,)
+        self.block_size = max(self.blocks)
         self._engines: dict[int, SlotEngine] = {}
 
     @property
@@ -80,18 +93,23 @@ class Decoder:
         if self.mode == "ar":
             return Phases(
                 prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
-                decode=lambda s, stop_first: ar_decode(params, s, stop_first, cfg=cfg, eos_ids=eos,
-                                                       n_steps=self.chunk_steps),
+                decode=lambda s, stop_first, block: ar_decode(params, s, stop_first, cfg=cfg, eos_ids=eos,
+                                                              n_steps=self.chunk_steps),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
             )
         dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
-        static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, block=blk, mode=self.mode)
+        static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
         return Phases(
             prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
-            decode=lambda s, stop_first: spec_decode(params, dparams, s, stop_first, n_steps=self.chunk_steps,
-                                                     **static),
+            decode=lambda s, stop_first, block: spec_decode(params, dparams, s, stop_first, block=block,
+                                                            n_steps=self.chunk_steps, **static),
             init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg)),
+            blocks=self.blocks,
         )
+
+    def block_report(self) -> dict:
+        """Per bucket: the block lengths measured and chosen, and why (for job stats)."""
+        return {str(b): e.policy.report() for b, e in sorted(self._engines.items())}
 
     def warmup(self, bucket: int) -> float:
         """Compiles the engine of one bucket; returns the seconds it took."""

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dflash_batch.decoder._autoblock import BlockPolicy
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
@@ -38,12 +39,13 @@ class Phases:
 
     prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
         (one fixed-size chunk of a prompt; the last chunk opens the slot)
-    decode(state, stop_on_first_done) -> (state, steps_run)
+    decode(state, stop_on_first_done, block) -> (state, steps_run)
     """
 
     prefill: Callable
-    decode: Callable
+    decode: Callable  # (state, stop_on_first_done, block) -> (state, steps_run)
     init_state: Callable[[], Slots]
+    blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
 
 
 class SlotEngine:
@@ -57,17 +59,30 @@ class SlotEngine:
         self.prefill_chunk = prefill_chunk
         self.state: Slots | None = None
         self.compile_seconds = 0.0
+        self.policy = BlockPolicy(phases.blocks)
 
     def warmup(self) -> float:
-        """Compiles the prefill chunk and the decode phase (once); returns seconds spent."""
+        """Compiles prefill and every decode block length (once), and when the block length is
+        chosen automatically, measures each one's seconds per step at this batch size."""
         if self.state is not None:
             return 0.0
         t0 = time.perf_counter()
         s = self.phases.init_state()
-        s = self.phases.prefill(s, np.zeros((1, self.prefill_chunk), np.int32), np.int32(0), np.int32(1),
-                                np.int32(0), np.int32(2), np.float32(0), np.float32(1), row_key(0))
-        s, _ = self.phases.decode(s, jnp.asarray(True))
-        jax.block_until_ready(s.pos)
+        b, p = s.batch, self.prefill_chunk
+        for slot in range(b if len(self.phases.blocks) > 1 else 1):
+            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
+                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot))
+        for block in self.phases.blocks:
+            for timed in (False, True):  # the first call compiles, the second is measured
+                budget = min(self.capacity, 1 + 3 * block)
+                s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
+                              budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
+                jax.block_until_ready(s.pos)
+                t1 = time.perf_counter()
+                s, steps = self.phases.decode(s, jnp.asarray(True), block)
+                steps = int(steps)
+                if timed and steps:
+                    self.policy.step_seconds[block] = (time.perf_counter() - t1) / steps
         self.state = self.phases.init_state()
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
@@ -110,6 +125,7 @@ class SlotEngine:
 
         b = self.state.batch
         rows: list[tuple[Request, float, int] | None] = [None] * b
+        seen_hist = np.zeros(self.state.hist.shape, np.int64)  # per-slot histogram already observed
         while True:
             for i in range(b):
                 if rows[i] is None:
@@ -118,11 +134,15 @@ class SlotEngine:
                         break
                     t0 = time.perf_counter()
                     self._prefill(i, req)
+                    seen_hist[i] = 0
                     rows[i] = (req, t0, self.max_prompt_len)
             if all(r is None for r in rows):
                 return
-            self.state, _ = self.phases.decode(self.state, jnp.asarray(more()))
-            done, n_out = jax.device_get((self.state.done, self.state.n_out))
+            block = self.policy.choose()
+            self.state, _ = self.phases.decode(self.state, jnp.asarray(more()), block)
+            done, n_out, hist = jax.device_get((self.state.done, self.state.n_out, self.state.hist))
+            self.policy.observe(block, (hist - seen_hist).sum(axis=0))
+            seen_hist = hist.astype(np.int64)
             need_out = [i for i, r in enumerate(rows) if r is not None and (done[i] or r[0].stop)]
             out = jax.device_get(self.state.out) if need_out else None
             for i in need_out:

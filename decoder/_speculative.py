@@ -113,8 +113,11 @@ def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], draft
     ex: SpecState = s.extra
     rows = jnp.arange(s.batch)[:, None]  # [B, 1]
     offs = jnp.arange(block, dtype=jnp.int32)[None, :]  # [1, L]
-    # 1. Draft.
-    drafts = PROPOSERS[mode](params, cfg, drafter, s, block)  # [B, L-1]
+    # 1. Draft (a block of 1 is plain AR that still feeds the drafter's context).
+    if block > 1:
+        drafts = PROPOSERS[mode](params, cfg, drafter, s, block)  # [B, L-1]
+    else:
+        drafts = jnp.zeros((s.batch, 0), jnp.int32)
     uses_drafter = ex.ctx_k is not None
     layers = drafter[1].target_layer_ids if uses_drafter else ()
     # 2. Verify.
@@ -161,10 +164,10 @@ def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ..
     return s.replace(extra=ex.replace(tokens=hist, ctx_k=ctx_k, ctx_v=ctx_v))
 
 
-_STATIC = ("cfg", "eos_ids", "dcfg", "block", "mode")
+_STATIC = ("cfg", "eos_ids", "dcfg", "mode")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("n_steps",), donate_argnames=("s",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("block", "n_steps"), donate_argnames=("s",))
 def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, *, cfg: TargetConfig,
                 eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int, mode: str,
                 n_steps: int) -> tuple[Slots, jax.Array]:
@@ -175,8 +178,6 @@ def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("s",))
 def spec_prefill(params: Params, dparams, s: Slots, tokens, start, length, slot, budget, temperature, top_p, key, *,
-                 cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int,
-                 mode: str) -> Slots:
-    del block  # part of the engine's identity only
+                 cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, mode: str) -> Slots:
     return spec_prefill_chunk(params, cfg, eos_ids, (dparams, dcfg), mode, s, tokens, start, length, slot, budget,
                               temperature, top_p, key)

@@ -69,7 +69,7 @@ def init_params(dcfg: DrafterConfig, target_params: Params, target_cfg: TargetCo
         params["lm_head"] = jnp.asarray(rows.T)  # [D, V_d]
     params["norm"] = jnp.asarray(target_params["final_norm"], jnp.float32)
     if not from_target:
-        return params
+        return _own(params)
 
     same_shape = (dcfg.num_heads, dcfg.num_kv_heads, dcfg.head_dim, dcfg.intermediate_size) == (
         target_cfg.num_heads, target_cfg.num_kv_heads, target_cfg.head_dim, target_cfg.intermediate_size)
@@ -94,7 +94,12 @@ def init_params(dcfg: DrafterConfig, target_params: Params, target_cfg: TargetCo
     fc[deepest] = np.diag(1.0 / np.asarray(inv_scale, np.float32)[deepest])
     params["fc"] = jnp.asarray(fc.reshape(n_f * d, d))
     params["hidden_norm"] = jnp.asarray(tl["attn_norm"][src[0]], jnp.float32)
-    return params
+    return _own(params)
+
+
+def _own(params: Params) -> Params:
+    """Fresh buffers for every leaf: training donates them, and none may alias the target's."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
 
 
 def export_params(params: Params, inv_scale: np.ndarray) -> Params:

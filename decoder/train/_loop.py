@@ -233,6 +233,8 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
 
         bar = tqdm(total=tcfg.steps, initial=start, unit="step", desc="train-drafter", dynamic_ncols=True)
     step = start
+    if start == 0 and tcfg.eval_every and end > 0:
+        run_eval(0)  # the untrained drafter: the baseline every later evaluation is read against
     window: list[dict] = []
     t_mark, tokens_mark = time.perf_counter(), 0
     try:

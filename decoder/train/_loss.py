@@ -49,10 +49,13 @@ def block_loss(logits: jax.Array, batch: dict, weights: jax.Array, distill: floa
     Returns (loss, metrics) with metrics:
       acc1: top-1 accuracy at block position 1;
       acc: top-1 accuracy over all positions with a label;
-      tau: mean accepted length + 1 over the batch's blocks, i.e. the tau these blocks
-        would give at inference (drafts are made from masks, never from labels, so the
-        training forward is the inference forward). Blocks near the end of a response
-        have fewer positions, which biases it slightly low.
+      tau: mean accepted length + 1 over the batch's blocks: what a block anchored at a
+        random position commits (drafts are made from masks, never from labels, so the
+        training forward is the inference forward);
+      tau_h: the harmonic mean of the same. Decoding visits anchors where acceptance is
+        short more often (a step that commits 1 token is followed by another anchor one
+        position later), so the decoder's tokens-per-step is close to the harmonic mean
+        over positions, not the arithmetic one. Both are slightly low near response ends.
     """
     logp = jax.nn.log_softmax(logits, axis=-1)  # [B, A, L-1, V']
     w = weights[None, None, :]
@@ -75,5 +78,6 @@ def block_loss(logits: jax.Array, batch: dict, weights: jax.Array, distill: floa
         "acc1": jnp.sum(correct[..., 0]) / jnp.maximum(jnp.sum(exists[..., 0]), 1),
         "acc": jnp.sum(correct) / n_exist,
         "tau": 1.0 + jnp.sum(run * valid) / jnp.maximum(jnp.sum(valid), 1),
+        "tau_h": jnp.sum(valid) / jnp.maximum(jnp.sum(valid / (1.0 + run)), 1e-6),
     }
     return loss, metrics

@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/dflash-batch bench --batch-sizes 1,8 --repeats 3
+	$(VENV)/bin/dflash-batch bench --hf --batch-sizes 1,4,16 --repeats 3
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -95,3 +95,33 @@ def _require_checkpoint(path: Path, shown: str) -> Path:
     if not (path / "config.json").is_file():
         raise ValueError(f"model {shown!r}: folder {path} has no config.json (not an HF checkpoint)")
     return path
+
+
+# Drafters shipped inside the package, by target name.
+_SHIPPED_DRAFTERS_DIR = Path(__file__).parent / "drafters"
+
+
+def resolve_drafter_dir(drafter: str, target: str) -> Path | None:
+    """A local drafter folder for a job's ``drafter`` setting, or None for ``none``.
+
+    ``default`` is the drafter shipped for the target (``decoder/drafters/<target>/``);
+    a folder or ``gs://bucket/prefix`` works as for targets. Raises ValueError naming
+    the value when nothing usable is there.
+    """
+    if drafter in ("none", ""):
+        return None
+    if drafter == "default":
+        folder = _SHIPPED_DRAFTERS_DIR / Path(target).name
+        if not (folder / "config.json").is_file():
+            shipped = sorted(p.name for p in _SHIPPED_DRAFTERS_DIR.glob("*/config.json")) if _SHIPPED_DRAFTERS_DIR.is_dir() else []
+            raise ValueError(f"no default drafter ships for target {target!r}; shipped: {shipped or 'none'}. "
+                             "Train one with `dflash-batch train-drafter` and pass its folder.")
+        return folder
+    if drafter.startswith("gs://"):
+        from dflash_batch.decoder._storage import localize
+
+        return _require_checkpoint(localize(drafter), shown=drafter)
+    path = Path(drafter).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"drafter {drafter!r} does not exist; use 'default', 'none', a folder or gs://bucket/prefix")
+    return _require_checkpoint(path, shown=drafter)

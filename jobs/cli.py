@@ -73,29 +73,62 @@ def generate(model: str, split: str, limit: int, batch_size: int, max_new_tokens
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Target model name, folder or gs:// prefix.")
+@click.option("--drafter", default="default", show_default=True,
+              help="DFlash drafter: 'default' (shipped for the model), a folder, gs://..., or 'none'.")
 @click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--batch-sizes", default="1,8", show_default=True, callback=_int_list)
+@click.option("--batch-sizes", default="1,4,16", show_default=True, callback=_int_list)
+@click.option("--block-sizes", default="8,16", show_default=True, callback=_int_list)
+@click.option("--modes", default="dflash,ngram", show_default=True, help="Speculative modes to compare with AR.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Median over this many runs.")
-@click.option("--no-hf", is_flag=True, help="Skip the transformers baseline.")
+@click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate on the same prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def bench(model: str, num_prompts: int, batch_sizes: list[int], max_new_tokens: int, repeats: int, no_hf: bool,
-          as_json: bool) -> None:
-    """Tokens/s of our decoder against transformers' generate on ACLSum test abstracts."""
-    from dflash_batch.decoder import load_target
-    from dflash_batch.jobs._bench import bench_ar, format_table
+def bench(model: str, drafter: str, num_prompts: int, batch_sizes: list[int], block_sizes: list[int], modes: str,
+          max_new_tokens: int, repeats: int, with_hf: bool, as_json: bool) -> None:
+    """AR vs DFlash vs n-gram (and transformers) on the same ACLSum test abstracts, greedy.
+
+    tau counts the bonus token: it is the mean number of tokens a decode step commits.
+    """
+    from dflash_batch.decoder import load_drafter, load_target, resolve_drafter_dir
+    from dflash_batch.jobs._bench import bench as run_bench
+    from dflash_batch.jobs._bench import format_table
 
     target = load_target(model)
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    dft = None
+    if "dflash" in mode_list:
+        try:
+            folder = resolve_drafter_dir(drafter, model)
+        except ValueError as e:
+            if drafter != "default":
+                raise click.ClickException(str(e)) from None
+            click.echo(f"skipping dflash: {e}", err=True)
+            folder = None
+        if folder is None:
+            mode_list.remove("dflash")
+        else:
+            dcfg, dparams = load_drafter(folder)
+            dft = (dcfg, dparams)
     reqs = _requests(target, "test", num_prompts, max_new_tokens)
-    rows = bench_ar(target, reqs, batch_sizes, max_new_tokens, repeats, with_hf=not no_hf,
-                    progress=lambda m: click.echo(m, err=True))
+    rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
+                     block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
+                     progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(f"greedy, {len(reqs)} ACLSum test abstracts, {max_new_tokens} new tokens, median of {repeats}")
+        click.echo(f"greedy, {len(reqs)} ACLSum test abstracts, {max_new_tokens} new tokens, median of {repeats}; "
+                   "tau includes the bonus token")
         click.echo(format_table(rows))
 
+
+from dflash_batch.jobs._run import run_command  # noqa: E402
+from dflash_batch.jobs._example_input import make_example_input_command  # noqa: E402
+from dflash_batch.jobs._bench_pipeline import bench_pipeline_command  # noqa: E402
+
+main.add_command(run_command, "run")
+main.add_command(make_example_input_command, "make-example-input")
+main.add_command(bench_pipeline_command, "bench-pipeline")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,6 +96,7 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
     (the causal mask makes the padded tail invisible to real rows).
     """
     layer_ids = tuple(int(i) for i in layer_ids)
+    top_k = min(top_k, target.config.vocab_size)
     if not samples:
         raise ValueError("no training samples")
     if max(layer_ids) >= target.config.num_layers:

@@ -42,7 +42,7 @@ def attention_mask(anchor_pos: jax.Array, seq_len: int, block_size: int) -> jax.
     """
     b, a = anchor_pos.shape
     ctx = jnp.repeat(context_mask(anchor_pos, seq_len), block_size, axis=1)  # [B, A*L, S]
-    blocks = jnp.kron(jnp.eye(a, dtype=bool), jnp.ones((block_size, block_size), bool))  # [A*L, A*L]
+    blocks = jnp.repeat(jnp.repeat(jnp.eye(a, dtype=bool), block_size, axis=0), block_size, axis=1)  # [A*L, A*L]
     return jnp.concatenate([ctx, jnp.broadcast_to(blocks, (b, a * block_size, a * block_size))], axis=-1)
 
 

@@ -1,0 +1,383 @@
+"""The job spec: a TOML file a user writes, ``--set section.key=value`` overrides, and validation.
+
+A spec is refused before any work starts, with every problem listed and each naming its field
+("decode.batch_size must be a positive integer, got 0"). Unknown sections and keys are errors
+too (with a suggestion), since a misspelt key silently keeping its default would change a job.
+
+    name = "aclsum-summarize"              # letters, digits, . _ -; names the job's records
+    input = "prompts/*.parquet"            # local path/glob or gs:// pattern
+    output = "out/aclsum"                  # local folder or gs:// prefix
+
+    [model]
+    target = "smollm2-135m-instruct"       # registered name, folder or gs:// prefix
+    drafter = "default"                    # default | folder | gs:// | none (used by mode dflash)
+
+    [decode]
+    mode = "ar"                            # ar | dflash | ngram
+    block_size = 16                        # verified block length of dflash/ngram
+    batch_size = 8                         # decoder slots per static batch
+    max_new_tokens = 256                   # the static completion capacity; rows may ask for less
+    temperature = 0.0                      # defaults for rows that leave these null
+    top_p = 1.0
+    seed = 0                               # rows without a seed derive one from this and their id
+    prompt_buckets = [64, 128, 256, 512, 1024, 2048]
+
+    [prompt]
+    template = "summarize"                 # none (prompt or messages as given) | summarize (document)
+    instruction = "Summarize the following text in a few sentences."
+
+    [pipeline]
+    rows_per_batch = 0                     # rows per decoder call; 0 = 4 x batch_size
+    shards_per_bucket = 0                  # keys per bucket (decode parallelism); 0 = number of workers
+    output_shards = 0                      # completion files; 0 = the runner decides
+
+    [runner]
+    name = "direct"                        # direct | dataflow (dataflow: `submit`, see below)
+    direct_num_workers = 1
+    direct_running_mode = "in_memory"      # in_memory | multi_threading | multi_processing
+    # Dataflow keys, accepted and type-checked here, used by Dataflow submission:
+    # project, region, zone, temp_location, staging_location, tpu_type, tpu_topology,
+    # machine_type, sdk_container_image, disk_size_gb, max_workers
+
+Relative local paths are relative to the current directory. Defaults are written into the job
+stats (``spec_json``), so nothing that shaped a job's output is implicit after the fact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from dflash_batch.decoder import DEFAULT_MODEL, DEFAULT_PROMPT_BUCKETS
+from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
+
+MODES = ("ar", "dflash", "ngram")
+RUNNERS = ("direct", "dataflow")
+RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
+DATAFLOW_STR_KEYS = ("project", "region", "zone", "temp_location", "staging_location", "tpu_type", "tpu_topology",
+                     "machine_type", "sdk_container_image")
+DATAFLOW_INT_KEYS = ("disk_size_gb", "max_workers")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class SpecError(ValueError):
+    """A job spec that must not run; the message lists every problem, each naming its field."""
+
+    def __init__(self, problems: Sequence[str], source: str = "job spec"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} is invalid:\n{lines}" if len(self.problems) > 1
+                         else f"{source} is invalid: {self.problems[0]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    target: str = DEFAULT_MODEL
+    drafter: str = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    mode: str = "ar"
+    block_size: int = 16
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    prompt_buckets: tuple[int, ...] = tuple(DEFAULT_PROMPT_BUCKETS)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    template: str = "none"
+    instruction: str = SUMMARIZE_INSTRUCTION
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    rows_per_batch: int = 0
+    shards_per_bucket: int = 0
+    output_shards: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerSpec:
+    name: str = "direct"
+    direct_num_workers: int = 1
+    direct_running_mode: str = "in_memory"
+    project: str | None = None
+    region: str | None = None
+    zone: str | None = None
+    temp_location: str | None = None
+    staging_location: str | None = None
+    tpu_type: str | None = None
+    tpu_topology: str | None = None
+    machine_type: str | None = None
+    sdk_container_image: str | None = None
+    disk_size_gb: int | None = None
+    max_workers: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    name: str
+    input: str
+    output: str
+    model: ModelSpec = ModelSpec()
+    decode: DecodeSpec = DecodeSpec()
+    prompt: PromptSpec = PromptSpec()
+    pipeline: PipelineSpec = PipelineSpec()
+    runner: RunnerSpec = RunnerSpec()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=False)
+
+    def pipeline_argv(self, progress_dir: str | None = None) -> list[str]:
+        """The pipeline's flags for this spec (``dflash_batch.pipeline.build``), DirectRunner."""
+        if self.runner.name != "direct":
+            raise SpecError([f"runner.name {self.runner.name!r} is not run locally; Dataflow submission is "
+                             "`dflash-batch submit` (not available yet); use runner.name = 'direct'"])
+        d, p = self.decode, self.pipeline
+        argv = [
+            f"--input={self.input}", f"--output={self.output}", f"--model={self.model.target}",
+            f"--drafter={self.model.drafter}", f"--decode_mode={d.mode}", f"--block_size={d.block_size}",
+            f"--batch_size={d.batch_size}", f"--max_new_tokens={d.max_new_tokens}",
+            f"--temperature={d.temperature!r}", f"--top_p={d.top_p!r}", f"--seed={d.seed}",
+            f"--prompt_template={self.prompt.template}", f"--prompt_instruction={self.prompt.instruction}",
+            f"--prompt_buckets={','.join(map(str, d.prompt_buckets))}", f"--rows_per_batch={p.rows_per_batch}",
+            f"--shards_per_bucket={p.shards_per_bucket}", f"--output_shards={p.output_shards}",
+            f"--spec_name={self.name}", f"--spec_json={self.to_json()}",
+            f"--direct_num_workers={self.runner.direct_num_workers}",
+            f"--direct_running_mode={self.runner.direct_running_mode}",
+        ]
+        if progress_dir:
+            argv.append(f"--progress_dir={progress_dir}")
+        return argv
+
+
+# ---- checks: each returns None or "must be ..., got X" -------------------------------------------
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value) if isinstance(value, (bool, list)) \
+        else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else f"must be a non-empty string, got {_show(v)}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if _is_int(v) and v > 0 else f"must be a positive integer, got {_show(v)}"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if _is_int(v) and v >= 0 else f"must be an integer >= 0, got {_show(v)}"
+
+
+def _integer(v: Any) -> str | None:
+    return None if _is_int(v) and -(2**63) <= v < 2**63 else f"must be an integer (int64), got {_show(v)}"
+
+
+def _choice(options: Iterable[str]) -> Callable[[Any], str | None]:
+    options = tuple(options)
+    return lambda v: None if v in options else f"must be one of {'/'.join(options)}, got {_show(v)}"
+
+
+def _temperature(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+    return None if ok else f"must be a number >= 0, got {_show(v)}"
+
+
+def _top_p(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+    return None if ok else f"must be a number in (0, 1], got {_show(v)}"
+
+
+def _buckets(v: Any) -> str | None:
+    ok = (isinstance(v, list) and v and all(_is_int(b) and b > 0 for b in v)
+          and all(a < b for a, b in zip(v, v[1:])))
+    return None if ok else f"must be a non-empty list of increasing positive integers, got {_show(v)}"
+
+
+def _job_name(v: Any) -> str | None:
+    ok = isinstance(v, str) and _NAME.fullmatch(v)
+    return None if ok else f"must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {_show(v)}"
+
+
+def _location(v: Any) -> str | None:
+    if (problem := _text(v)) is not None:
+        return problem
+    return None if not set("*?[") & set(v) else f"must be a folder or gs:// prefix, not a pattern, got {_show(v)}"
+
+
+def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None else check(v)
+
+
+# section -> key -> check; the section "" holds the top-level keys.
+_CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    "": {"name": _job_name, "input": _text, "output": _location},
+    "model": {"target": _text, "drafter": _text},
+    "decode": {"mode": _choice(MODES), "block_size": _positive, "batch_size": _positive,
+               "max_new_tokens": _positive, "temperature": _temperature, "top_p": _top_p, "seed": _integer,
+               "prompt_buckets": _buckets},
+    "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
+    "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
+    "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,
+               "direct_running_mode": _choice(RUNNING_MODES),
+               **{k: _optional(_text) for k in DATAFLOW_STR_KEYS},
+               **{k: _optional(_positive) for k in DATAFLOW_INT_KEYS}},
+}
+_REQUIRED = ("name", "input", "output")
+_REQUIRED_IN = {"prompt": ("template",)}
+_SECTION_TYPES = {"model": ModelSpec, "decode": DecodeSpec, "prompt": PromptSpec, "pipeline": PipelineSpec,
+                  "runner": RunnerSpec}
+
+
+def _field(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown(raw: dict[str, Any]) -> list[str]:
+    problems = []
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key not in _CHECKS or key == "":
+                problems.append(f"unknown section [{key}]{_suggest(key, [s for s in _CHECKS if s])}")
+                continue
+            for sub in value:
+                if sub not in _CHECKS[key]:
+                    problems.append(f"unknown key {key}.{sub}{_suggest(sub, _CHECKS[key])}")
+        elif key in _SECTION_TYPES:
+            problems.append(f"{key} must be a table ([{key}]), got {_show(value)}")
+        elif key not in _CHECKS[""]:
+            problems.append(f"unknown key {key}{_suggest(key, list(_CHECKS['']) + list(_SECTION_TYPES))}")
+    return problems
+
+
+def validate(raw: dict[str, Any]) -> JobSpec:
+    """The spec in ``raw`` (parsed TOML), or SpecError listing every problem."""
+    problems = _unknown(raw)
+    for key in _REQUIRED:
+        if key not in raw:
+            problems.append(f"{key} is required")
+    for section, keys in _REQUIRED_IN.items():
+        for key in keys:
+            if not isinstance(raw.get(section), dict) or key not in raw[section]:
+                problems.append(f"{section}.{key} is required (one of {'/'.join(TEMPLATES)})")
+    for section, checks in _CHECKS.items():
+        table = raw if section == "" else raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        for key, check in checks.items():
+            if key in table and (problem := check(table[key])) is not None:
+                problems.append(f"{_field(section, key)} {problem}")
+    if problems:
+        raise SpecError(problems)
+
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = dict(raw.get(name, {}))
+        if name == "decode" and "prompt_buckets" in values:
+            values["prompt_buckets"] = tuple(values["prompt_buckets"])
+        if name == "decode":
+            for k in ("temperature", "top_p"):
+                if k in values:
+                    values[k] = float(values[k])
+        sections[name] = cls(**values)
+    spec = JobSpec(name=raw["name"], input=_local(raw["input"]), output=_local(raw["output"]).rstrip("/"),
+                   **sections)
+    _cross_checks(spec)
+    return spec
+
+
+def _local(location: str) -> str:
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+def _cross_checks(spec: JobSpec) -> None:
+    problems = []
+    d = spec.decode
+    if d.mode == "dflash" and spec.model.drafter == "none":
+        problems.append("model.drafter must name a drafter (default, a folder or gs://) for decode.mode 'dflash', "
+                        "got 'none'")
+    if d.mode in ("dflash", "ngram") and d.block_size < 2:
+        problems.append(f"decode.block_size must be >= 2 for decode.mode {d.mode!r}, got {d.block_size}")
+    if spec.runner.name == "dataflow":
+        for key in ("project", "region", "temp_location"):
+            if getattr(spec.runner, key) is None:
+                problems.append(f"runner.{key} is required for runner.name 'dataflow'")
+        for key in ("output", "input"):
+            if not getattr(spec, key).startswith("gs://"):
+                problems.append(f"{key} must be a gs:// location for runner.name 'dataflow', got "
+                                f"{_show(getattr(spec, key))}")
+    if problems:
+        raise SpecError(problems)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` (or ``key=value`` for a top-level key) -> (section, key, value).
+
+    The value is read as a TOML value when it is one (``4``, ``0.7``, ``true``, ``[64, 128]``,
+    ``"x"``) and as a plain string otherwise (``ar``, ``out/dir``).
+    """
+    path, sep, value_text = text.partition("=")
+    path = path.strip()
+    if not sep or not path:
+        raise SpecError([f"--set {text!r} must look like section.key=value"])
+    section, _, key = path.rpartition(".")
+    if "." in section:
+        raise SpecError([f"--set {text!r}: {path!r} nests too deep; use section.key"])
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    return section, key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with each ``section.key=value`` applied (validated later, with the rest)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section:
+            if not isinstance(out.setdefault(section, {}), dict):
+                raise SpecError([f"--set {text!r}: {section} is not a table"])
+            out[section][key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Reads, overrides and validates a job spec file; SpecError names the file and each field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError([f"{path} does not exist"], source="job spec") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError([f"{path} cannot be read: {e}"], source="job spec") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError([f"not valid TOML: {e}"], source=str(path)) from None
+    try:
+        return validate(apply_overrides(raw, overrides))
+    except SpecError as e:
+        raise SpecError(e.problems, source=str(path)) from None

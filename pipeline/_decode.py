@@ -1,0 +1,157 @@
+"""The decode step: a static batch in, completion rows and one stats record out.
+
+The DoFn is a thin edge around the decoder: it takes the process's shared model (loaded once,
+see ``_model``), streams the batch through the decoder's slots, and turns each ``Result`` into a
+completions-schema row carrying the input's own columns. If the decoder fails mid-batch, rows
+that finished are still completions, and the others become dead letters with the error, so one
+failure never fails the bundle (a retry would fail the same way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from dflash_batch.decoder import Result
+from dflash_batch.pipeline._model import ModelKey, shared_model
+from dflash_batch.pipeline._options import JobConfig
+from dflash_batch.pipeline._rows import DEAD, NAMESPACE
+from dflash_batch.pipeline._tokenize import Prepared
+from dflash_batch.schemas import dead_letter_row
+
+STATS = "batch_stats"
+
+
+def model_key(config: JobConfig) -> ModelKey:
+    return ModelKey(model=config.model, drafter=config.drafter, mode=config.mode, batch_size=config.batch_size,
+                    max_new_tokens=config.max_new_tokens, prompt_buckets=config.prompt_buckets,
+                    block_size=config.block_size)
+
+
+def drafter_id(config: JobConfig) -> str | None:
+    """What the completions' ``drafter`` column records: null in mode ar."""
+    return {"ar": None, "ngram": "ngram"}.get(config.mode, config.drafter)
+
+
+def batch_index(ids: Sequence[str]) -> int:
+    """Rows decoded in the same batch share this number (a hash of the batch's ids)."""
+    digest = hashlib.blake2b("\n".join(sorted(ids)).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def completion_row(r: Result, item: Prepared, config: JobConfig, columns: Sequence[str], batch: int,
+                   worker: str) -> dict[str, Any]:
+    """One row of the job's completions schema (``columns``), the input's own columns included."""
+    row = {
+        "id": r.id, "completion": r.text, "completion_token_ids": [int(t) for t in r.token_ids],
+        "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens, "decode_steps": int(r.decode_steps),
+        "acceptance_length_mean": r.tau, "accepted_per_step": [int(x) for x in r.accepted_per_step],
+        "draft_tokens_proposed": int(r.draft_tokens_proposed), "draft_tokens_accepted": int(r.draft_tokens_accepted),
+        "bucket": item.bucket, "batch_index": batch, "worker": worker, "decode_seconds": float(r.decode_seconds),
+        "model": config.model, "drafter": drafter_id(config), "mode": config.mode,
+    }
+    for name in columns:
+        if name not in row:
+            row[name] = item.row.get(name)
+    return row
+
+
+def _committed(hist: np.ndarray) -> int:
+    """Tokens committed over the steps of a histogram (index i = steps that committed i + 1)."""
+    return int((np.asarray(hist) * np.arange(1, len(hist) + 1)).sum())
+
+
+class Decode(beam.DoFn):
+    """((bucket, shard), [Prepared]) -> completion rows; dead letters and one stats record tagged."""
+
+    def __init__(self, config: JobConfig, columns: Sequence[str]):
+        self.config = config
+        self.columns = tuple(columns)
+
+    def setup(self):
+        from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
+        from dflash_batch.pipeline._progress import ProgressLog
+
+        use_anonymous_gcs_for_emulator()
+        self.progress = ProgressLog(self.config.progress_dir)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.key = model_key(self.config)
+        self.model_loads = Metrics.counter(NAMESPACE, "model_loads")
+        self.completions = Metrics.counter(NAMESPACE, "completions")
+        self.prompt_tokens = Metrics.counter(NAMESPACE, "prompt_tokens")
+        self.completion_tokens = Metrics.counter(NAMESPACE, "completion_tokens")
+        self.tau = Metrics.distribution(NAMESPACE, "tau_x1000")  # Beam distributions hold integers
+        self.latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
+        self.batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
+
+    def process(self, element: tuple[tuple[int, int], Iterable[Prepared]]):
+        (bucket, _shard), batch = element
+        items = list(batch)
+        # Loaded lazily, on the first batch: a process that never decodes never loads the model.
+        model, loaded_now = shared_model(self.key)
+        if loaded_now:
+            self.model_loads.inc()
+        results: dict[str, Result] = {}
+        error = None
+        t0 = time.perf_counter()
+        with model.lock:
+            compiled_before = model.decoder.compile_seconds
+            try:
+                for r in model.decoder.generate([it.request() for it in items], bucket=bucket):
+                    results[r.id] = r
+            except Exception as e:  # noqa: BLE001 - rows become dead letters; the bundle goes on
+                error = f"decode failed: {type(e).__name__}: {e}"
+                try:  # the slots may hold half-finished rows: start the next batch from fresh slots
+                    model.decoder.engine(bucket).state = None
+                except Exception:  # noqa: BLE001
+                    pass
+            compile_seconds = model.decoder.compile_seconds - compiled_before
+        seconds = time.perf_counter() - t0
+        index = batch_index([it.id for it in items])
+
+        hist = np.zeros(0, np.int64)  # grows to the decoder's block size
+        done = [(it, results[it.id]) for it in items if it.id in results]
+        for it, r in done:
+            h = np.asarray(r.accepted_per_step, np.int64)
+            if len(h) > len(hist):
+                hist = np.pad(hist, (0, len(h) - len(hist)))
+            hist[: len(h)] += h
+            self.tau.update(int(round(r.tau * 1000)))
+            yield completion_row(r, it, self.config, self.columns, index, self.worker)
+        for it in items:
+            if it.id not in results:
+                reason = error or "decode failed: the decoder returned no result for this row"
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter_row(it.row, reason, it.source))
+
+        prompt_tokens = sum(r.prompt_tokens for _, r in done)
+        completion_tokens = sum(r.completion_tokens for _, r in done)
+        self.completions.inc(len(done))
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        self.latency.update(int(seconds * 1000))
+        self.batch_rows.update(len(items))
+        self.progress.report(rows=len(done), completion_tokens=completion_tokens, steps=int(hist.sum()),
+                             committed=_committed(hist))
+        yield beam.pvalue.TaggedOutput(STATS, {
+            "batches": 1, "rows": len(done), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "tau_histogram": hist.tolist(), "decode_seconds": seconds, "compile_seconds": compile_seconds,
+            "load_seconds": model.load_seconds if loaded_now else 0.0, "model_loads": int(loaded_now),
+            "bucket": bucket, "bucket_rows": len(items), "bucket_prompt_tokens": sum(len(it.token_ids) for it in items),
+            "worker": self.worker, "hardware": model.hardware,
+            "finish_reasons": _count(r.finish_reason for _, r in done),
+        })
+
+
+def _count(values: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out

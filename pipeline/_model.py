@@ -1,0 +1,145 @@
+"""The model on a worker: loaded once per process, shared by every bundle and thread.
+
+Why a module-level cache and not ``apache_beam.utils.shared.Shared``: ``Shared`` holds its
+object through a weak reference and keeps only the *most recently acquired* object alive, so
+with two shared objects per process (tokenizer and decoder) either can be dropped and reloaded
+whenever the runner discards the DoFn instances that hold it. A model load plus XLA compilation
+costs seconds to minutes; it must happen once per worker process, never per bundle or thread.
+A dictionary keyed by everything that shapes the compiled programs (``ModelKey``) gives exactly
+that, and also lets several jobs in one process (tests, benchmarks) reuse a compiled decoder.
+
+Threads: a worker may run bundles on several threads. Decoding holds ``LoadedModel.lock``, so
+one batch at a time uses the decoder's static slots; on an accelerator there is one device per
+process anyway (on TPU only one process may own the chip, hence one SDK process per worker).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import threading
+import time
+from typing import Any
+
+from dflash_batch.decoder import Decoder, DrafterConfig, enable_compilation_cache, load_drafter, load_target, \
+    resolve_drafter_dir, resolve_model_dir
+
+# Loads per model in this process: what the tests read to prove "once per process".
+load_counts: collections.Counter[str] = collections.Counter()
+
+_lock = threading.Lock()
+_models: dict["ModelKey", "LoadedModel"] = {}
+_tokenizers: dict[str, tuple[Any, threading.Lock]] = {}
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKey:
+    """Everything that changes what a process compiles for a job."""
+
+    model: str
+    drafter: str | None
+    mode: str
+    batch_size: int
+    max_new_tokens: int
+    prompt_buckets: tuple[int, ...]
+    block_size: int
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    decoder: Decoder
+    lock: threading.Lock
+    load_seconds: float
+    hardware: str
+
+
+def _hardware() -> str:
+    import jax
+
+    devices = jax.devices()
+    return f"{jax.default_backend()}:{devices[0].device_kind} x{len(devices)}"
+
+
+def _load(key: ModelKey) -> LoadedModel:
+    t0 = time.perf_counter()
+    enable_compilation_cache()
+    target = load_target(key.model)
+    drafter = None
+    if key.mode == "dflash":
+        drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model))
+    decoder = Decoder(target, mode=key.mode, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens,
+                      prompt_buckets=key.prompt_buckets, drafter=drafter, block_size=key.block_size)
+    return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, _hardware())
+
+
+def shared_model(key: ModelKey) -> tuple[LoadedModel, bool]:
+    """The process's decoder for ``key`` and whether this call loaded it."""
+    with _lock:  # held while loading: other threads need the same model and must wait for it
+        if key in _models:
+            return _models[key], False
+        _models[key] = _load(key)
+        load_counts[key.model] += 1
+        return _models[key], True
+
+
+def shared_tokenizer(model: str) -> tuple[Any, threading.Lock]:
+    """The model's tokenizer, loaded once per process, with a lock (fast tokenizers are not
+    safe to call from several threads at once)."""
+    with _lock:
+        if model not in _tokenizers:
+            from transformers import AutoTokenizer
+
+            _tokenizers[model] = (AutoTokenizer.from_pretrained(str(resolve_model_dir(model))), threading.Lock())
+        return _tokenizers[model]
+
+
+def forget_models() -> None:
+    """Drops every cached model and tokenizer of this process (tests use it to count loads)."""
+    with _lock:
+        _models.clear()
+        _tokenizers.clear()
+
+
+def check_drafter(model: str, drafter: str | None) -> str:
+    """The drafter location for mode dflash, checked without downloading it; ValueError otherwise.
+
+    ``default`` is the drafter shipped for ``model`` (``decoder/drafters/<model>/``), resolved by
+    the decoder's registry; a gs:// drafter is only checked for its config.json here.
+    """
+    if drafter in (None, "", "none"):
+        raise ValueError("decode mode 'dflash' needs a drafter; set model.drafter (or use decode.mode = 'ar')")
+    if drafter.startswith("gs://"):
+        return drafter
+    return str(resolve_drafter_dir(drafter, model))
+
+
+def drafter_block_size(location: str) -> int:
+    """The draft block size in a drafter's config.json (read through Beam's FileSystems)."""
+    from dflash_batch.pipeline._io import join, read_json
+
+    cfg = read_json(join(location, "config.json"))
+    if cfg is None:
+        raise ValueError(f"drafter {location!r} has no config.json")
+    return DrafterConfig.from_hf(cfg).block_size
+
+
+def model_config_exists(model: str) -> None:
+    """Raises ValueError naming ``model`` when it cannot be a checkpoint (before any work starts).
+
+    Local folders and registered names are resolved here (a registered model is imported into
+    the cache once); a gs:// model is only checked for its config.json, not downloaded.
+    """
+    if model.startswith("gs://"):
+        from dflash_batch.pipeline._io import join
+        from apache_beam.io.filesystems import FileSystems
+
+        if not FileSystems.exists(join(model, "config.json")):
+            raise ValueError(f"model {model!r} has no config.json (not a checkpoint folder)")
+        return
+    try:
+        folder = resolve_model_dir(model)
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise ValueError(str(e)) from None
+    json.loads((folder / "config.json").read_text())

@@ -1,0 +1,201 @@
+"""The job as a Beam pipeline: ``build`` wires the labelled steps, ``BuiltJob.run`` runs them.
+
+    ReadPrompts -> KeyById -> GroupById (+ ids already completed) -> OnePerId -> Validate
+      -> Tokenize -> Bucket -> Batch -> Decode -> WriteCompletions
+    every step's dead letters -> DeadLetters -> WriteDeadLetters
+    Decode's batch records -> SumBatchStats -> WriteJobStats (after both writes finished)
+
+Output layout (OUTPUT is a folder or a gs:// prefix):
+    OUTPUT/completions-<run>-SSSSS-of-NNNNN.parquet   completions schema + the input's own columns
+    OUTPUT/dead_letters-<run>-SSSSS-of-NNNNN.parquet  dead-letters schema (id, error, row_json, source)
+    OUTPUT/job_stats.json                             one record; written last, so it marks a finished run
+    OUTPUT/job_manifest.json                          the settings every completion here was made with
+
+Reruns: skip ids already completed. A rerun into the same output reads the ids of every
+``completions-*.parquet`` there and decodes only the rows without one; its own completions go
+to files named by its own run id, so nothing an earlier run finished is rewritten or lost, and
+each id ends up in exactly one completion row. Beam's writes are all-or-nothing per file (a
+temp file renamed into place), so an interrupted run leaves whole files or none; what it did
+not finish is decoded again. Dead letters are cheap and re-derived from the whole input by every
+run, and the last step deletes earlier runs' dead-letter files, so they are never duplicated.
+Together: rows in = completion rows + dead-letter rows, after every finished run. A rerun under
+settings that change completions (model, template, sampling, max_new_tokens) is refused, since
+it would mix outputs; ``job_manifest.json`` records them. Why not "replace deterministically":
+it re-decodes everything after an interruption, the expensive part of a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+import uuid
+from typing import Any, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pvalue import AsList, AsSingleton
+
+from dflash_batch.pipeline._batching import KeyByBucket, static_batches
+from dflash_batch.pipeline._decode import STATS, Decode
+from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, \
+    PARQUET_SUFFIX, delete, join, read_json, use_anonymous_gcs_for_emulator, write_json
+from dflash_batch.pipeline._options import JobConfig, parse_options
+from dflash_batch.pipeline._preflight import Preflight, preflight
+from dflash_batch.pipeline._rows import DEAD, NAMESPACE, SKIPPED, CountDeadLetters, CountSkipped, KeyById, \
+    OnePerId, ToRows, Validate
+from dflash_batch.pipeline._stats import BatchStatsFn, WriteJobStats
+from dflash_batch.pipeline._tokenize import Tokenize
+from dflash_batch.schemas import DEAD_LETTERS_SCHEMA
+
+_LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
+
+
+def new_run_id() -> str:
+    """Sortable and unique: UTC time plus a random tag."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{uuid.uuid4().hex[:6]}"
+
+
+def _absolute(location: str) -> str:
+    return location if "://" in location else os.path.abspath(location)
+
+
+def _ids_of(table) -> list[tuple[str, None]]:
+    return [(rid, None) for rid in table.column("id").to_pylist() if rid is not None]
+
+
+@dataclasses.dataclass
+class JobResult:
+    """What a finished run reports: the job-stats record, Beam's metrics, the final state."""
+
+    stats: dict[str, Any]
+    metrics: dict[str, Any]
+    state: str
+
+
+@dataclasses.dataclass
+class BuiltJob:
+    """A constructed (not yet run) job. ``outputs`` holds the main PCollections for tests."""
+
+    pipeline: beam.Pipeline
+    config: JobConfig
+    preflight: Preflight
+    run_id: str
+    outputs: dict[str, beam.PCollection]
+
+    def prepare_output(self) -> None:
+        """Marks the output as in progress: the stale job_stats.json goes, the manifest is written."""
+        out = self.config.output
+        delete([p for p in [join(out, JOB_STATS_FILE)] if FileSystems.exists(p)])
+        if read_json(join(out, MANIFEST_FILE)) is None:
+            write_json(join(out, MANIFEST_FILE), self.preflight.manifest)
+
+    def run(self) -> JobResult:
+        """Runs the job to the end; raises RuntimeError when the runner reports a failure."""
+        self.prepare_output()
+        result = self.pipeline.run()
+        state = result.wait_until_finish()
+        if state != beam.runners.runner.PipelineState.DONE:
+            raise RuntimeError(f"job {self.config.name} ended in state {state}")
+        stats = read_json(join(self.config.output, JOB_STATS_FILE))
+        return JobResult(stats=stats or {}, metrics=metrics_summary(result), state=str(state))
+
+
+def metrics_summary(result) -> dict[str, Any]:
+    """The job's Beam counters and distributions (namespace dflash_batch), summed over steps."""
+    out: dict[str, Any] = {}
+    query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
+    for c in query["counters"]:
+        name = c.key.metric.name
+        out[name] = out.get(name, 0) + (c.committed if c.committed is not None else c.attempted)
+    for d in query["distributions"]:
+        v = d.committed if d.committed is not None else d.attempted
+        out[d.key.metric.name] = {"count": v.count, "sum": v.sum, "min": v.min, "max": v.max, "mean": v.mean}
+    return out
+
+
+def _new_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """Local jobs run on Beam's FnApiRunner directly, not through ``DirectRunner``: in Beam 2.77
+    that one first tries to download and start the Prism runner, and sends pipelines with
+    ``GroupIntoBatches`` to its legacy runner, which ignores multi-processing and loses metrics
+    (see ``_batching``). Other runners (Dataflow) are used as named."""
+    if options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return beam.Pipeline(runner=FnApiRunner(), options=options)
+    return beam.Pipeline(options=options)
+
+
+def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.Pipeline | None = None,
+          run_id: str | None = None) -> BuiltJob:
+    """Checks the job (raising ``JobRefused`` before any work) and constructs its pipeline.
+
+    ``argv_or_options``: the job's flags (see ``JobOptions``) plus any of Beam's own.
+    ``test_pipeline``: build into this pipeline instead (e.g. a ``TestPipeline``).
+    """
+    options = parse_options(argv_or_options)
+    use_anonymous_gcs_for_emulator()
+    FileSystems.set_options(options)
+    config = JobConfig.from_options(options)
+    config = dataclasses.replace(config, input=_absolute(config.input), output=_absolute(config.output).rstrip("/"))
+    pre = preflight(config)
+    config = dataclasses.replace(config, drafter=pre.drafter)
+    run_id = run_id or new_run_id()
+    started = time.time()
+    p = test_pipeline if test_pipeline is not None else _new_pipeline(options)
+
+    rows = (p
+            | "ListInputs" >> beam.Create(pre.files)
+            | "ReadPrompts" >> ReadAllFromParquetBatched(with_filename=True)
+            | "ToRows" >> beam.ParDo(ToRows(config.template)))
+    keyed = rows | "KeyById" >> beam.ParDo(KeyById(config.template)).with_outputs(DEAD, main="keyed")
+    if pre.previous_completions:
+        done = (p
+                | "ListCompleted" >> beam.Create(pre.previous_completions)
+                | "ReadCompletedIds" >> ReadAllFromParquetBatched(columns=["id"])
+                | "CompletedIds" >> beam.FlatMap(_ids_of))
+    else:
+        done = p | "NoneCompleted" >> beam.Create([])
+    one = ({"rows": keyed.keyed, "done": done}
+           | "GroupById" >> beam.CoGroupByKey()
+           | "OnePerId" >> beam.ParDo(OnePerId()).with_outputs(DEAD, SKIPPED, main="rows"))
+    valid = one.rows | "Validate" >> beam.ParDo(Validate(config.template)).with_outputs(DEAD, main="valid")
+    prepared = valid.valid | "Tokenize" >> beam.ParDo(Tokenize(config)).with_outputs(DEAD, main="prepared")
+    decoded = (prepared.prepared
+               | "Bucket" >> beam.ParDo(KeyByBucket(config.shards_per_bucket))
+               | "Batch" >> static_batches(config.rows_per_batch)
+               | "Decode" >> beam.ParDo(Decode(config, pre.completions_schema.names)).with_outputs(
+                   DEAD, STATS, main="completions"))
+    completion_files = decoded.completions | "WriteCompletions" >> WriteToParquet(
+        join(config.output, f"{COMPLETIONS_PREFIX}{run_id}"), pre.completions_schema,
+        file_name_suffix=PARQUET_SUFFIX, num_shards=config.output_shards, codec="snappy")
+
+    dead = ((keyed[DEAD], one[DEAD], valid[DEAD], prepared[DEAD], decoded[DEAD])
+            | "DeadLetters" >> beam.Flatten()
+            | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(config.progress_dir)))
+    dead_files = dead | "WriteDeadLetters" >> WriteToParquet(
+        join(config.output, f"{DEAD_LETTERS_PREFIX}{run_id}"), DEAD_LETTERS_SCHEMA,
+        file_name_suffix=PARQUET_SUFFIX, codec="snappy")
+
+    skipped = one[SKIPPED] | "CountSkipped" >> beam.ParDo(CountSkipped(config.progress_dir))
+    stats = (p
+             | "Finish" >> beam.Create([None])
+             | "WriteJobStats" >> beam.ParDo(
+                 WriteJobStats(config, run_id, started),
+                 sums=AsSingleton(decoded[STATS] | "SumBatchStats" >> beam.CombineGlobally(BatchStatsFn())),
+                 rows_in=AsSingleton(rows | "CountRowsIn" >> beam.combiners.Count.Globally()),
+                 dead_letters=AsSingleton(dead | "CountDead" >> beam.combiners.Count.Globally()),
+                 skipped=AsSingleton(skipped | "CountSkippedIds" >> beam.combiners.Count.Globally()),
+                 completion_files=AsList(completion_files),
+                 dead_files=AsList(dead_files)))
+    outputs = {"completions": decoded.completions, "dead_letters": dead, "job_stats": stats}
+    return BuiltJob(pipeline=p, config=config, preflight=pre, run_id=run_id, outputs=outputs)
+
+
+def run_job(argv_or_options: Sequence[str] | PipelineOptions) -> JobResult:
+    """Builds and runs a job to the end."""
+    return build(argv_or_options).run()

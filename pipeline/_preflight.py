@@ -1,0 +1,117 @@
+"""Checks that refuse a job before any work starts, each naming what is wrong.
+
+Everything here reads metadata only: the input files' Parquet footers (schemas and row counts),
+the model's and drafter's config.json, and the output folder's listing and manifest. A refusal
+is a ``JobRefused`` whose ``field`` is the job-spec field to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+
+from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, MANIFEST_FILE, PARQUET_SUFFIX, join, match_files, \
+    parquet_footer, read_json
+from dflash_batch.pipeline._model import check_drafter, drafter_block_size, model_config_exists
+from dflash_batch.pipeline._options import JobConfig
+from dflash_batch.schemas import COMPLETIONS_SCHEMA, SchemaError, check_input_schema, with_extra_columns
+
+_GLOB_CHARS = set("*?[")
+
+
+class JobRefused(ValueError):
+    """A job that must not start; ``str()`` reads "FIELD: reason"."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Preflight:
+    files: tuple[str, ...]
+    input_schema: pa.Schema
+    rows_in: int  # from the footers, for progress; the job counts rows itself
+    completions_schema: pa.Schema
+    previous_completions: tuple[str, ...]  # completion files an earlier run left in the output
+    drafter: str | None  # resolved location (mode dflash only)
+    manifest: dict
+
+
+def result_manifest(config: JobConfig) -> dict:
+    """The settings that decide a row's completion. Rows completed under other settings must not
+    be skipped as done, so a rerun into the same output must match these."""
+    return {"model": config.model, "template": config.template,
+            "instruction": config.instruction if config.template == "summarize" else None,
+            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
+            "seed": config.seed}
+
+
+def _inputs(pattern: str) -> tuple[list[str], pa.Schema, int]:
+    files = match_files(pattern)
+    if not files:
+        if _GLOB_CHARS & set(pattern):
+            raise JobRefused("input", f"{pattern!r} matches no files")
+        raise JobRefused("input", f"{pattern!r} does not exist")
+    schemas, rows = [], 0
+    for path in files:
+        try:
+            schema, n = parquet_footer(path)
+        except Exception as e:  # noqa: BLE001 - any failure to read a footer is a refusal
+            raise JobRefused("input", f"{path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+        schemas.append(schema)
+        rows += n
+    return files, schemas, rows
+
+
+def _unify(files: list[str], schemas: list[pa.Schema], template: str) -> pa.Schema:
+    for path, schema in zip(files, schemas):
+        try:
+            check_input_schema(schema, template)
+        except SchemaError as e:
+            raise JobRefused("input", f"{path}: {e}") from None
+    try:
+        return pa.unify_schemas([s.remove_metadata() for s in schemas])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise JobRefused("input", f"the input files' columns disagree: {e}") from None
+
+
+def preflight(config: JobConfig) -> Preflight:
+    """Refuses (JobRefused) what cannot work; returns what the pipeline needs to know."""
+    files, schemas, rows_in = _inputs(config.input)
+    schema = _unify(files, schemas, config.template)
+    try:
+        completions_schema = with_extra_columns(COMPLETIONS_SCHEMA, schema)
+    except SchemaError as e:
+        raise JobRefused("input", str(e)) from None
+
+    try:
+        model_config_exists(config.model)
+    except ValueError as e:
+        raise JobRefused("model.target", str(e)) from None
+    drafter = None
+    if config.mode == "dflash":
+        try:
+            drafter = check_drafter(config.model, config.drafter)
+            limit = drafter_block_size(drafter)
+        except ValueError as e:
+            raise JobRefused("model.drafter", str(e)) from None
+        if not 2 <= config.block_size <= limit:
+            raise JobRefused("decode.block_size", f"must be in [2, {limit}] (the drafter's block size), "
+                                                  f"got {config.block_size}")
+    elif config.mode == "ngram" and config.block_size < 2:
+        raise JobRefused("decode.block_size", f"must be >= 2 for mode 'ngram', got {config.block_size}")
+
+    manifest = result_manifest(config)
+    previous = match_files(join(config.output, f"{COMPLETIONS_PREFIX}*{PARQUET_SUFFIX}"))
+    earlier = read_json(join(config.output, MANIFEST_FILE))
+    if earlier is not None and earlier != manifest:
+        changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in manifest.items() if earlier.get(k) != v)
+        raise JobRefused("output", f"{config.output} holds completions made with other settings ({changed}); "
+                                   "a rerun would mix them. Use a new output folder or empty this one")
+    if previous and earlier is None:
+        raise JobRefused("output", f"{config.output} already holds completion files but no {MANIFEST_FILE}, so "
+                                   "they cannot be checked against this job. Use a new output folder or empty this one")
+    return Preflight(tuple(files), schema, rows_in, completions_schema, tuple(previous), drafter, manifest)

@@ -1,0 +1,120 @@
+"""A whole job on the in-process runner: completions, carried columns, stats, metrics, model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from job_helpers import completions, dead_letters, job_argv, job_stats, sentence, write_prompts
+
+from dflash_batch.pipeline import build
+from dflash_batch.pipeline import _model
+from dflash_batch.schemas import COMPLETIONS_SCHEMA, schema_name, validate_completion_row
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+SCHEMA_A = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("messages", pa.list_(MESSAGE)),
+                      ("temperature", pa.float32()), ("seed", pa.int64()), ("max_new_tokens", pa.int32()),
+                      ("title", pa.string()), ("n", pa.int64()), ("tags", pa.list_(pa.string()))])
+
+
+def _rows_a() -> list[dict]:
+    rows = []
+    for i in range(10):
+        row = {"id": f"a{i}", "prompt": None, "messages": None, "temperature": None, "seed": None,
+               "max_new_tokens": None, "title": f"title {i}", "n": i, "tags": [f"t{i}", "x"]}
+        if i % 3 == 0:
+            row["messages"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": sentence(i)}]
+        else:
+            row["prompt"] = sentence(i)
+        if i % 4 == 1:
+            row.update(temperature=0.9, seed=1000 + i)
+        if i == 5:
+            row["max_new_tokens"] = 3
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def job(chat_model_dir, tmp_path_factory):
+    """Two input files (one lacking the extra columns); the model cache is emptied first so loads count."""
+    root = tmp_path_factory.mktemp("job")
+    write_prompts(root / "in" / "a.parquet", _rows_a(), SCHEMA_A)
+    write_prompts(root / "in" / "b.parquet", [{"id": f"b{i}", "prompt": sentence(20 + i)} for i in range(5)])
+    _model.forget_models()
+    loads_before = _model.load_counts[str(chat_model_dir)]
+    built = build(job_argv(chat_model_dir, root / "in" / "*.parquet", root / "out", rows_per_batch=4))
+    result = built.run()
+    return {"built": built, "result": result, "out": root / "out", "in": root / "in",
+            "loads": _model.load_counts[str(chat_model_dir)] - loads_before}
+
+
+def test_every_row_gets_exactly_one_completion(job):
+    ids = sorted(r["id"] for r in completions(job["out"]))
+    assert ids == sorted([f"a{i}" for i in range(10)] + [f"b{i}" for i in range(5)])
+    assert dead_letters(job["out"]) == []
+
+
+def test_completions_follow_the_contract_and_carry_input_columns(job):
+    path = sorted(job["out"].glob("completions-*.parquet"))[0]
+    schema = pq.read_schema(path)
+    assert schema_name(schema) == "completions"
+    assert schema.names[: len(COMPLETIONS_SCHEMA)] == COMPLETIONS_SCHEMA.names
+    assert schema.field("tags").type == pa.list_(pa.string()) and schema.field("n").type == pa.int64()
+    rows = {r["id"]: r for r in completions(job["out"])}
+    for r in rows.values():
+        assert validate_completion_row(r) is None, r
+        assert r["mode"] == "ar" and r["drafter"] is None and r["model"] == str(job["built"].config.model)
+    assert rows["a4"]["title"] == "title 4" and rows["a4"]["n"] == 4 and rows["a4"]["tags"] == ["t4", "x"]
+    assert rows["b2"]["title"] is None  # a column its file lacks is null, not an error
+    assert rows["a5"]["completion_tokens"] <= 3  # the row's own max_new_tokens
+
+
+def test_completions_equal_the_decoder_alone_on_the_same_prompts(job):
+    """The pipeline adds nothing to a row's output: same tokens as the decoder given the same requests."""
+    from dflash_batch.pipeline._decode import model_key
+    from dflash_batch.pipeline._io import table_rows
+    from dflash_batch.pipeline._tokenize import prepare_row
+
+    config = job["built"].config
+    tokenizer, _ = _model.shared_tokenizer(config.model)
+    items = [prepare_row(tokenizer, row, "f", config)
+             for f in sorted(job["in"].glob("*.parquet")) for row in table_rows(pq.read_table(f))]
+    model, _ = _model.shared_model(model_key(config))
+    alone = {}
+    for b in sorted({it.bucket for it in items}):
+        alone.update({r.id: r.token_ids for r in model.decoder.generate(
+            [it.request() for it in items if it.bucket == b], bucket=b)})
+    assert {r["id"]: r["completion_token_ids"] for r in completions(job["out"])} == alone
+
+
+def test_job_stats_add_up(job):
+    stats = job_stats(job["out"])
+    rows = completions(job["out"])
+    assert stats["rows_in"] == 15 == stats["completions_out"] + stats["dead_letters"]
+    assert stats["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert stats["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
+    assert stats["tau_mean"] == 1.0 and stats["mode"] == "ar" and stats["block_size"] == "1"
+    assert sum(stats["tau_histogram"]) == sum(r["decode_steps"] for r in rows)
+    assert set(json.loads(stats["padding_waste_json"])) <= {"16", "64"}
+    assert stats["files"]["completions"] and all(p.startswith(str(job["out"])) for p in stats["files"]["completions"])
+    assert stats["job_id"].endswith(job["built"].run_id)
+
+
+def test_beam_metrics_count_rows_tokens_tau_and_batches(job):
+    m = job["result"].metrics
+    assert m["rows_in"] == 15 and m["completions"] == 15 and m.get("dead_letters", 0) == 0
+    assert m["completion_tokens"] == job_stats(job["out"])["completion_tokens"]
+    assert m["tau_x1000"]["count"] == 15 and m["tau_x1000"]["min"] == 1000
+    assert m["batch_latency_ms"]["count"] == m["batch_rows"]["count"] >= 4  # 15 rows, 4 per batch
+    assert m["batch_rows"]["max"] <= 4  # static batches never exceed rows_per_batch
+
+
+def test_model_loads_once_per_process_not_per_batch(job, chat_model_dir, tmp_path):
+    assert job["result"].metrics["batch_rows"]["count"] > 1
+    assert job["loads"] == 1 and job["result"].metrics["model_loads"] == 1
+    # A second job with the same decoder shape in this process reuses the loaded model.
+    again = build(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")).run()
+    assert again.metrics.get("model_loads", 0) == 0
+    assert again.stats["completions_out"] == 5

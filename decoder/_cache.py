@@ -11,9 +11,11 @@ from dflash_batch.decoder._config import TargetConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, [L, B, S, K, H] each.
+    """Keys and values of every layer, [L, B, K, S, H] each.
 
-    Row s of a sequence holds the token at absolute position s. Rows past a
+    Heads lead the sequence axis so attention contracts each (batch, kv head) pair's
+    [S, H] slab as is, with no per-layer transpose of the cache. Row s of a sequence
+    holds the token at absolute position s. Rows past a
     sequence's committed length are dead: they are overwritten before any query
     can see them, because a query at position p attends only to rows <= p.
     """
@@ -23,7 +25,7 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: TargetConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
@@ -32,4 +34,4 @@ class KVCache:
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]

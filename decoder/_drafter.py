@@ -369,7 +369,8 @@ def context_kv(dparams: Params, dcfg: DrafterConfig, target_feats: jax.Array,
     """Context keys and values of every draft layer for newly committed tokens.
 
     target_feats [B, T, n_f, D]: outputs of target layers ``target_layer_ids``;
-    positions [B, T]: the tokens' absolute positions. Returns (k, v), each [Ld, B, T, K, H].
+    positions [B, T]: the tokens' absolute positions. Returns (k, v), each [Ld, B, T, K, H]
+    (append them to the [Ld, B, K, S, H] context cache with ``_target.write_rows``).
 
     Steps:
       1. Concatenate the n_f features per token, project with ``fc`` and RMSNorm
@@ -405,7 +406,7 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
     """Draft logits for block positions 1..L-1 of every row, from ONE drafter pass.
 
     block_tokens [B, L]: [anchor, MASK x (L-1)], the anchor being the last committed
-    token; block_start [B]: the anchor's absolute position; ctx_k, ctx_v [Ld, B, S, K, H]
+    token; block_start [B]: the anchor's absolute position; ctx_k, ctx_v [Ld, B, K, S, H]
     from ``context_kv``, of which rows < ctx_len [B] are valid (later rows may hold
     anything finite). Returns logits [B, L-1, V] fp32, or [B, L-1, V_d] for a
     reduced-vocabulary drafter (map ids with ``draft_to_target_ids``).
@@ -428,7 +429,7 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
     eps = dcfg.rms_norm_eps
     inv_freq = rope_inv_freq(dcfg)
     positions = block_start[:, None] + jnp.arange(blk, dtype=jnp.int32)[None, :]  # [B, L]
-    past = jnp.arange(ctx_k.shape[2])[None, None, :] < ctx_len[:, None, None]  # [B, 1, S]
+    past = jnp.arange(ctx_k.shape[3])[None, None, :] < ctx_len[:, None, None]  # [B, 1, S]
     every = jnp.ones((1, blk, blk), bool)  # [1, L, L]: non-causal within the block
 
     x = embed(target_params, block_tokens)  # [B, L, D]
@@ -437,7 +438,7 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
         x = jnp.where(is_mask[..., None], dparams["mask_embedding"].astype(x.dtype), x)
 
     def layer(x, xs):
-        w, ck, cv = xs  # ck, cv [B, S, K, H]
+        w, ck, cv = xs  # ck, cv [B, K, S, H]
         hn = rms_norm(x, w["attn_norm"], eps)
         q, k, v = jnp.split(hn @ w["qkv"], [n * h, (n + k_heads) * h], axis=-1)  # [B, L, (N + 2K) H] split
         q = apply_rope(rms_norm(q.reshape(bsz, blk, n, h), w["q_norm"], eps), positions, inv_freq)  # [B, L, N, H]

@@ -67,19 +67,19 @@ def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, past: ja
                   k: jax.Array, v: jax.Array, causal: jax.Array) -> jax.Array:
     """Attention over [cache rows ; the block's own rows] without concatenating them.
 
-    q [B, T, K, G, H]; k_cache, v_cache [B, S, K, H] with ``past`` [B, 1, S] marking
+    q [B, T, K, G, H]; k_cache, v_cache [B, K, S, H] with ``past`` [B, 1, S] marking
     the rows before the block; k, v [B, T, K, H] with ``causal`` [1, T, T].
     One softmax spans both parts, so the result equals attention over the concatenation.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s_c = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_cache, preferred_element_type=jnp.float32) * scale
+    s_c = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache, preferred_element_type=jnp.float32) * scale
     s_n = jnp.einsum("BTKGH,BUKH->BKGTU", q, k, preferred_element_type=jnp.float32) * scale
     s_c = jnp.where(past[:, None, None], s_c, -jnp.inf)
     s_n = jnp.where(causal[:, None, None], s_n, -jnp.inf)
     m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), jnp.max(s_n, axis=-1, keepdims=True))
     p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
     denom = jnp.sum(p_c, axis=-1, keepdims=True) + jnp.sum(p_n, axis=-1, keepdims=True)
-    out = (jnp.einsum("BKGTS,BSKH->BTKGH", p_c.astype(v_cache.dtype), v_cache)
+    out = (jnp.einsum("BKGTS,BKSH->BTKGH", p_c.astype(v_cache.dtype), v_cache)
            + jnp.einsum("BKGTU,BUKH->BTKGH", p_n.astype(v.dtype), v))
     return out / jnp.moveaxis(denom, (1, 2, 3), (2, 3, 1))
 

@@ -28,7 +28,7 @@ from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._drafter import DrafterConfig, context_kv, draft_block, draft_to_target_ids
 from dflash_batch.decoder._sampling import sample
 from dflash_batch.decoder._slots import Slots, commit
-from dflash_batch.decoder._target import Params, forward
+from dflash_batch.decoder._target import Params, forward, write_rows
 
 NGRAM_MAX = 3  # longest suffix the n-gram proposer tries to match
 
@@ -38,7 +38,7 @@ class SpecState:
     """Per-slot state the proposers need beyond the target's.
 
     tokens [B, S]: the token at each position (prompt, then completion), for n-gram lookup.
-    ctx_k, ctx_v [Ld, B, S, K, H]: the drafter's context K/V (None without a drafter);
+    ctx_k, ctx_v [Ld, B, K, S, H]: the drafter's context K/V (None without a drafter);
     rows below a slot's ``pos`` are valid.
     """
 
@@ -51,7 +51,7 @@ def init_spec_state(batch: int, length: int, dcfg: DrafterConfig | None) -> Spec
     tokens = jnp.zeros((batch, length), jnp.int32)
     if dcfg is None:
         return SpecState(tokens=tokens)
-    shape = (dcfg.num_layers, batch, length, dcfg.num_kv_heads, dcfg.head_dim)
+    shape = (dcfg.num_layers, batch, dcfg.num_kv_heads, length, dcfg.head_dim)
     return SpecState(tokens=tokens, ctx_k=jnp.zeros(shape, jnp.float32), ctx_v=jnp.zeros(shape, jnp.float32))
 
 
@@ -136,8 +136,7 @@ def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], draft
     if uses_drafter:
         # All L rows are written; those past the new ``pos`` are dead until overwritten.
         k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions)  # [Ld, B, L, K, H]
-        ctx_k = ctx_k.at[:, rows, positions].set(k_new.astype(ctx_k.dtype), mode="drop")
-        ctx_v = ctx_v.at[:, rows, positions].set(v_new.astype(ctx_v.dtype), mode="drop")
+        ctx_k, ctx_v = write_rows(ctx_k, k_new, positions), write_rows(ctx_v, v_new, positions)
     return new.replace(
         extra=ex.replace(tokens=tokens, ctx_k=ctx_k, ctx_v=ctx_v),
         drafted=new.drafted + jnp.where(active, block - 1, 0),
@@ -159,8 +158,8 @@ def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ..
     ctx_k, ctx_v = ex.ctx_k, ex.ctx_v
     if ex.ctx_k is not None:
         k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions[None])  # [Ld, 1, P, K, H]
-        ctx_k = ctx_k.at[:, slot, positions].set(k_new[:, 0].astype(ctx_k.dtype), mode="drop")
-        ctx_v = ctx_v.at[:, slot, positions].set(v_new[:, 0].astype(ctx_v.dtype), mode="drop")
+        ctx_k = write_rows(ctx_k, k_new, positions[None], slot)
+        ctx_v = write_rows(ctx_v, v_new, positions[None], slot)
     return s.replace(extra=ex.replace(tokens=hist, ctx_k=ctx_k, ctx_v=ctx_v))
 
 

@@ -36,6 +36,19 @@ def final_norm(params: Params, cfg: TargetConfig, x: jax.Array) -> jax.Array:
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
+def write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array, slot: jax.Array | None = None) -> jax.Array:
+    """Scatters new rows [L, B, T, K, H] into a [L, B', K, S, H] cache at positions [B, T].
+
+    Rows go to cache batch rows 0..B-1, or (B = 1) to row ``slot``. Out-of-range
+    positions are dropped. One scatter per pass, in place on a donated buffer.
+    """
+    _, b, t, k, _ = new.shape
+    rows = jnp.arange(b)[:, None, None] if slot is None else jnp.full((1, 1, 1), slot)  # [B, 1, 1]
+    heads = jnp.arange(k)[None, :, None]  # [1, K, 1]
+    vals = jnp.moveaxis(new, 2, 3).astype(cache.dtype)  # [L, B, K, T, H]
+    return cache.at[:, rows, heads, positions[:, None, :]].set(vals, mode="drop")
+
+
 def forward(
     params: Params,
     cfg: TargetConfig,
@@ -87,9 +100,9 @@ def forward(
         k = apply_rope(k, positions, inv_freq)
         qg = q.reshape(bsz, t, n_kv, g, h)
         if slot is None:
-            k_cache, v_cache = cache.k[l], cache.v[l]  # [B, S, K, H]
+            k_cache, v_cache = cache.k[l], cache.v[l]  # [B, K, S, H]
         else:
-            k_cache, v_cache = cache.k[l, slot][None], cache.v[l, slot][None]  # [1, S, K, H]
+            k_cache, v_cache = cache.k[l, slot][None], cache.v[l, slot][None]  # [1, K, S, H]
         o = attend_cached(qg, k_cache, v_cache, past, k, v, causal)  # [B, T, K, G, H]
         x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]
         x = x + swiglu(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w["gate_up"], w["down"])
@@ -97,13 +110,8 @@ def forward(
 
     layer_ids = jnp.arange(cfg.num_layers)
     x, (k_new, v_new, hidden) = jax.lax.scan(layer, x, (params["layers"], layer_ids))  # k_new [L, B, T, K, H]
-    if slot is None:
-        rows = jnp.arange(bsz)[:, None]  # [B, 1]
-        kc = cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype), mode="drop")
-        vc = cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype), mode="drop")
-    else:
-        kc = cache.k.at[:, slot, positions[0]].set(k_new[:, 0].astype(cache.k.dtype), mode="drop")
-        vc = cache.v.at[:, slot, positions[0]].set(v_new[:, 0].astype(cache.v.dtype), mode="drop")
+    kc = write_rows(cache.k, k_new, positions, slot)
+    vc = write_rows(cache.v, v_new, positions, slot)
     feats = None
     if collect_layers:
         # hidden [L, B, T, D] -> the chosen layers' outputs, [B, T, n_f, D]

@@ -129,6 +129,8 @@ from dflash_batch.jobs._bench_pipeline import bench_pipeline_command  # noqa: E4
 main.add_command(run_command, "run")
 main.add_command(make_example_input_command, "make-example-input")
 main.add_command(bench_pipeline_command, "bench-pipeline")
+from dflash_batch.jobs._train_cli import train_drafter_command  # noqa: E402
+main.add_command(train_drafter_command, "train-drafter")
 
 if __name__ == "__main__":
     sys.exit(main())

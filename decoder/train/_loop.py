@@ -118,7 +118,7 @@ class Trainer:
         (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(trainable, d2t, target_params, batch)
         updates, opt_state = self.opt.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return dict(trainable, **({"d2t": d2t} if d2t is not None else {})), opt_state, metrics
 
     def _metrics(self, params, target_params, batch):

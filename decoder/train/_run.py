@@ -129,6 +129,10 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
                                 progress=lambda d, n: _tick(bar, d))
     _close(bar)
     feat_seconds = time.perf_counter() - t0
+    timings_path = work_dir / "timings.json"  # data preparation time summed over every call that did some
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {"responses": 0.0, "features": 0.0}
+    timings = {"responses": timings["responses"] + gen_seconds, "features": timings["features"] + feat_seconds}
+    timings_path.write_text(json.dumps(timings))
 
     # 4. Draft vocabulary.
     resp = [s.response_ids for s in samples]
@@ -179,6 +183,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         "train_tokens_per_s": meta["predicted_tokens"] / max(meta["train_seconds"], 1e-9),
         "seconds_this_call": {"responses": gen_seconds, "features": feat_seconds,
                               "total": time.perf_counter() - t_start},
+        "timings": timings, "eval_max_new_tokens": eval_max_new_tokens, "max_new_tokens": max_new_tokens,
         "last_log": meta["history"][-1] if meta["history"] else {}, "evals": meta["evals"], "hardware": hardware(),
     }
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))

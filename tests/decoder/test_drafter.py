@@ -18,7 +18,13 @@ from dflash_batch.decoder._drafter import (
 
 MASK = 3
 BLOCK = 4
-_context_kv = jax.jit(context_kv, static_argnums=1)
+_context_kv_rows = jax.jit(context_kv, static_argnums=1)
+
+
+def _context_kv(dparams, dcfg, feats, positions):
+    """Context K/V in the cache layout draft_block reads, [Ld, B, K, S, H]."""
+    k, v = _context_kv_rows(dparams, dcfg, feats, positions)  # [Ld, B, S, K, H]
+    return jnp.moveaxis(k, 2, 3), jnp.moveaxis(v, 2, 3)
 _draft_block = jax.jit(draft_block, static_argnums=(1, 3))
 
 
@@ -179,7 +185,7 @@ def test_context_rows_past_ctx_len_are_ignored(tiny_llama, tmp_path):
     feats, ctx_pos, _, tokens, start = _inputs(dcfg)
     ctx_len = jnp.array([3, 7])  # a different valid length per row
     k, v = _context_kv(dparams, dcfg, jnp.asarray(feats), jnp.asarray(ctx_pos))
-    dead = (jnp.arange(k.shape[2])[None, :] >= ctx_len[:, None])[None, :, :, None, None]  # [1, B, S, 1, 1]
+    dead = (jnp.arange(k.shape[3])[None, :] >= ctx_len[:, None])[None, :, None, :, None]  # [1, B, 1, S, 1]
     run = lambda k, v: np.asarray(_draft_block(dparams, dcfg, tiny_llama.params, tiny_llama.config,
                                                jnp.asarray(tokens), jnp.asarray(start), k, v, ctx_len))
     clean = run(k, v)

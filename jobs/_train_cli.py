@@ -1,0 +1,239 @@
+"""``dflash-batch train-drafter``: prompts Parquet in, a DFlash drafter (z-lab format) and its model card out."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from dflash_batch.decoder import DEFAULT_MODEL
+
+
+def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
+                 ) -> tuple[list[tuple[str, list[int]]], list[str]]:
+    """(id, token ids) of every valid row of a prompts Parquet file, and a reason per bad row.
+
+    ``template`` ``auto`` picks ``summarize`` when the file has a ``document`` column and
+    ``none`` (``prompt`` or ``messages``) otherwise, as a job would be configured.
+    """
+    import pyarrow.parquet as pq
+
+    from dflash_batch.pipeline._templates import render_row
+    from dflash_batch.schemas import check_input_schema, validate_prompt_row
+
+    table = pq.read_table(path)
+    if template == "auto":
+        template = "summarize" if "document" in table.column_names else "none"
+    check_input_schema(table.schema, template)
+    seen: set[str] = set()
+    out: list[tuple[str, list[int]]] = []
+    bad: list[str] = []
+    for row in table.to_pylist():
+        reason = validate_prompt_row(row, template, seen)
+        if reason:
+            bad.append(f"{row.get('id')!r}: {reason}")
+            continue
+        out.append((row["id"], render_row(tokenizer, row, template)))
+        if limit and len(out) >= limit:
+            break
+    return out, bad
+
+
+def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.command("train-drafter")
+@click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model name, folder or gs:// prefix.")
+@click.option("--prompts", "prompts_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Prompts Parquet (job prompt schema).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Drafter folder to write.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Responses, features and checkpoints [default: <cache>/train/<out folder name>].")
+@click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "summarize", "none"]))
+@click.option("--limit", default=0, show_default=True, type=click.IntRange(0), help="Use the first N prompts (0: all).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Response length.")
+@click.option("--gen-batch", default=8, show_default=True, type=click.IntRange(1), help="Decoder batch for responses.")
+@click.option("--gen-mode", default="ar", show_default=True, type=click.Choice(["ar", "ngram"]),
+              help="Decode mode for responses (both lossless: same tokens).")
+@click.option("--eval-prompts", default=16, show_default=True, type=click.IntRange(0), help="Held-out prompts.")
+@click.option("--eval-max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=2000, show_default=True, type=click.IntRange(1))
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(1), help="Sequences per step.")
+@click.option("--anchors", default=16, show_default=True, type=click.IntRange(1), help="Blocks per sequence.")
+@click.option("--block-size", default=16, show_default=True, type=click.IntRange(2))
+@click.option("--layers", default=1, show_default=True, type=click.IntRange(1), help="Draft layers.")
+@click.option("--target-layers", callback=_int_tuple, help="Target layers whose outputs are the context features "
+              "(comma-separated) [default: 5 spread by z-lab's rule].")
+@click.option("--draft-vocab", default=8192, show_default=True, type=click.IntRange(0),
+              help="Reduced draft vocabulary size (0: the full target vocabulary).")
+@click.option("--mask-token-id", type=int, help="Mask id recorded in config.json [default: pad or EOS id; "
+              "its embedding is replaced by a learned one].")
+@click.option("--init", "init_from", default="target", show_default=True, type=click.Choice(["target", "random"]),
+              help="Start draft layers from target layers, or from noise.")
+@click.option("--standardize/--no-standardize", default=True, show_default=True,
+              help="Scale target features per channel (folded into fc at save).")
+@click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Weight of the loss to the target's distribution (the rest on its tokens).")
+@click.option("--top-k", default=32, show_default=True, type=click.IntRange(1), help="Distribution entries kept.")
+@click.option("--lr", default=6e-4, show_default=True, type=float)
+@click.option("--warmup", default=0.04, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--weight-decay", default=0.01, show_default=True, type=float)
+@click.option("--gamma", type=float, help="Loss decay over block positions [default: the paper's for the block size].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(0),
+              help="Steps between tau evaluations with the real decoder (0: at the end only).")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint in the work dir.")
+@click.option("--stop-at", type=click.IntRange(1), help="End this call after this step (the schedule keeps --steps).")
+@click.option("--test-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Evaluation prompts Parquet: tau (dflash at B=16 and 8, ngram at 16) goes into the model card.")
+@click.option("--test-limit", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--test-max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--data-note", default="", help="Training data and licence, for the model card.")
+def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: Path | None, template: str, limit: int,
+                          max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
+                          eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
+                          target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
+                          init_from: str, standardize: bool, distill: float, top_k: int, lr: float, warmup: float,
+                          weight_decay: float, gamma: float | None, seed: int, checkpoint_every: int, eval_every: int,
+                          resume: bool, stop_at: int | None, test_prompts: Path | None, test_limit: int,
+                          test_max_new_tokens: int, data_note: str) -> None:
+    """Train a DFlash drafter for TARGET on its own greedy responses to PROMPTS.
+
+    Everything slow is cached in the work dir (responses, target features, checkpoints),
+    so an interrupted run continues with --resume. The drafter is written to OUT in the
+    z-lab format (bf16), with a README.md model card.
+    """
+    from dflash_batch.decoder import load_target
+    from dflash_batch.decoder._registry import cache_dir
+    from dflash_batch.decoder.train import DrafterSpec, TrainConfig, train_drafter
+
+    tgt = load_target(target)
+    prompts, bad = read_prompts(prompts_path, tgt.tokenizer, template, limit)
+    if bad:
+        click.echo(f"skipped {len(bad)} invalid prompt rows, e.g. {bad[0]}", err=True)
+    if not prompts:
+        raise click.ClickException(f"no valid prompts in {prompts_path}")
+    work_dir = work_dir or cache_dir() / "train" / out.name
+    spec = DrafterSpec(num_layers=layers, block_size=block_size, target_layer_ids=target_layers,
+                       draft_vocab_size=draft_vocab or None, mask_token_id=mask_token_id,
+                       init_from_target=init_from == "target", standardize=standardize)
+    tcfg = TrainConfig(steps=steps, batch_size=batch, anchors=anchors, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                       gamma=gamma, distill=distill, top_k=top_k, seed=seed, checkpoint_every=checkpoint_every,
+                       eval_every=eval_every)
+    try:
+        summary = train_drafter(tgt, prompts, out, work_dir=work_dir, spec=spec, tcfg=tcfg,
+                                max_new_tokens=max_new_tokens, gen_batch=gen_batch, gen_mode=gen_mode,
+                                eval_prompts=eval_prompts, eval_max_new_tokens=eval_max_new_tokens, resume=resume,
+                                stop_at=stop_at, log=lambda m: click.echo(m, err=True))
+    except (FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if test_prompts is not None and summary["finished"]:
+        summary["test"] = evaluate_test(tgt, out, test_prompts, test_limit, test_max_new_tokens)
+        (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "README.md").write_text(model_card(summary, data_note))
+    click.echo(json.dumps({k: summary[k] for k in ("out_dir", "step", "finished", "evals", "train_seconds")} |
+                          {"test": summary.get("test")}, indent=2, default=str))
+
+
+def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int) -> dict:
+    """tau of the saved (bf16) drafter on evaluation prompts, with the n-gram peer beside it."""
+    from dflash_batch.decoder._drafter import load_drafter
+    from dflash_batch.decoder.train import decode_tau
+
+    prompts, _ = read_prompts(prompts_path, target.tokenizer, "auto", limit)
+    drafter = load_drafter(drafter_dir)
+    out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "source": str(prompts_path)}
+    for name, mode, blk in (("dflash_b16", "dflash", 16), ("dflash_b8", "dflash", 8), ("ngram_b16", "ngram", 16)):
+        if mode == "dflash" and blk > drafter[0].block_size:
+            continue
+        r = decode_tau(target, prompts, mode=mode, drafter=drafter if mode == "dflash" else None, block_size=blk,
+                       max_new_tokens=max_new_tokens)
+        out[name] = {"tau": r["tau"], "tau_mean": r["tau_mean"], "seconds": r["seconds"]}
+    return out
+
+
+def model_card(s: dict, data_note: str = "") -> str:
+    """The drafter's README.md: what it is, what it was trained on and with, and how well it drafts."""
+    d, spec, t = s["drafter"], s["spec"], s["train_config"]
+    dfl = d["dflash_config"]
+    timing = s.get("timings", {})
+    evals = s.get("evals", [])
+    last = evals[-1] if evals else {}
+    first = evals[0] if evals and evals[0]["step"] == 0 else {}
+    lines = [
+        f"# DFlash drafter for {s['target']}",
+        "",
+        f"A {d['num_hidden_layers']}-layer DFlash block-diffusion drafter (block size {d['block_size']}) for "
+        f"`{s['target']}`, in z-lab's checkpoint format (`config.json` + `model.safetensors`, bf16). "
+        "Trained with `dflash-batch train-drafter`; "
+        + ("training is **finished**." if s["finished"] else f"**training is not finished** (step {s['step']} of "
+           f"{t['steps']}): this is the latest checkpoint."),
+        "",
+        "Extensions recorded in `dflash_config` (see `decoder/_drafter.py`):",
+        f"- `mask_embedding: {str(dfl.get('mask_embedding', False)).lower()}`: the target has no spare token row, "
+        f"so a learned mask vector (tensor `mask_embedding`) replaces the embedding of `mask_token_id` "
+        f"({dfl['mask_token_id']}) at block positions 1..B-1.",
+        f"- `draft_vocab_size: {dfl.get('draft_vocab_size', 'full')}`: the drafter scores only the most frequent "
+        f"target tokens of its training responses with its own `lm_head`; tensor `d2t` maps them to target ids "
+        f"(coverage of held-out response tokens: {s['vocab']['heldout_coverage']:.2%}). The target verifies every "
+        "draft, so outputs stay lossless.",
+        f"- Context features: outputs of target layers {dfl['target_layer_ids']}.",
+        "",
+        "## Shape, and why",
+        "",
+        f"{d['num_hidden_layers']} draft layer(s) of the target's own layer shape (hidden {d['hidden_size']}, "
+        f"{d['num_attention_heads']} heads / {d['num_key_value_heads']} KV heads, MLP {d['intermediate_size']}). "
+        "On a 2-core CPU the trainer is compute-bound, so one layer buys twice the training tokens of two in the "
+        "same hours, and at decode time one layer costs ~1/30 of the target's verify pass. Having the target's "
+        "layer shape lets training start from target layers "
+        f"({'yes' if spec['init_from_target'] else 'no'} here) instead of noise.",
+        "",
+        "## Training data",
+        "",
+        data_note or "(not recorded)",
+        "",
+        f"- Prompts: {s['prompts']['train']} for training, {s['prompts']['heldout']} held out for evaluation.",
+        f"- Tokens: {s['tokens']['prompt']:,} prompt tokens; {s['tokens']['response']:,} response tokens (the "
+        "target's own greedy responses, generated with this project's decoder).",
+        "",
+        "## Training",
+        "",
+        f"- Steps: {s['step']} of {t['steps']}; {t['batch_size']} sequences x {t['anchors']} blocks per step; "
+        f"AdamW lr {t['lr']}, warmup {t['warmup']:.0%}, cosine, clip {t['clip']}, weight decay {t['weight_decay']}; "
+        f"loss: {1 - t['distill']:.2g} x hard labels + {t['distill']:.2g} x target top-{t['top_k']} distribution, "
+        f"position weights exp(-(k-1)/gamma).",
+        f"- Predicted tokens: {s['predicted_tokens']:,}; training wall time {s['train_seconds'] / 3600:.2f} h "
+        f"({s['train_tokens_per_s']:.0f} predicted tokens/s).",
+        f"- Data preparation: responses {timing.get('responses', 0) / 60:.1f} min, target features "
+        f"{timing.get('features', 0) / 60:.1f} min.",
+        f"- Hardware: {s['hardware']}.",
+        "",
+        "## Acceptance (tau = tokens committed per verify step, bonus token included, greedy)",
+        "",
+    ]
+    if first:
+        lines.append(f"- Held-out prompts, untrained drafter: tau {first.get('decoder_tau', float('nan')):.3f}.")
+    if last:
+        lines.append(f"- Held-out prompts at step {last['step']}: tau {last.get('decoder_tau', float('nan')):.3f} "
+                     f"(block {d['block_size']}, {s.get('eval_max_new_tokens', '')} new tokens).")
+    test = s.get("test")
+    if test:
+        lines.append(f"- Evaluation set `{Path(test['source']).name}` ({test['prompts']} prompts, "
+                     f"{test['max_new_tokens']} new tokens):")
+        for k in ("dflash_b16", "dflash_b8", "ngram_b16"):
+            if k in test:
+                lines.append(f"  - {k}: tau {test[k]['tau']:.3f} (per-request mean {test[k]['tau_mean']:.3f})")
+    lines += ["", "## Licence", "",
+              "The weights derive from the target model's and follow its licence (SmolLM2: Apache-2.0).", "",
+              f"_Card written {datetime.date.today().isoformat()} by `dflash-batch train-drafter`._", ""]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Block-verify attention: T new queries per sequence against its ragged KV cache, causal
+inside the block, grouped-query (G query heads per kv head).
+
+Semantics (those of decoder/_layers.attend_cached with ``past = arange(S) < lengths`` and
+``causal = tril(ones(T, T))``): query t of row b attends to cache rows ``< lengths[b]``
+and to the block's keys ``0..t``, one softmax over both. ``lengths`` are clipped to
+[0, S]; a length of 0 leaves only the block. Cache rows at or past the length may hold
+anything, NaN included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dflash_batch.kernels import _block_attention as _ba
+from dflash_batch.kernels._dispatch import kernel_mode
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyBlockSizes:
+    """Tiling of the Pallas kernel.
+
+    block_s: cache rows per grid step (a multiple of 8; the whole cache when S <= block_s).
+    """
+
+    block_s: int = 512
+
+    def __post_init__(self):
+        block_s = self.block_s
+        if not isinstance(block_s, int) or block_s < 8 or block_s % 8:
+            raise ValueError(f"{block_s=} must be a positive multiple of 8")
+
+
+def reference_verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                               k_new: jax.Array, v_new: jax.Array, *, cache_layout: str = "BKSH",
+                               out_dtype=None) -> jax.Array:
+    """Plain-jnp verify attention.
+
+    q [B, T, K, G, H]; k/v cache [B, K, S, H] ("BKSH") or [B, S, K, H] ("BSKH");
+    lengths [B]; k/v new [B, T, K, H]. Returns [B, T, K, G, H] in ``out_dtype``
+    (default q.dtype).
+    """
+    k_cache, v_cache = _ba.to_bksh(k_cache, cache_layout), _ba.to_bksh(v_cache, cache_layout)
+    t = q.shape[1]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, k_cache.shape[2])
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return _ba.reference_block_attention(q, k_cache, v_cache, lengths, k_new, v_new, causal,
+                                         jnp.dtype(out_dtype or q.dtype))
+
+
+def _verify_attention_pallas(q, k_cache, v_cache, lengths, k_new, v_new, *, block_sizes: VerifyBlockSizes,
+                             cache_layout: str, interpret, out_dtype) -> jax.Array:
+    """The Pallas entry point (causal block); see _block_attention for the kernel."""
+    return _ba.run_kernel(q, k_cache, v_cache, lengths, k_new, v_new, causal=True,
+                          block_s=block_sizes.block_s, cache_layout=cache_layout, interpret=interpret,
+                          out_dtype=out_dtype, name="verify_attention")
+
+
+def verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
+                     k_new: jax.Array, v_new: jax.Array, *, block_sizes: VerifyBlockSizes = VerifyBlockSizes(),
+                     interpret=False, impl: str | None = None, cache_layout: str = "BKSH",
+                     out_dtype=None) -> jax.Array:
+    """Verify attention, dispatched to the Pallas kernel or the reference.
+
+    q [B, T, K, G, H]; k_cache, v_cache [B, K, S, H] (the decoder's KVCache layer
+    layout, which the kernel reads as is) or [B, S, K, H] with ``cache_layout="BSKH"``
+    (transposed on every call); lengths [B] int (cache rows < length are valid);
+    k_new, v_new [B, T, K, H]. Returns [B, T, K, G, H] in ``out_dtype`` (default q.dtype).
+
+    ``impl``: None (see kernels._dispatch), "reference", "pallas" or "interpret";
+    ``interpret=True`` also runs the kernel in Pallas interpret mode.
+    """
+    _ba.check_inputs("verify_attention", q, k_cache, v_cache, lengths, k_new, v_new, cache_layout)
+    out_dtype = jnp.dtype(out_dtype or q.dtype)
+    mode, interp = kernel_mode("verify_attention", impl, interpret)
+    if mode == "reference":
+        return reference_verify_attention(q, k_cache, v_cache, lengths, k_new, v_new,
+                                          cache_layout=cache_layout, out_dtype=out_dtype)
+    return _verify_attention_pallas(q, k_cache, v_cache, lengths, k_new, v_new, block_sizes=block_sizes,
+                                    cache_layout=cache_layout, interpret=interp, out_dtype=out_dtype)

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._layers import apply_rope, attend_cached, rms_norm, rope_inv_freq, swiglu
+from dflash_batch.decoder._layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from dflash_batch.decoder._target import Params, embed, lm_head
+from dflash_batch.kernels import draft_attention
 
 ARCHITECTURE = "DFlashDraftModel"
 
@@ -429,8 +430,6 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
     eps = dcfg.rms_norm_eps
     inv_freq = rope_inv_freq(dcfg)
     positions = block_start[:, None] + jnp.arange(blk, dtype=jnp.int32)[None, :]  # [B, L]
-    past = jnp.arange(ctx_k.shape[3])[None, None, :] < ctx_len[:, None, None]  # [B, 1, S]
-    every = jnp.ones((1, blk, blk), bool)  # [1, L, L]: non-causal within the block
 
     x = embed(target_params, block_tokens)  # [B, L, D]
     if dcfg.mask_embedding:
@@ -444,7 +443,7 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
         q = apply_rope(rms_norm(q.reshape(bsz, blk, n, h), w["q_norm"], eps), positions, inv_freq)  # [B, L, N, H]
         k = apply_rope(rms_norm(k.reshape(bsz, blk, k_heads, h), w["k_norm"], eps), positions, inv_freq)  # [B, L, K, H]
         v = v.reshape(bsz, blk, k_heads, h)  # [B, L, K, H]
-        o = attend_cached(q.reshape(bsz, blk, k_heads, g, h), ck, cv, past, k, v, every)  # [B, L, K, G, H]
+        o = draft_attention(q.reshape(bsz, blk, k_heads, g, h), ck, cv, ctx_len, k, v)  # [B, L, K, G, H]
         x = x + o.reshape(bsz, blk, n * h) @ w["o"]
         x = x + swiglu(rms_norm(x, w["mlp_norm"], eps), w["gate_up"], w["down"])
         return x, None

@@ -48,42 +48,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention.
-
-    q [B, T, K, G, H]; k, v [B, S, K, H]; mask [B, T, S] (True = may attend).
-    Returns [B, T, K, G, H].
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # A row whose mask is all False (a padded query) gets NaNs from softmax; zero them.
-    probs = jnp.where(jnp.isnan(probs), 0.0, probs).astype(v.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-
-
-def attend_cached(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, past: jax.Array,
-                  k: jax.Array, v: jax.Array, causal: jax.Array) -> jax.Array:
-    """Attention over [cache rows ; the block's own rows] without concatenating them.
-
-    q [B, T, K, G, H]; k_cache, v_cache [B, K, S, H] with ``past`` [B, 1, S] marking
-    the rows before the block; k, v [B, T, K, H] with ``causal`` [1, T, T].
-    One softmax spans both parts, so the result equals attention over the concatenation.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s_c = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_cache, preferred_element_type=jnp.float32) * scale
-    s_n = jnp.einsum("BTKGH,BUKH->BKGTU", q, k, preferred_element_type=jnp.float32) * scale
-    s_c = jnp.where(past[:, None, None], s_c, -jnp.inf)
-    s_n = jnp.where(causal[:, None, None], s_n, -jnp.inf)
-    m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), jnp.max(s_n, axis=-1, keepdims=True))
-    p_c, p_n = jnp.exp(s_c - m), jnp.exp(s_n - m)
-    denom = jnp.sum(p_c, axis=-1, keepdims=True) + jnp.sum(p_n, axis=-1, keepdims=True)
-    out = (jnp.einsum("BKGTS,BKSH->BTKGH", p_c.astype(v_cache.dtype), v_cache)
-           + jnp.einsum("BKGTU,BUKH->BTKGH", p_n.astype(v.dtype), v))
-    return out / jnp.moveaxis(denom, (1, 2, 3), (2, 3, 1))
-
-
 def swiglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
     """SwiGLU MLP with the gate and up projections fused: gate_up [D, 2F], down [F, D]."""
     gu = x @ gate_up  # [B, T, 2F]

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._layers import apply_rope, attend_cached, rms_norm, rope_inv_freq, swiglu
+from dflash_batch.decoder._layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from dflash_batch.kernels import verify_attention
 
 Params = dict[str, Any]
 
@@ -81,8 +82,6 @@ def forward(
     n_kv, g, h = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
     inv_freq = rope_inv_freq(cfg)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    causal = jnp.tril(jnp.ones((t, t), bool))[None]  # [1, T, T]
-    past = jnp.arange(cache.length)[None, None, :] < start[:, None, None]  # [B, 1, S]
     x = embed(params, tokens)  # [B, T, D]
 
     def layer(x, xs):
@@ -103,7 +102,8 @@ def forward(
             k_cache, v_cache = cache.k[l], cache.v[l]  # [B, K, S, H]
         else:
             k_cache, v_cache = cache.k[l, slot][None], cache.v[l, slot][None]  # [1, K, S, H]
-        o = attend_cached(qg, k_cache, v_cache, past, k, v, causal)  # [B, T, K, G, H]
+        # Cache rows < start, then the block causally: kernels/ picks Pallas or plain jnp.
+        o = verify_attention(qg, k_cache, v_cache, start, k, v)  # [B, T, K, G, H]
         x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]
         x = x + swiglu(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w["gate_up"], w["down"])
         return x, (k, v, x if collect_layers else None)

@@ -6,15 +6,18 @@ one softmax over both parts. They differ only in the block mask, so one kernel b
 serves both; each op module keeps its own wrapper, ``pallas_call`` entry point and
 plain-jnp reference (STYLE "Kernels").
 
-Kernel layout ("heads-major"; the wrappers convert):
+Kernel layout ("heads-major", the decoder's KVCache layout; the wrappers convert q):
   q       [B, K, T*G, H]   the G query heads of a kv head folded into the rows, so a
                            GQA group is one [T*G, H] x [H, tile] matmul;
   k/v new [B, K, T, H];
-  k/v cache [B, K, S, H]   every tile is a plain [block_s, H] slab (no in-kernel head
-                           slicing, which Mosaic handles poorly for H = 64);
+  k/v cache [B, K, S, H]   every head's tile is a plain [block_s, H] slab, reached by a
+                           leading-axis index: no in-kernel lane or sublane slicing,
+                           which Mosaic handles poorly (H = 64 in particular);
   lengths [B] int32        scalar-prefetched into SMEM.
 
-Grid (B, K, n_s), n_s = cdiv(S, block_s); the tile axis is the reduction ("arbitrary").
+Grid (B, K / block_kv_heads, n_s), n_s = cdiv(S, block_s); each step handles
+block_kv_heads heads (a static loop) so that small heads still make big DMAs; the
+tile axis is the reduction ("arbitrary").
   * step 0 initialises the online softmax with the block's own keys; every query row
     sees at least itself (causal) or all T keys (draft), so the running max is finite
     from the start and fully-masked rows never arise;
@@ -42,47 +45,52 @@ _NT = (((1,), (1,)), ((), ()))  # dot_general dims for x @ y.T
 
 
 def _kernel(lengths_ref, q_ref, kn_ref, vn_ref, kc_ref, vc_ref, o_ref, m_ref, l_ref, acc_ref,
-            *, causal: bool, group: int, block_s: int, scale: float):
+            *, causal: bool, group: int, block_s: int, heads: int, scale: float):
     b = pl.program_id(0)
     i = pl.program_id(2)
     length = lengths_ref[b]
+    tg, h = q_ref.shape[1:]
+    t = kn_ref.shape[1]
 
     @pl.when(i == 0)
     def _block_keys():
-        q = q_ref[...]  # [TG, H]
-        v = vn_ref[...]  # [T, H]
-        s = lax.dot_general(q, kn_ref[...], _NT, preferred_element_type=jnp.float32) * scale  # [TG, T]
-        if causal:
-            row = lax.broadcasted_iota(jnp.int32, s.shape, 0)  # folded row r = t * G + g
-            col = lax.broadcasted_iota(jnp.int32, s.shape, 1)  # block key u
-            s = jnp.where(col * group <= row, s, -jnp.inf)  # u <= r // G, without a vector divide
-        m = jnp.max(s, axis=1, keepdims=True)  # [TG, 1], finite
-        p = jnp.exp(s - m)
-        m_ref[...] = m
-        l_ref[...] = jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        if causal:  # folded row r = t * G + g may see block key u <= t, i.e. u * G <= r (no vector divide)
+            row = lax.broadcasted_iota(jnp.int32, (tg, t), 0)
+            col = lax.broadcasted_iota(jnp.int32, (tg, t), 1)
+            visible = col * group <= row
+        for j in range(heads):
+            v = vn_ref[j]  # [T, H]
+            s = lax.dot_general(q_ref[j], kn_ref[j], _NT, preferred_element_type=jnp.float32) * scale  # [TG, T]
+            if causal:
+                s = jnp.where(visible, s, -jnp.inf)
+            m = jnp.max(s, axis=1, keepdims=True)  # [TG, 1], finite
+            p = jnp.exp(s - m)
+            m_ref[j] = m
+            l_ref[j] = jnp.sum(p, axis=1, keepdims=True)
+            acc_ref[j] = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
     @pl.when(i * block_s < length)
     def _cache_tile():
-        q = q_ref[...]  # [TG, H]
-        v = vc_ref[...]  # [bs, H]
-        s = lax.dot_general(q, kc_ref[...], _NT, preferred_element_type=jnp.float32) * scale  # [TG, bs]
-        col = i * block_s + lax.broadcasted_iota(jnp.int32, (1, block_s), 1)  # [1, bs]
-        s = jnp.where(col < length, s, -jnp.inf)
-        row = i * block_s + lax.broadcasted_iota(jnp.int32, (block_s, 1), 0)  # [bs, 1]
-        v = jnp.where(row < length, v, jnp.zeros_like(v))
-        m_prev = m_ref[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.exp(s - m_next)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p.astype(v.dtype), v,
-                                                      preferred_element_type=jnp.float32)
-        m_ref[...] = m_next
+        start = i * block_s
+        col_ok = start + lax.broadcasted_iota(jnp.int32, (tg, block_s), 1) < length  # [TG, bs]
+        row_ok = start + lax.broadcasted_iota(jnp.int32, (block_s, h), 0) < length  # [bs, H]
+        for j in range(heads):
+            v = vc_ref[j]  # [bs, H]
+            v = jnp.where(row_ok, v, jnp.zeros_like(v))
+            s = lax.dot_general(q_ref[j], kc_ref[j], _NT, preferred_element_type=jnp.float32) * scale  # [TG, bs]
+            s = jnp.where(col_ok, s, -jnp.inf)
+            m_prev = m_ref[j]
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            alpha = jnp.exp(m_prev - m_next)
+            p = jnp.exp(s - m_next)
+            l_ref[j] = alpha * l_ref[j] + jnp.sum(p, axis=1, keepdims=True)
+            acc_ref[j] = alpha * acc_ref[j] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            m_ref[j] = m_next
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _finish():
-        o_ref[...] = (acc_ref[...] / l_ref[...]).astype(o_ref.dtype)
+        for j in range(heads):
+            o_ref[j] = (acc_ref[j] / l_ref[j]).astype(o_ref.dtype)
 
 
 def effective_block_s(block_s: int, s: int) -> int:
@@ -90,9 +98,15 @@ def effective_block_s(block_s: int, s: int) -> int:
     return s if s <= block_s else block_s
 
 
+def effective_block_kv_heads(block_kv_heads: int | None, k_heads: int) -> int:
+    """KV heads per grid step: all of them by default."""
+    return k_heads if block_kv_heads is None else block_kv_heads
+
+
 def block_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                            k_new: jax.Array, v_new: jax.Array, *, causal: bool, group: int,
-                           block_s: int, interpret, out_dtype, name: str) -> jax.Array:
+                           block_s: int, block_kv_heads: int | None, interpret, out_dtype,
+                           name: str) -> jax.Array:
     """The pallas_call, in kernel layout (see the module docstring); shapes already checked.
 
     Returns [B, K, T*G, H] in ``out_dtype``.
@@ -101,21 +115,22 @@ def block_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     s = k_cache.shape[2]
     t = k_new.shape[2]
     bs = effective_block_s(block_s, s)
+    kb = effective_block_kv_heads(block_kv_heads, k_heads)
     n_s = pl.cdiv(s, bs)
 
-    def per_row(b, kh, i, lens):
-        return b, kh, 0, 0
+    def per_row(b, hb, i, lens):
+        return b, hb, 0, 0
 
-    def cache_tile(b, kh, i, lens):
+    def cache_tile(b, hb, i, lens):
         # lax.div (truncating) rather than //: lengths are >= 0, and floor division lowers
-        # through sign(), which Mosaic's scalar core does not need.
+        # through sign(), which Pallas' TPU lowering rejects on the scalar core.
         last = jnp.maximum(lax.div(lens[b] + (bs - 1), bs) - 1, 0)  # last tile holding a valid row
-        return b, kh, jnp.minimum(i, last), 0
+        return b, hb, jnp.minimum(i, last), 0
 
-    q_spec = pl.BlockSpec((None, None, tg, h), per_row)
-    new_spec = pl.BlockSpec((None, None, t, h), per_row)
-    cache_spec = pl.BlockSpec((None, None, bs, h), cache_tile)
-    kernel = functools.partial(_kernel, causal=causal, group=group, block_s=bs,
+    q_spec = pl.BlockSpec((None, kb, tg, h), per_row)
+    new_spec = pl.BlockSpec((None, kb, t, h), per_row)
+    cache_spec = pl.BlockSpec((None, kb, bs, h), cache_tile)
+    kernel = functools.partial(_kernel, causal=causal, group=group, block_s=bs, heads=kb,
                                scale=1.0 / math.sqrt(h))
     itemsize = jnp.dtype(k_cache.dtype).itemsize
     cost = pl.CostEstimate(
@@ -128,13 +143,13 @@ def block_attention_pallas(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(bsz, k_heads, n_s),
+            grid=(bsz, k_heads // kb, n_s),
             in_specs=[q_spec, new_spec, new_spec, cache_spec, cache_spec],
             out_specs=q_spec,
             scratch_shapes=[
-                pltpu.VMEM((tg, 1), jnp.float32),  # running max
-                pltpu.VMEM((tg, 1), jnp.float32),  # running denominator
-                pltpu.VMEM((tg, h), jnp.float32),  # running numerator
+                pltpu.VMEM((kb, tg, 1), jnp.float32),  # running max
+                pltpu.VMEM((kb, tg, 1), jnp.float32),  # running denominator
+                pltpu.VMEM((kb, tg, h), jnp.float32),  # running numerator
             ],
         ),
         out_shape=jax.ShapeDtypeStruct((bsz, k_heads, tg, h), out_dtype),
@@ -190,7 +205,7 @@ def to_bksh(cache: jax.Array, cache_layout: str) -> jax.Array:
 
 
 def run_kernel(q, k_cache, v_cache, lengths, k_new, v_new, *, causal: bool, block_s: int,
-               cache_layout: str, interpret, out_dtype, name: str) -> jax.Array:
+               block_kv_heads: int | None, cache_layout: str, interpret, out_dtype, name: str) -> jax.Array:
     """Decoder layout in, decoder layout out, via the kernel layout.
 
     q [B, T, K, G, H]; caches in ``cache_layout``; k/v new [B, T, K, H] -> [B, T, K, G, H].
@@ -203,17 +218,20 @@ def run_kernel(q, k_cache, v_cache, lengths, k_new, v_new, *, causal: bool, bloc
     s = k_cache.shape[2]
     if s < 1:
         raise ValueError(f"{name}: the Pallas kernel needs a cache of at least one row; got {s=}")
+    if block_kv_heads is not None and k_heads % block_kv_heads:
+        raise ValueError(f"{name}: {block_kv_heads=} must divide the number of kv heads K={k_heads}")
     qk = jnp.transpose(q, (0, 2, 1, 3, 4)).reshape(bsz, k_heads, t * g, h)  # [B, K, T*G, H]
     kn = jnp.swapaxes(k_new, 1, 2)  # [B, K, T, H]
     vn = jnp.swapaxes(v_new, 1, 2)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
     out = block_attention_pallas(qk, k_cache, v_cache, lengths, kn, vn, causal=causal, group=g,
-                                 block_s=block_s, interpret=interpret, out_dtype=out_dtype, name=name)
+                                 block_s=block_s, block_kv_heads=block_kv_heads, interpret=interpret,
+                                 out_dtype=out_dtype, name=name)
     return jnp.transpose(out.reshape(bsz, k_heads, t, g, h), (0, 2, 1, 3, 4))  # [B, T, K, G, H]
 
 
 def reference_block_attention(q, k_cache, v_cache, lengths, k_new, v_new, block_mask, out_dtype):
-    """attend_cached's math with the cache mask built from lengths; caches [B, K, S, H].
+    """One softmax over [cache rows < length ; the block's own rows], the cache mask built from lengths; caches [B, K, S, H].
 
     block_mask [T, T] (True = may attend). One softmax spans cache and block; p is cast
     to V's dtype before the PV product, as the decoder's attention does.

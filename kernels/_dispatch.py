@@ -1,7 +1,8 @@
 """Which attention implementation the decoder gets: the Pallas kernel or the jnp reference.
 
 Order of precedence:
-  1. an explicit ``impl=`` argument to an op;
+  1. an explicit ``impl=`` argument to an op (or ``interpret=True`` with ``impl=None``,
+     which means the kernel in interpret mode);
   2. the innermost ``use_attention_impl(...)`` context;
   3. the environment variable ``DFLASH_BATCH_KERNELS`` (reference | pallas | interpret);
   4. the default backend: "pallas" on TPU, "reference" elsewhere. The kernels are written
@@ -64,7 +65,13 @@ def use_attention_impl(impl: str) -> Iterator[str]:
 
 
 def kernel_mode(op: str, impl: str | None, interpret) -> tuple[str, object]:
-    """Returns ("reference", None) or ("kernel", interpret flag) for an op call."""
+    """Returns ("reference", None) or ("kernel", interpret flag) for an op call.
+
+    A truthy ``interpret`` (True or pltpu.InterpretParams) with ``impl=None`` asks for the
+    kernel in interpret mode, whatever the context says; an explicit impl="reference" wins.
+    """
+    if impl is None and interpret:
+        return "kernel", interpret
     chosen = attention_impl(impl)
     if chosen == "reference":
         return "reference", None

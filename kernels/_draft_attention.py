@@ -1,7 +1,7 @@
 """Drafter attention: the L block queries of each sequence attend, with NO mask, to the
 sequence's context rows ``< ctx_len[b]`` and to all L block rows; grouped-query.
 
-Semantics (those of decoder/_layers.attend_cached with ``past = arange(S) < ctx_len`` and
+Semantics (the decoder's attention over [cache ; block], with ``past = arange(S) < ctx_len`` and
 an all-true [L, L] block mask, as decoder/_drafter.draft_block calls it). ``ctx_len`` is
 clipped to [0, S]; 0 leaves only the block. Context rows at or past ctx_len may hold
 anything, NaN included.
@@ -23,14 +23,19 @@ class DraftBlockSizes:
     """Tiling of the Pallas kernel.
 
     block_s: context rows per grid step (a multiple of 8; the whole context when S <= block_s).
+    block_kv_heads: kv heads per grid step (must divide K); None = all K heads.
+    Defaults are untuned: no accelerator has run them yet (see kernels/bench.py).
     """
 
     block_s: int = 512
+    block_kv_heads: int | None = None
 
     def __post_init__(self):
-        block_s = self.block_s
+        block_s, block_kv_heads = self.block_s, self.block_kv_heads
         if not isinstance(block_s, int) or block_s < 8 or block_s % 8:
             raise ValueError(f"{block_s=} must be a positive multiple of 8")
+        if block_kv_heads is not None and (not isinstance(block_kv_heads, int) or block_kv_heads < 1):
+            raise ValueError(f"{block_kv_heads=} must be None or a positive int")
 
 
 def reference_draft_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,
@@ -54,8 +59,8 @@ def _draft_attention_pallas(q, ctx_k, ctx_v, ctx_len, k_block, v_block, *, block
                             cache_layout: str, interpret, out_dtype) -> jax.Array:
     """The Pallas entry point (non-causal block); see _block_attention for the kernel."""
     return _ba.run_kernel(q, ctx_k, ctx_v, ctx_len, k_block, v_block, causal=False,
-                          block_s=block_sizes.block_s, cache_layout=cache_layout, interpret=interpret,
-                          out_dtype=out_dtype, name="draft_attention")
+                          block_s=block_sizes.block_s, block_kv_heads=block_sizes.block_kv_heads,
+                          cache_layout=cache_layout, interpret=interpret, out_dtype=out_dtype, name="draft_attention")
 
 
 def draft_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: jax.Array,

@@ -1,7 +1,7 @@
 """Block-verify attention: T new queries per sequence against its ragged KV cache, causal
 inside the block, grouped-query (G query heads per kv head).
 
-Semantics (those of decoder/_layers.attend_cached with ``past = arange(S) < lengths`` and
+Semantics (the decoder's attention over [cache ; block], with ``past = arange(S) < lengths`` and
 ``causal = tril(ones(T, T))``): query t of row b attends to cache rows ``< lengths[b]``
 and to the block's keys ``0..t``, one softmax over both. ``lengths`` are clipped to
 [0, S]; a length of 0 leaves only the block. Cache rows at or past the length may hold
@@ -24,14 +24,19 @@ class VerifyBlockSizes:
     """Tiling of the Pallas kernel.
 
     block_s: cache rows per grid step (a multiple of 8; the whole cache when S <= block_s).
+    block_kv_heads: kv heads per grid step (must divide K); None = all K heads.
+    Defaults are untuned: no accelerator has run them yet (see kernels/bench.py).
     """
 
     block_s: int = 512
+    block_kv_heads: int | None = None
 
     def __post_init__(self):
-        block_s = self.block_s
+        block_s, block_kv_heads = self.block_s, self.block_kv_heads
         if not isinstance(block_s, int) or block_s < 8 or block_s % 8:
             raise ValueError(f"{block_s=} must be a positive multiple of 8")
+        if block_kv_heads is not None and (not isinstance(block_kv_heads, int) or block_kv_heads < 1):
+            raise ValueError(f"{block_kv_heads=} must be None or a positive int")
 
 
 def reference_verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
@@ -55,8 +60,8 @@ def _verify_attention_pallas(q, k_cache, v_cache, lengths, k_new, v_new, *, bloc
                              cache_layout: str, interpret, out_dtype) -> jax.Array:
     """The Pallas entry point (causal block); see _block_attention for the kernel."""
     return _ba.run_kernel(q, k_cache, v_cache, lengths, k_new, v_new, causal=True,
-                          block_s=block_sizes.block_s, cache_layout=cache_layout, interpret=interpret,
-                          out_dtype=out_dtype, name="verify_attention")
+                          block_s=block_sizes.block_s, block_kv_heads=block_sizes.block_kv_heads,
+                          cache_layout=cache_layout, interpret=interpret, out_dtype=out_dtype, name="verify_attention")
 
 
 def verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,

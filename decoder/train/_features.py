@@ -33,21 +33,32 @@ import numpy as np
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._target import Params, forward
+from dflash_batch.decoder._target import Params, final_norm, forward, lm_head
 from dflash_batch.decoder.train._data import Sample
 
 LENGTH_STEP = 64  # sequences are padded to a multiple of this: few compiled shapes, little padding
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer_ids", "top_k"))
-def _extract(params: Params, tokens: jax.Array, *, cfg: TargetConfig, layer_ids: tuple[int, ...],
-             top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """tokens [1, T] -> (features [T, n_f, D] fp16, top-k ids [T, k], top-k probs [T, k] fp16)."""
-    cache = KVCache.init(cfg, 1, tokens.shape[1])
-    logits, feats, _ = forward(params, cfg, tokens, jnp.zeros((1,), jnp.int32), cache, collect_layers=layer_ids)
-    vals, ids = jax.lax.top_k(logits[0], top_k)  # [T, k]
-    probs = jnp.exp(vals - jax.nn.logsumexp(logits[0], axis=-1, keepdims=True))
-    return feats[0].astype(jnp.float16), ids.astype(jnp.int32), probs.astype(jnp.float16)
+@functools.partial(jax.jit, static_argnames=("cfg", "layer_ids", "top_k", "n_logits"))
+def _extract(params: Params, tokens: jax.Array, logits_from: jax.Array, *, cfg: TargetConfig,
+             layer_ids: tuple[int, ...], top_k: int, n_logits: int) -> tuple[jax.Array, ...]:
+    """tokens [1, T] -> (features [T, n_f, D] fp16, top-k ids [R, k], top-k probs [R, k] fp16, r0).
+
+    The output head runs only on the R = ``n_logits`` rows from r0 = min(logits_from, T - R):
+    the response's rows, where distillation needs distributions. Over a whole summarization
+    prompt the 49k-row head would cost ~20% of the pass for rows nobody reads.
+    """
+    t = tokens.shape[1]
+    cache = KVCache.init(cfg, 1, t)
+    last = cfg.num_layers - 1
+    _, hidden, _ = forward(params, cfg, tokens, jnp.zeros((1,), jnp.int32), cache,
+                           logits_at=jnp.zeros((1,), jnp.int32), collect_layers=layer_ids + (last,))
+    r0 = jnp.clip(logits_from, 0, t - n_logits)
+    h = jax.lax.dynamic_slice_in_dim(hidden[0, :, -1], r0, n_logits, axis=0)  # [R, D], after the last layer
+    logits = lm_head(params, final_norm(params, cfg, h))  # [R, V]
+    vals, ids = jax.lax.top_k(logits, top_k)  # [R, k]
+    probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    return hidden[0, :, :-1].astype(jnp.float16), ids.astype(jnp.int32), probs.astype(jnp.float16), r0
 
 
 @dataclasses.dataclass
@@ -121,15 +132,20 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
         np.save(folder / "prompt_lens.npy", np.array([len(s.prompt_ids) for s in samples], np.int32))
         meta_path.write_text(json.dumps(meta))
     t_last = time.perf_counter()
+    # One head length for all sequences (a multiple of LENGTH_STEP): one compile per padded length.
+    n_logits = -(-max(len(s.response_ids) for s in samples) // LENGTH_STEP) * LENGTH_STEP
     for i in range(meta["done"], len(samples)):
         toks = samples[i].token_ids
-        t = -(-len(toks) // LENGTH_STEP) * LENGTH_STEP
+        t = -(-max(len(toks), n_logits) // LENGTH_STEP) * LENGTH_STEP
         padded = np.zeros((1, t), np.int32)
         padded[0, : len(toks)] = toks
-        f, ki, kp = jax.device_get(_extract(target.params, padded, cfg=target.config, layer_ids=layer_ids,
-                                            top_k=top_k))
-        rows = slice(int(offsets[i]), int(offsets[i + 1]))
-        feats[rows], topk_ids[rows], topk_probs[rows] = f[: len(toks)], ki[: len(toks)], kp[: len(toks)]
+        p = len(samples[i].prompt_ids)
+        f, ki, kp, r0 = jax.device_get(_extract(target.params, padded, np.int32(p - 1), cfg=target.config,
+                                                layer_ids=layer_ids, top_k=top_k, n_logits=n_logits))
+        lo, n = int(offsets[i]), len(toks)
+        feats[lo : lo + n] = f[:n]
+        keep = slice(p - 1 - int(r0), n - 1 - int(r0))  # rows P-1..T-2 of the sequence
+        topk_ids[lo + p - 1 : lo + n - 1], topk_probs[lo + p - 1 : lo + n - 1] = ki[keep], kp[keep]
         if i + 1 == len(samples) or time.perf_counter() - t_last > 30:  # record progress twice a minute
             for a in (feats, topk_ids, topk_probs):
                 a.flush()

@@ -26,10 +26,12 @@ import optax
 from dflash_batch.decoder._drafter import DrafterConfig
 from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._blocks import make_batch
-from dflash_batch.decoder.train._features import LENGTH_STEP, FeatureCache
+from dflash_batch.decoder.train._features import FeatureCache
 from dflash_batch.decoder.train._loss import block_loss, loss_weights
 from dflash_batch.decoder.train._packed import packed_draft_logits
 from dflash_batch.decoder.train._state import has_checkpoint, load_checkpoint, save_checkpoint
+
+SEQ_STEP = 128  # granularity of a batch's padded context length S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,6 @@ class Trainer:
             {"lm_head": target_params["lm_head"]} if "lm_head" in target_params else {})}
         self.inv_scale = jnp.asarray(inv_scale)
         self.t2d = t2d
-        self.seq_len = int(-(-cache.seq_lens.max() // LENGTH_STEP) * LENGTH_STEP)
         self.weights = jnp.asarray(loss_weights(dcfg.block_size, tcfg.gamma))
         self.opt = make_optimizer(tcfg)
         self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
@@ -128,8 +129,13 @@ class Trainer:
         return self.opt.init(_frozen(params))
 
     def batch(self, seqs: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A packed batch whose context length is its longest sequence rounded up to
+        SEQ_STEP: a handful of compiled shapes, and a batch of short prompts does not pay
+        for the longest prompt in the data set."""
+        longest = int(self.cache.seq_lens[np.asarray(seqs)].max())
         return make_batch(self.cache, seqs, rng, n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size,
-                          seq_len=self.seq_len, mask_token_id=self.dcfg.mask_token_id, t2d=self.t2d)
+                          seq_len=-(-longest // SEQ_STEP) * SEQ_STEP, mask_token_id=self.dcfg.mask_token_id,
+                          t2d=self.t2d)
 
     def step(self, params, opt_state, batch):
         return self._step(params, opt_state, self.target_params, batch)
@@ -216,7 +222,7 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
                 f.write(json.dumps(record) + "\n")
 
     def run_eval(step: int) -> None:
-        rec: dict = {"step": step}
+        rec: dict = {"step": step, "predicted_tokens": meta["predicted_tokens"], "train_seconds": meta["train_seconds"]}
         if len(heldout_seqs):
             rec.update({f"heldout_{k}": v for k, v in trainer.evaluate(params, heldout_seqs).items()})
         if evaluate is not None:
@@ -236,7 +242,7 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
     if start == 0 and tcfg.eval_every and end > 0:
         run_eval(0)  # the untrained drafter: the baseline every later evaluation is read against
     window: list[dict] = []
-    t_mark, tokens_mark = time.perf_counter(), 0
+    step_seconds, tokens_mark = 0.0, 0  # over the current log window, step time only (no evals)
     try:
         with _Stop() as stop:
             while step < end and not stop.requested:
@@ -246,7 +252,9 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
                 t0 = time.perf_counter()
                 params, opt_state, metrics = trainer.step(params, opt_state, batch)
                 metrics = jax.device_get(metrics)
-                meta["train_seconds"] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                meta["train_seconds"] += dt
+                step_seconds += dt
                 meta["predicted_tokens"] += batch_tokens
                 tokens_mark += batch_tokens
                 losses.append(float(metrics["loss"]))
@@ -254,15 +262,14 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
                 window.append({k: float(v) for k, v in metrics.items()})
                 if step % tcfg.log_every == 0 or step == end:
                     avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    now = time.perf_counter()
-                    avg.update(step=step, tok_s=tokens_mark / max(now - t_mark, 1e-9))
+                    avg.update(step=step, tok_s=tokens_mark / max(step_seconds, 1e-9))
                     meta["history"].append(avg)
                     log(avg)
-                    window, t_mark, tokens_mark = [], now, 0
+                    window, step_seconds, tokens_mark = [], 0.0, 0
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc1']:.3f}",
-                                    tau=f"{metrics['tau']:.2f}")
+                                    tau=f"{metrics['tau']:.2f}", tau_h=f"{metrics['tau_h']:.2f}")
                 if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
                     run_eval(step)
                 if step % tcfg.checkpoint_every == 0:
@@ -270,7 +277,10 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
             if step >= tcfg.steps and not any(e["step"] == step for e in meta["evals"]):
                 run_eval(step)
     except KeyboardInterrupt:
-        checkpoint(step)
+        try:
+            checkpoint(step)
+        except RuntimeError:  # interrupted inside a step: its donated inputs are gone
+            pass  # the last periodic checkpoint stands
         raise
     finally:
         if bar is not None:

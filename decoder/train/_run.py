@@ -119,6 +119,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     samples = generate_responses(target, prompts, work_dir / "responses.jsonl", max_new_tokens=max_new_tokens,
                                  batch_size=gen_batch, mode=gen_mode,
                                  progress=lambda d, n, tps: _tick(bar, d, tok_s=f"{tps:.1f}"))
+    _tick(bar, len(samples))
     _close(bar)
     gen_seconds = time.perf_counter() - t0
 
@@ -156,7 +157,9 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
 
     def evaluate(p: Params, step: int) -> dict:
         exported = export_params(p, inv_scale)
-        save_drafter(out_dir, dcfg, exported)  # the latest evaluated drafter is always usable
+        # The latest evaluated drafter, usable while training goes on; ``out_dir`` is written
+        # only when this call ends, so a shipped folder never holds an untrained drafter.
+        save_drafter(work_dir / "drafter-latest", dcfg, exported)
         r = decode_tau(target, held_prompts, drafter=(dcfg, exported), max_new_tokens=eval_max_new_tokens,
                        batch_size=eval_batch)
         return {"decoder_tau": r["tau"], "decoder_tau_mean": r["tau_mean"], "decode_seconds": r["seconds"]}

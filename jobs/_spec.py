@@ -14,7 +14,7 @@ too (with a suggestion), since a misspelt key silently keeping its default would
 
     [decode]
     mode = "ar"                            # ar | dflash | ngram
-    block_size = 16                        # verified block length of dflash/ngram
+    block_size = "auto"                    # verified block length of dflash/ngram; auto: measured
     batch_size = 8                         # decoder slots per static batch
     max_new_tokens = 256                   # the static completion capacity; rows may ask for less
     temperature = 0.0                      # defaults for rows that leave these null
@@ -85,7 +85,7 @@ class ModelSpec:
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
     mode: str = "ar"
-    block_size: int = 16
+    block_size: int | str = "auto"
     batch_size: int = 8
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -182,6 +182,10 @@ def _positive(v: Any) -> str | None:
     return None if _is_int(v) and v > 0 else f"must be a positive integer, got {_show(v)}"
 
 
+def _block(v: Any) -> str | None:
+    return None if v == "auto" or (_is_int(v) and v > 0) else f"must be 'auto' or a positive integer, got {_show(v)}"
+
+
 def _non_negative(v: Any) -> str | None:
     return None if _is_int(v) and v >= 0 else f"must be an integer >= 0, got {_show(v)}"
 
@@ -213,7 +217,8 @@ def _buckets(v: Any) -> str | None:
 
 def _job_name(v: Any) -> str | None:
     ok = isinstance(v, str) and _NAME.fullmatch(v)
-    return None if ok else f"must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {_show(v)}"
+    return None if ok else ("must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+                            f"got {_show(v)}")
 
 
 def _location(v: Any) -> str | None:
@@ -230,7 +235,7 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text},
-    "decode": {"mode": _choice(MODES), "block_size": _positive, "batch_size": _positive,
+    "decode": {"mode": _choice(MODES), "block_size": _block, "batch_size": _positive,
                "max_new_tokens": _positive, "temperature": _temperature, "top_p": _top_p, "seed": _integer,
                "prompt_buckets": _buckets},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
@@ -318,8 +323,6 @@ def _cross_checks(spec: JobSpec) -> None:
     if d.mode == "dflash" and spec.model.drafter == "none":
         problems.append("model.drafter must name a drafter (default, a folder or gs://) for decode.mode 'dflash', "
                         "got 'none'")
-    if d.mode in ("dflash", "ngram") and d.block_size < 2:
-        problems.append(f"decode.block_size must be >= 2 for decode.mode {d.mode!r}, got {d.block_size}")
     if spec.runner.name == "dataflow":
         for key in ("project", "region", "temp_location"):
             if getattr(spec.runner, key) is None:

@@ -180,13 +180,14 @@ def model_card(s: dict, data_note: str = "") -> str:
            f"{t['steps']}): this is the latest checkpoint."),
         "",
         "Extensions recorded in `dflash_config` (see `decoder/_drafter.py`):",
-        f"- `mask_embedding: {str(dfl.get('mask_embedding', False)).lower()}`: the target has no spare token row, "
-        f"so a learned mask vector (tensor `mask_embedding`) replaces the embedding of `mask_token_id` "
-        f"({dfl['mask_token_id']}) at block positions 1..B-1.",
-        f"- `draft_vocab_size: {dfl.get('draft_vocab_size', 'full')}`: the drafter scores only the most frequent "
-        f"target tokens of its training responses with its own `lm_head`; tensor `d2t` maps them to target ids "
-        f"(coverage of held-out response tokens: {s['vocab']['heldout_coverage']:.2%}). The target verifies every "
-        "draft, so outputs stay lossless.",
+        (f"- `mask_embedding: true`: the target has no spare token row, so a learned mask vector (tensor "
+         f"`mask_embedding`) replaces the embedding of `mask_token_id` ({dfl['mask_token_id']}) at block positions "
+         "1..B-1." if dfl.get("mask_embedding") else f"- mask token: id {dfl['mask_token_id']} (no learned mask embedding)."),
+        (f"- `draft_vocab_size: {dfl['draft_vocab_size']}`: the drafter scores only the most frequent target tokens "
+         "of its training responses with its own `lm_head`; tensor `d2t` maps them to target ids (coverage of "
+         f"held-out response tokens: {s['vocab']['heldout_coverage']:.2%}). The target verifies every draft, so "
+         "outputs stay lossless." if dfl.get("draft_vocab_size") else
+         "- full target vocabulary: the drafter borrows the target's lm_head."),
         f"- Context features: outputs of target layers {dfl['target_layer_ids']}.",
         "",
         "## Shape, and why",
@@ -226,6 +227,14 @@ def model_card(s: dict, data_note: str = "") -> str:
     if last:
         lines.append(f"- Held-out prompts at step {last['step']}: tau {last.get('decoder_tau', float('nan')):.3f} "
                      f"(block {d['block_size']}, {s.get('eval_max_new_tokens', '')} new tokens).")
+    curve = [e for e in evals if "decoder_tau" in e]
+    if len(curve) > 1:
+        lines += ["", "tau on the held-out prompts against training compute:", "",
+                  "| step | predicted tokens | training hours | tau (decoder) | tau (held-out blocks, harmonic) |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {e['step']} | {e.get('predicted_tokens', 0):,} | {e.get('train_seconds', 0) / 3600:.2f} | "
+                  f"{e['decoder_tau']:.3f} | {e.get('heldout_tau_h', float('nan')):.3f} |" for e in curve]
+        lines.append("")
     test = s.get("test")
     if test:
         lines.append(f"- Evaluation set `{Path(test['source']).name}` ({test['prompts']} prompts, "
@@ -234,6 +243,7 @@ def model_card(s: dict, data_note: str = "") -> str:
             if k in test:
                 lines.append(f"  - {k}: tau {test[k]['tau']:.3f} (per-request mean {test[k]['tau_mean']:.3f})")
     lines += ["", "## Licence", "",
-              "The weights derive from the target model's and follow its licence (SmolLM2: Apache-2.0).", "",
+              "The weights derive from the target model's (layers, output rows) and follow its licence"
+              + (" (SmolLM2: Apache-2.0)." if "smollm2" in str(s["target"]).lower() else "."), "",
               f"_Card written {datetime.date.today().isoformat()} by `dflash-batch train-drafter`._", ""]
     return "\n".join(lines)

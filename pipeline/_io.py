@@ -26,6 +26,7 @@ DEAD_LETTERS_PREFIX = "dead_letters-"
 PARQUET_SUFFIX = ".parquet"
 JOB_STATS_FILE = "job_stats.json"
 MANIFEST_FILE = "job_manifest.json"
+UNREADABLE = "__dflash_batch_unreadable__"  # the key of a row whose values could not be read
 
 
 def use_anonymous_gcs_for_emulator() -> None:
@@ -52,12 +53,11 @@ def join(folder: str, name: str) -> str:
 
 
 def match_files(pattern: str) -> list[str]:
-    """Paths matching ``pattern`` (a path, glob or gs:// pattern), sorted; [] when none match."""
-    try:
-        results = FileSystems.match([pattern])
-    except Exception:  # Beam raises BeamIOError for a pattern that matches nothing
-        return []
-    return sorted(m.path for r in results for m in r.metadata_list)
+    """Paths matching ``pattern`` (a path, glob or gs:// pattern), sorted; [] when none match.
+
+    Raises Beam's BeamIOError when the listing itself fails (permissions, network).
+    """
+    return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
 
 
 def parquet_footer(path: str) -> tuple[pa.Schema, int]:
@@ -122,7 +122,7 @@ def _column_values(column: pa.ChunkedArray) -> list[Any]:
 def table_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
     """The rows of ``table`` as dicts; invalid UTF-8 becomes lone surrogates, never an error.
 
-    A column that cannot be converted at all (an exotic type) comes back as ``{"_unreadable": why}``
+    A column that cannot be converted at all (an exotic type) comes back as ``{UNREADABLE: why}``
     rows, so each becomes a dead letter and the row count still adds up.
     """
     columns: dict[str, list[Any]] = {}
@@ -131,7 +131,7 @@ def table_rows(table: pa.Table) -> Iterator[dict[str, Any]]:
             columns[name] = _column_values(column)
         except Exception as e:  # noqa: BLE001 - an error here must become data, not a failed bundle
             reason = f"column {name!r} could not be read: {type(e).__name__}: {e}"
-            yield from ({"_unreadable": reason} for _ in range(table.num_rows))
+            yield from ({UNREADABLE: reason} for _ in range(table.num_rows))
             return
     for i in range(table.num_rows):
         yield {name: values[i] for name, values in columns.items()}

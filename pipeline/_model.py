@@ -33,7 +33,6 @@ _models: dict["ModelKey", "LoadedModel"] = {}
 _tokenizers: dict[str, tuple[Any, threading.Lock]] = {}
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ModelKey:
     """Everything that changes what a process compiles for a job."""
@@ -44,7 +43,7 @@ class ModelKey:
     batch_size: int
     max_new_tokens: int
     prompt_buckets: tuple[int, ...]
-    block_size: int
+    block_size: int | str  # or "auto"
 
 
 @dataclasses.dataclass

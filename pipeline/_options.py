@@ -24,6 +24,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(text).split(",") if v.strip())
 
 
+def _block_size(text: str) -> int | str:
+    """``auto`` or a positive integer (argparse reports anything else against ``--block_size``)."""
+    if str(text) == "auto":
+        return "auto"
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 class JobOptions(PipelineOptions):
     """The flags of a dflash-batch job (Beam's own flags such as ``--runner`` stay Beam's)."""
 
@@ -34,7 +44,8 @@ class JobOptions(PipelineOptions):
         parser.add_argument("--model", help="Target model: registered name, folder or gs:// prefix.")
         parser.add_argument("--drafter", default=None, help="Drafter folder or gs:// prefix (mode dflash).")
         parser.add_argument("--decode_mode", default="ar", choices=MODES)
-        parser.add_argument("--block_size", type=int, default=16)
+        parser.add_argument("--block_size", type=_block_size, default="auto",
+                            help="Verified block length of dflash/ngram, or 'auto' (chosen from measured costs).")
         parser.add_argument("--batch_size", type=int, default=8, help="Decoder slots per static batch.")
         parser.add_argument("--max_new_tokens", type=int, default=256)
         parser.add_argument("--temperature", type=float, default=0.0, help="Default for rows without one.")
@@ -63,7 +74,7 @@ class JobConfig:
     model: str
     drafter: str | None
     mode: str
-    block_size: int
+    block_size: int | str  # or "auto"
     batch_size: int
     max_new_tokens: int
     temperature: float
@@ -88,7 +99,9 @@ class JobConfig:
             problems.append(f"--decode_mode must be one of {'/'.join(MODES)}, got {self.mode!r}")
         if self.mode == "dflash" and not self.drafter:
             problems.append("--decode_mode dflash needs --drafter")
-        for flag in ("batch_size", "max_new_tokens", "rows_per_batch", "shards_per_bucket", "block_size"):
+        if self.block_size != "auto" and not (isinstance(self.block_size, int) and self.block_size >= 1):
+            problems.append(f"--block_size must be 'auto' or >= 1, got {self.block_size!r}")
+        for flag in ("batch_size", "max_new_tokens", "rows_per_batch", "shards_per_bucket"):
             if getattr(self, flag) < 1:
                 problems.append(f"--{flag} must be >= 1, got {getattr(self, flag)}")
         if self.output_shards < 0:
@@ -107,9 +120,8 @@ class JobConfig:
     def largest_bucket(self) -> int:
         return self.prompt_buckets[-1]
 
-    @property
-    def spec(self) -> dict:
-        return json.loads(self.spec_json)
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "spec_json"})
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "JobConfig":

@@ -8,6 +8,7 @@ is a ``JobRefused`` whose ``field`` is the job-spec field to fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pyarrow as pa
 
@@ -49,8 +50,13 @@ def result_manifest(config: JobConfig) -> dict:
             "seed": config.seed}
 
 
-def _inputs(pattern: str) -> tuple[list[str], pa.Schema, int]:
-    files = match_files(pattern)
+def _inputs(pattern: str) -> tuple[list[str], list[pa.Schema], int]:
+    if pattern.endswith("/") or ("://" not in pattern and os.path.isdir(pattern)):
+        pattern = join(pattern.rstrip("/"), f"*{PARQUET_SUFFIX}")  # a folder means its Parquet files
+    try:
+        files = match_files(pattern)
+    except Exception as e:  # noqa: BLE001 - e.g. no permission to list the bucket
+        raise JobRefused("input", f"{pattern!r} cannot be listed ({type(e).__name__}: {e})") from None
     if not files:
         if _GLOB_CHARS & set(pattern):
             raise JobRefused("input", f"{pattern!r} matches no files")
@@ -98,15 +104,16 @@ def preflight(config: JobConfig) -> Preflight:
             limit = drafter_block_size(drafter)
         except ValueError as e:
             raise JobRefused("model.drafter", str(e)) from None
-        if not 2 <= config.block_size <= limit:
-            raise JobRefused("decode.block_size", f"must be in [2, {limit}] (the drafter's block size), "
+        if config.block_size != "auto" and not 1 <= config.block_size <= limit:
+            raise JobRefused("decode.block_size", f"must be 'auto' or in [1, {limit}] (the drafter's block size), "
                                                   f"got {config.block_size}")
-    elif config.mode == "ngram" and config.block_size < 2:
-        raise JobRefused("decode.block_size", f"must be >= 2 for mode 'ngram', got {config.block_size}")
 
     manifest = result_manifest(config)
-    previous = match_files(join(config.output, f"{COMPLETIONS_PREFIX}*{PARQUET_SUFFIX}"))
-    earlier = read_json(join(config.output, MANIFEST_FILE))
+    try:
+        previous = match_files(join(config.output, f"{COMPLETIONS_PREFIX}*{PARQUET_SUFFIX}"))
+        earlier = read_json(join(config.output, MANIFEST_FILE))
+    except Exception as e:  # noqa: BLE001
+        raise JobRefused("output", f"{config.output!r} cannot be read ({type(e).__name__}: {e})") from None
     if earlier is not None and earlier != manifest:
         changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in manifest.items() if earlier.get(k) != v)
         raise JobRefused("output", f"{config.output} holds completions made with other settings ({changed}); "

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from dflash_batch.pipeline._io import table_rows
+from dflash_batch.pipeline._io import UNREADABLE, table_rows
 from dflash_batch.schemas import dead_letter_row, row_to_json, validate_prompt_row
 
 NAMESPACE = "dflash_batch"
@@ -27,6 +27,9 @@ DEAD = "dead_letters"
 SKIPPED = "skipped"
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+# Keys of a stand-in row (see ``_rejected``); no input column is named like this.
+REJECTED = "__dflash_batch_rejected__"
+ROW_JSON = "__dflash_batch_row_json__"
 
 
 def _show(value: str, limit: int = 40) -> str:
@@ -61,13 +64,13 @@ def _rejected(row: dict[str, Any], reason: str) -> dict[str, Any]:
     """
     rid = row.get("id")
     clean_id = rid if isinstance(rid, str) and not _surrogate_in(rid) else None
-    return {"id": clean_id, "_rejected": reason, "_row_json": row_to_json(row)}
+    return {"id": clean_id, REJECTED: reason, ROW_JSON: row_to_json(row)}
 
 
 def dead_letter(row: dict[str, Any], reason: str, source: str | None) -> dict[str, Any]:
     """A dead-letter row; a stand-in row (``_rejected``) brings the original row's JSON along."""
-    if "_rejected" in row:
-        return {"id": row["id"], "error": reason, "row_json": row["_row_json"], "source": source}
+    if REJECTED in row:
+        return {"id": row["id"], "error": reason, "row_json": row[ROW_JSON], "source": source}
     return dead_letter_row(row, reason, source)
 
 
@@ -82,8 +85,8 @@ class ToRows(beam.DoFn):
         source, table = element
         self.rows_in.inc(table.num_rows)
         for row in table_rows(table):
-            if "_unreadable" in row:
-                row = {"id": None, "_rejected": row["_unreadable"], "_row_json": "{}"}
+            if UNREADABLE in row:
+                row = {"id": None, REJECTED: row[UNREADABLE], ROW_JSON: "{}"}
             elif _surrogate_in(row):
                 reason = validate_prompt_row(row, self.template) or utf8_problem(row) or "row is not valid UTF-8"
                 row = _rejected(row, reason)
@@ -105,7 +108,7 @@ class KeyById(beam.DoFn):
         if _usable_key(row.get("id")):
             yield row["id"], (source, row)
         else:
-            reason = row.get("_rejected") or validate_prompt_row(row, self.template) or "missing id"
+            reason = row.get(REJECTED) or validate_prompt_row(row, self.template) or "missing id"
             yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, reason, source))
 
 
@@ -121,7 +124,7 @@ class OnePerId(beam.DoFn):
         if not rows:  # an id completed earlier that is no longer in the input
             return
         if len(rows) > 1:
-            rows.sort(key=lambda sr: (sr[0], sr[1].get("_row_json") or row_to_json(sr[1])))
+            rows.sort(key=lambda sr: (sr[0], sr[1].get(ROW_JSON) or row_to_json(sr[1])))
             kept_from = rows[0][0]
             for source, row in rows[1:]:
                 reason = (f"duplicate id {_show(rid)}: {len(rows)} rows share it; "
@@ -143,7 +146,7 @@ class Validate(beam.DoFn):
     def process(self, element: tuple[str, dict]):
         source, row = element
         try:
-            reason = row.get("_rejected") or validate_prompt_row(row, self.template)
+            reason = row.get(REJECTED) or validate_prompt_row(row, self.template)
         except Exception as e:  # noqa: BLE001 - a validator bug must not fail the bundle
             reason = f"validation failed: {type(e).__name__}: {e}"
         if reason:

@@ -32,7 +32,8 @@ _SUMS = ("batches", "rows", "prompt_tokens", "completion_tokens", "decode_second
 
 def _add_hist(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
-    return (np.pad(np.asarray(a, np.int64), (0, n - len(a))) + np.pad(np.asarray(b, np.int64), (0, n - len(b)))).tolist()
+    padded = [np.pad(np.asarray(h, np.int64), (0, n - len(h))) for h in (a, b)]
+    return (padded[0] + padded[1]).tolist()
 
 
 class BatchStatsFn(beam.CombineFn):
@@ -86,10 +87,11 @@ def job_stats_record(config: JobConfig, run_id: str, started: float, sums: dict[
     hist = np.asarray(sums["tau_histogram"], np.int64)
     steps = int(hist.sum())
     committed = int((hist * np.arange(1, len(hist) + 1)).sum())
-    effective_block = 1 if config.mode == "ar" else config.block_size
+    block = 1 if config.mode == "ar" else config.block_size  # "auto": chosen per batch by the decoder
     return {
         "job_id": f"{config.name}-{run_id}",
-        "spec_json": config.spec_json,
+        # The job spec as run; a job launched with flags alone records its flags' values instead.
+        "spec_json": config.spec_json if config.spec_json not in ("", "{}") else config.to_json(),
         "rows_in": rows_in,
         "completions_out": sums["rows"] + skipped,
         "dead_letters": dead_letters,
@@ -103,7 +105,7 @@ def job_stats_record(config: JobConfig, run_id: str, started: float, sums: dict[
         "tau_histogram": hist.tolist(),
         "padding_waste_json": json.dumps(padding_waste(sums["buckets"])),
         "mode": config.mode,
-        "block_size": str(effective_block),
+        "block_size": str(block),
         "batch_size": config.batch_size,
         "hardware": ", ".join(sums["hardware"]) or None,
         "model": config.model,

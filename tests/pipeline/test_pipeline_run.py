@@ -118,3 +118,19 @@ def test_model_loads_once_per_process_not_per_batch(job, chat_model_dir, tmp_pat
     again = build(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")).run()
     assert again.metrics.get("model_loads", 0) == 0
     assert again.stats["completions_out"] == 5
+
+
+def test_a_folder_as_input_means_the_parquet_files_in_it(job, chat_model_dir, tmp_path):
+    built = build(job_argv(chat_model_dir, job["in"], tmp_path / "out"))
+    assert built.preflight.files == tuple(str(p) for p in sorted(job["in"].glob("*.parquet")))
+    assert built.preflight.rows_in == 15
+
+
+def test_the_pipeline_runs_from_flags_alone_and_records_them(job, chat_model_dir, tmp_path, capsys):
+    from dflash_batch.pipeline.__main__ import main
+
+    assert main(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["completions_out"] == 5
+    assert json.loads(stats["spec_json"])["batch_size"] == 2  # no spec file: the flags are the record
+    assert main(job_argv(chat_model_dir, tmp_path / "missing.parquet", tmp_path / "out2")) == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from job_helpers import completions, dead_letters, job_argv, job_stats, sentence, stable, write_prompts
 
@@ -26,11 +28,15 @@ def test_rerun_after_an_interrupted_write_yields_each_id_once(chat_model_dir, in
     out = tmp_path / "out"
     build(_argv(chat_model_dir, inputs, out)).run()
     reference = stable(completions(out))
-    # Interrupt the run as a crash while Beam renamed its files into place would: one completion
-    # file and the job stats never arrived; a dead-letter file was already there twice.
-    shard = max(out.glob("completions-*.parquet"), key=lambda p: len(_rows(p)))
-    lost = {x["id"] for x in _rows(shard)}
-    shard.unlink()
+    # Interrupt the run as a crash while Beam renamed its files into place would: only the first
+    # of two completion files arrived, the job stats did not, a dead-letter file is there twice.
+    files = sorted(out.glob("completions-*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
+    for f in files:
+        f.unlink()
+    kept = 7
+    pq.write_table(table.slice(0, kept), files[0].with_name(files[0].name.replace("-of-00003", "-of-00002")))
+    lost = set(table.column("id").to_pylist()[kept:])
     (out / "job_stats.json").unlink()
     [dl] = out.glob("dead_letters-*.parquet")
     shutil.copy(dl, out / "dead_letters-19990101T000000Z-aaaaaa-00000-of-00001.parquet")
@@ -42,10 +48,10 @@ def test_rerun_after_an_interrupted_write_yields_each_id_once(chat_model_dir, in
     assert stable(completions(out)) == reference  # and the same completions
     assert [d["id"] for d in dead_letters(out)] == ["bad"]  # the stale dead-letter file is gone
     stats = job_stats(out)
-    assert stats["completions_this_run"] == len(lost) > 0
-    assert stats["skipped_completed"] == N_GOOD - len(lost)
+    assert stats["completions_this_run"] == len(lost) == N_GOOD - kept
+    assert stats["skipped_completed"] == kept
     assert stats["rows_in"] == N_GOOD + 1 == stats["completions_out"] + stats["dead_letters"]
-    assert again.metrics["skipped_completed"] == N_GOOD - len(lost)
+    assert again.metrics["skipped_completed"] == kept and again.metrics["completions"] == len(lost)
 
 
 def test_rerun_after_a_crash_before_any_output(chat_model_dir, inputs, tmp_path):
@@ -71,9 +77,3 @@ def test_rerun_with_settings_that_change_completions_is_refused(chat_model_dir, 
         build(_argv(chat_model_dir, inputs, out, max_new_tokens=6))
     # Settings that do not change a row's output may differ (here: the batch shape).
     build(_argv(chat_model_dir, inputs, out, rows_per_batch=2))
-
-
-def _rows(path):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path, columns=["id"]).to_pylist()

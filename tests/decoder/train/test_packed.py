@@ -78,6 +78,7 @@ def test_packed_blocks_equal_the_decoders_drafter_pass(tiny_llama, drafter):
     packed = _packed(tiny_llama, drafter, feats)
     exported = export_params(params, inv_scale)
     k, v = context_kv(exported, dcfg, jnp.asarray(feats), jnp.broadcast_to(jnp.arange(S), (2, S)))
+    k, v = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)  # the decoder caches [Ld, B, K, S, H]
     for ai in range(ANCHORS.shape[1]):
         pos = jnp.asarray(ANCHORS[:, ai])
         ref = _draft_block(exported, dcfg, tiny_llama.params, tiny_llama.config, jnp.asarray(tokens[:, ai]), pos, k, v,

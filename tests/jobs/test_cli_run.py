@@ -1,0 +1,87 @@
+"""``dflash-batch run`` / ``make-example-input`` / ``bench-pipeline`` on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from job_helpers import DECODE, completions, job_stats, sentence, write_prompts
+
+from dflash_batch.jobs.cli import main
+
+
+@pytest.fixture
+def job_file(tmp_path, chat_model_dir) -> Path:
+    write_prompts(tmp_path / "in" / "p.parquet", [{"id": f"r{i}", "prompt": sentence(i)} for i in range(5)]
+                  + [{"id": "r0", "prompt": "again"}])
+    buckets = "[" + DECODE["prompt_buckets"] + "]"
+    path = tmp_path / "job.toml"
+    path.write_text(f"""
+name = "cli-test"
+input = "{tmp_path}/in/*.parquet"
+output = "{tmp_path}/out"
+[model]
+target = "{chat_model_dir}"
+[decode]
+batch_size = {DECODE['batch_size']}
+max_new_tokens = {DECODE['max_new_tokens']}
+prompt_buckets = {buckets}
+[prompt]
+template = "none"
+""")
+    return path
+
+
+def test_run_prints_where_the_output_went_and_a_rerun_resumes(job_file, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert f"output: {out}" in result.output and f"job stats:    {out}/job_stats.json" in result.output
+    assert "6 in -> 5 completions" in result.output and "1 dead letters" in result.output
+    assert "dead letter x1: duplicate id 'r0'" in result.output
+    assert len(completions(out)) == 5 and job_stats(out)["name"] == "cli-test"
+
+    again = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output and "(0 this run, 5 done earlier)" in again.output
+
+
+def test_run_with_progress_bar(job_file, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(job_file), "--set", "name=with-bar"])
+    assert result.exit_code == 0, result.output
+    assert "with-bar:" in result.output and "6/6" in result.output  # the bar reached every row
+
+
+def test_a_bad_override_is_refused_before_any_work(job_file, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(job_file), "--set", "decode.batch_size=0"])
+    assert result.exit_code == 1
+    assert "decode.batch_size must be a positive integer, got 0" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_input_is_refused_naming_the_field(job_file, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(job_file), "--set", f"input={tmp_path}/nothing.parquet"])
+    assert result.exit_code == 1
+    assert "refused before any work started: input:" in result.output and "does not exist" in result.output
+
+
+def test_make_example_input_writes_aclsum_abstracts(tmp_path):
+    if importlib.util.find_spec("aclsum") is None:  # its data files only; importing it needs extras
+        pytest.skip("ACLSum data is not installed (pip install --no-deps aclsum==0.1.2)")
+    result = CliRunner().invoke(main, ["make-example-input", str(tmp_path / "x" / "in.parquet"), "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "x" / "in.parquet")
+    assert table.column_names == ["id", "document", "title"] and table.num_rows == 3
+    assert all(len(d) > 100 for d in table.column("document").to_pylist())
+
+
+def test_bench_pipeline_reports_the_overhead_ratio(job_file):
+    result = CliRunner().invoke(main, ["bench-pipeline", str(job_file), "--limit", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["rows"] == 4 and report["completion_tokens"]["job"] == report["completion_tokens"]["decoder_only"]
+    assert report["overhead_ratio"] > 0

@@ -1,0 +1,43 @@
+"""``train-drafter``'s prompt reading and its registration on the CLI."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from dflash_batch.jobs._train_cli import read_prompts
+from dflash_batch.jobs.cli import main
+
+
+class ByteTokenizer:
+    """Token id = byte value; the chat template just prefixes the role."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"{m['role']}:{m['content']}|" for m in messages) + ("assistant:" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+
+def test_reads_valid_rows_and_reports_bad_ones(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "document": "Doc one."}, {"id": "b", "document": ""},
+                                         {"id": "a", "document": "dup"}, {"id": "c", "document": "Doc three."}]), path)
+    prompts, bad = read_prompts(path, ByteTokenizer())  # auto: a document column means template summarize
+    assert [p[0] for p in prompts] == ["a", "c"]
+    assert bytes(prompts[0][1]).decode().startswith("user:Summarize the following text")
+    assert len(bad) == 2 and "empty" in bad[0] and "duplicate" in bad[1]
+
+
+def test_plain_prompts_are_tokenized_as_given_and_limit_applies(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": str(i), "prompt": f"hi {i}"} for i in range(5)]), path)
+    prompts, bad = read_prompts(path, ByteTokenizer(), limit=2)
+    assert prompts == [("0", list(b"hi 0")), ("1", list(b"hi 1"))] and not bad
+
+
+def test_command_is_registered():
+    result = CliRunner().invoke(main, ["train-drafter", "--help"])
+    assert result.exit_code == 0
+    assert "--resume" in result.output and "--draft-vocab" in result.output

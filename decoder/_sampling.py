@@ -14,8 +14,13 @@ import numpy as np
 
 
 def row_key(seed: int) -> np.ndarray:
-    """Raw uint32[2] key data for a row's seed (host side, once per request)."""
-    return np.asarray(jax.random.key_data(jax.random.PRNGKey(int(seed) & 0xFFFFFFFFFFFFFFFF)), np.uint32)
+    """Raw uint32[2] threefry key data for a row's seed (host side, once per request).
+
+    All 64 bits count and negative seeds are fine: the seed is read as two's-complement
+    uint64 and split into its high and low words, as a 64-bit threefry seed is.
+    """
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return np.array([s >> 32, s & 0xFFFFFFFF], np.uint32)
 
 
 def nucleus_filter(scaled: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -217,6 +217,7 @@ def plots(a: dict[str, Any]) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     hist = a["tau_histogram"]
     ax.bar(range(1, len(hist) + 1), hist, color="#4472c4")
+    ax.set_xticks(range(1, len(hist) + 1))
     ax.set(title=f"Tokens committed per decode step (tau mean {_f(a['tau_mean'])})", xlabel="tokens per step",
            ylabel="steps")
     out["tau_histogram"] = _png(fig)

@@ -25,14 +25,13 @@ the real submission would send, except for the staged file contents.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import click
 
@@ -142,26 +141,15 @@ def dataflow_argv(spec, name: str | None = None) -> list[str]:
 
 # ---- the dry run --------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _no_preflight() -> Iterator[None]:
-    """``build`` without its preflight, which would list gs:// inputs and read the model's config.
-
-    HOOK: this patches ``pipeline._pipeline.preflight``; a ``build(..., preflight=False)`` (or an
-    injectable Preflight) in pipeline/ would make it unnecessary.
-    """
-    from unittest import mock
-
-    from dflash_batch.pipeline import _pipeline
+def _offline_preflight(config):
+    """Stands in for ``build``'s preflight in a dry run, which must not list gs:// inputs or
+    read the model's config over the network."""
     from dflash_batch.pipeline._preflight import Preflight, result_manifest
     from dflash_batch.schemas import COMPLETIONS_SCHEMA, PROMPTS_SCHEMA
 
-    def fake(config):
-        return Preflight(files=(config.input,), input_schema=PROMPTS_SCHEMA, rows_in=0,
-                         completions_schema=COMPLETIONS_SCHEMA, previous_completions=(),
-                         drafter=config.drafter, manifest=result_manifest(config))
-
-    with mock.patch.object(_pipeline, "preflight", fake):
-        yield
+    return Preflight(files=(config.input,), input_schema=PROMPTS_SCHEMA, rows_in=0,
+                     completions_schema=COMPLETIONS_SCHEMA, previous_completions=(),
+                     drafter=config.drafter, manifest=result_manifest(config))
 
 
 def _offline_client_class():
@@ -195,8 +183,7 @@ def dry_run_request(argv: Sequence[str]) -> dict[str, Any]:
     from dflash_batch.pipeline import build
 
     argv = [*argv, "--dry_run=True", "--no_auth"]
-    with _no_preflight():
-        job = build(argv)
+    job = build(argv, check=_offline_preflight)
     result = job.pipeline.run()  # DataflowRunner with dry_run: translation only, no request
     df_job = result.job
     client = _offline_client_class()(df_job.options, df_job.root_staging_location)

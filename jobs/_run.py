@@ -146,7 +146,10 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
                    f"runner direct ({spec.runner.direct_running_mode}, {spec.runner.direct_num_workers} worker(s))",
                    err=True)
         try:
-            result = run_with_progress(job, progress_dir, show=not no_progress)
+            from dflash_batch.jobs._ledger import ledger_entry
+
+            with ledger_entry(spec, runner="direct", output=spec.output):
+                result = run_with_progress(job, progress_dir, show=not no_progress)
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; run the same command again to resume "
                                        "(rows already completed are skipped)") from None

@@ -54,25 +54,6 @@ def import_model(name: str) -> None:
 
 
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model name, folder or gs:// prefix.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
-              help="ACLSum split whose abstracts are summarized.")
-@click.option("--limit", default=8, show_default=True, type=click.IntRange(1), help="Number of abstracts.")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--output", default="demo-output", show_default=True, type=click.Path(path_type=Path))
-def generate(model: str, split: str, limit: int, batch_size: int, max_new_tokens: int, output: Path) -> None:
-    """Summarize ACLSum abstracts with the model and write completions Parquet."""
-    from dflash_batch.decoder import load_target
-    from dflash_batch.jobs._generate import run_generate
-
-    target = load_target(model)
-    summary = run_generate(target, _requests(target, split, limit, max_new_tokens), output, batch_size, max_new_tokens)
-    click.echo(json.dumps(summary, indent=2))
-    click.echo(f"completions written to {summary['path']}")
-
-
-@main.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Target model name, folder or gs:// prefix.")
 @click.option("--drafter", default="default", show_default=True,
               help="DFlash drafter: 'default' (shipped for the model), a folder, gs://..., or 'none'.")

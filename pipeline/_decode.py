@@ -110,7 +110,7 @@ class Decode(beam.DoFn):
             except Exception as e:  # noqa: BLE001 - rows become dead letters; the bundle goes on
                 error = f"decode failed: {type(e).__name__}: {e}"
                 try:  # the slots may hold half-finished rows: start the next batch from fresh slots
-                    model.decoder.engine(bucket).state = None
+                    model.decoder.reset(bucket)
                 except Exception:  # noqa: BLE001
                     pass
             compile_seconds = model.decoder.compile_seconds - compiled_before

@@ -31,7 +31,7 @@ import datetime
 import os
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -131,18 +131,20 @@ def _new_pipeline(options: PipelineOptions) -> beam.Pipeline:
 
 
 def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.Pipeline | None = None,
-          run_id: str | None = None) -> BuiltJob:
+          run_id: str | None = None, check: Callable[[JobConfig], Preflight] | None = None) -> BuiltJob:
     """Checks the job (raising ``JobRefused`` before any work) and constructs its pipeline.
 
     ``argv_or_options``: the job's flags (see ``JobOptions``) plus any of Beam's own.
     ``test_pipeline``: build into this pipeline instead (e.g. a ``TestPipeline``).
+    ``check``: replaces the preflight (which lists the input and reads the model's config),
+    e.g. for an offline Dataflow dry run that must not touch gs://.
     """
     options = parse_options(argv_or_options)
     use_anonymous_gcs_for_emulator()
     FileSystems.set_options(options)
     config = JobConfig.from_options(options)
     config = dataclasses.replace(config, input=_absolute(config.input), output=_absolute(config.output).rstrip("/"))
-    pre = preflight(config)
+    pre = (check or preflight)(config)
     config = dataclasses.replace(config, drafter=pre.drafter)
     run_id = run_id or new_run_id()
     started = time.time()

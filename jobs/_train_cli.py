@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from pathlib import Path
-from typing import Sequence
 
 import click
 
 from dflash_batch.decoder import DEFAULT_MODEL
+
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the run checkpointed and can be resumed
 
 
 def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
@@ -79,6 +82,8 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               "its embedding is replaced by a learned one].")
 @click.option("--init", "init_from", default="target", show_default=True, type=click.Choice(["target", "random"]),
               help="Start draft layers from target layers, or from noise.")
+@click.option("--source-layers", callback=_int_tuple, help="Target layers the draft layers start from "
+              "(comma-separated, one per draft layer) [default: the ones after the deepest feature layer].")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="Scale target features per channel (folded into fc at save).")
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
@@ -99,14 +104,16 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--test-limit", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--test-max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--data-note", default="", help="Training data and licence, for the model card.")
+@click.option("--shape-note", default="", help="Why this drafter shape, for the model card.")
 def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: Path | None, template: str, limit: int,
                           max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
                           eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
                           target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
-                          init_from: str, standardize: bool, distill: float, top_k: int, lr: float, warmup: float,
+                          init_from: str, source_layers: tuple[int, ...] | None, standardize: bool, distill: float,
+                          top_k: int, lr: float, warmup: float,
                           weight_decay: float, gamma: float | None, seed: int, checkpoint_every: int, eval_every: int,
                           resume: bool, stop_at: int | None, test_prompts: Path | None, test_limit: int,
-                          test_max_new_tokens: int, data_note: str) -> None:
+                          test_max_new_tokens: int, data_note: str, shape_note: str) -> None:
     """Train a DFlash drafter for TARGET on its own greedy responses to PROMPTS.
 
     Everything slow is cached in the work dir (responses, target features, checkpoints),
@@ -126,7 +133,8 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     work_dir = work_dir or cache_dir() / "train" / out.name
     spec = DrafterSpec(num_layers=layers, block_size=block_size, target_layer_ids=target_layers,
                        draft_vocab_size=draft_vocab or None, mask_token_id=mask_token_id,
-                       init_from_target=init_from == "target", standardize=standardize)
+                       init_from_target=init_from == "target", source_layers=source_layers,
+                       standardize=standardize)
     tcfg = TrainConfig(steps=steps, batch_size=batch, anchors=anchors, lr=lr, warmup=warmup, weight_decay=weight_decay,
                        gamma=gamma, distill=distill, top_k=top_k, seed=seed, checkpoint_every=checkpoint_every,
                        eval_every=eval_every)
@@ -140,9 +148,13 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     if test_prompts is not None and summary["finished"]:
         summary["test"] = evaluate_test(tgt, out, test_prompts, test_limit, test_max_new_tokens)
         (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "README.md").write_text(model_card(summary, data_note))
+    (out / "README.md").write_text(model_card(summary, data_note, shape_note))
     click.echo(json.dumps({k: summary[k] for k in ("out_dir", "step", "finished", "evals", "train_seconds")} |
                           {"test": summary.get("test")}, indent=2, default=str))
+    if not summary["finished"] and (stop_at is None or summary["step"] < stop_at):
+        # Stopped by a signal before its end: a supervisor may rerun with --resume.
+        click.echo(f"interrupted at step {summary['step']}; continue with --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int) -> dict:
@@ -162,7 +174,7 @@ def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max
     return out
 
 
-def model_card(s: dict, data_note: str = "") -> str:
+def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
     """The drafter's README.md: what it is, what it was trained on and with, and how well it drafts."""
     d, spec, t = s["drafter"], s["spec"], s["train_config"]
     dfl = d["dflash_config"]
@@ -182,7 +194,8 @@ def model_card(s: dict, data_note: str = "") -> str:
         "Extensions recorded in `dflash_config` (see `decoder/_drafter.py`):",
         (f"- `mask_embedding: true`: the target has no spare token row, so a learned mask vector (tensor "
          f"`mask_embedding`) replaces the embedding of `mask_token_id` ({dfl['mask_token_id']}) at block positions "
-         "1..B-1." if dfl.get("mask_embedding") else f"- mask token: id {dfl['mask_token_id']} (no learned mask embedding)."),
+         "1..B-1." if dfl.get("mask_embedding")
+         else f"- mask token: id {dfl['mask_token_id']} (no learned mask embedding)."),
         (f"- `draft_vocab_size: {dfl['draft_vocab_size']}`: the drafter scores only the most frequent target tokens "
          "of its training responses with its own `lm_head`; tensor `d2t` maps them to target ids (coverage of "
          f"held-out response tokens: {s['vocab']['heldout_coverage']:.2%}). The target verifies every draft, so "
@@ -193,11 +206,9 @@ def model_card(s: dict, data_note: str = "") -> str:
         "## Shape, and why",
         "",
         f"{d['num_hidden_layers']} draft layer(s) of the target's own layer shape (hidden {d['hidden_size']}, "
-        f"{d['num_attention_heads']} heads / {d['num_key_value_heads']} KV heads, MLP {d['intermediate_size']}). "
-        "On a 2-core CPU the trainer is compute-bound, so one layer buys twice the training tokens of two in the "
-        "same hours, and at decode time one layer costs ~1/30 of the target's verify pass. Having the target's "
-        "layer shape lets training start from target layers "
-        f"({'yes' if spec['init_from_target'] else 'no'} here) instead of noise.",
+        f"{d['num_attention_heads']} heads / {d['num_key_value_heads']} KV heads, MLP {d['intermediate_size']}), "
+        + ("started from target layers." if spec["init_from_target"] else "started from noise.")
+        + (f" {shape_note}" if shape_note else ""),
         "",
         "## Training data",
         "",

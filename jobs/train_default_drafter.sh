@@ -12,40 +12,62 @@
 #     then introductions, in chunks of <=180 words; aclsum PyPI package). The ACLSum *test* split is the evaluation set and
 #     is only read for the final tau in the model card.
 #   * data: SmolLM2-135M-Instruct's own greedy responses (128 new tokens), from our AR decoder.
-#   * drafter: 1 layer of the target's shape, started from target layer 28; context features from
-#     target layers 1,8,14,20,27; block 16; 8192-token draft vocabulary; learned mask embedding.
+#   * drafter: 2 layers of the target's shape, started from target layers 28 and 29; context features
+#     from target layers 1,8,14,20,27; block 16; 8192-token draft vocabulary; learned mask embedding.
 #   * loss: 0.5 x hard labels + 0.5 x the target's top-32 distribution, weights exp(-(k-1)/7).
-#   * AdamW lr 6e-4, 4% warmup, cosine, clip 1.0; 4 sequences x 16 blocks per step.
+#   * AdamW lr 2e-3 (the paper's 6e-4 learns too slowly for a few-hour CPU budget: held-out decoder
+#     tau 1.034 vs 1.049 after 300 steps), 4% warmup, cosine, clip 1.0; 4 sequences x 16 blocks per step.
 #
 # Everything slow (responses, features, checkpoints) is cached in $WORK, so reruns skip it.
+# A run stopped by SIGTERM checkpoints, exports the drafter so far and exits with 75; with RETRIES=N
+# the script then resumes it, up to N times (for long background runs on a shared machine):
+#
+#     RETRIES=20 nohup bash jobs/train_default_drafter.sh >> .train-logs/train.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-.train-work/smollm2}
 OUT=${OUT:-decoder/drafters/smollm2-135m-instruct}
-STEPS=${STEPS:-4000}
+STEPS=${STEPS:-8000}
 
 mkdir -p "$WORK"
 "$PY" -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" --splits train,val --limit 400
 # The evaluation set: the 100 whole ACLSum test abstracts, as the default job and `bench` read them.
 "$PY" -m dflash_batch.jobs.cli make-example-input --split test "$WORK/test-prompts.parquet"
 
-exec "$PY" -m dflash_batch.jobs.cli train-drafter \
-  --target smollm2-135m-instruct \
-  --prompts "$WORK/prompts.parquet" \
-  --out "$OUT" \
-  --work-dir "$WORK" \
-  --max-new-tokens 128 --gen-batch 8 \
-  --eval-prompts 16 --eval-max-new-tokens 64 \
-  --steps "$STEPS" --batch 4 --anchors 16 --block-size 16 --layers 1 \
-  --target-layers 1,8,14,20,27 --draft-vocab 8192 \
-  --init target --standardize --distill 0.5 --top-k 32 \
-  --lr 6e-4 --warmup 0.04 --seed 0 \
-  --checkpoint-every 50 --eval-every 500 \
-  --test-prompts "$WORK/test-prompts.parquet" --test-max-new-tokens 128 \
-  --data-note "400 summarization prompts (\"Summarize the following text in a few sentences.\") over ACLSum \
+RETRIES=${RETRIES:-0}
+args=("$@")
+for ((attempt = 0; ; attempt++)); do
+  rc=0
+  "$PY" -m dflash_batch.jobs.cli train-drafter \
+    --target smollm2-135m-instruct \
+    --prompts "$WORK/prompts.parquet" \
+    --out "$OUT" \
+    --work-dir "$WORK" \
+    --max-new-tokens 128 --gen-batch 8 \
+    --eval-prompts 16 --eval-max-new-tokens 64 \
+    --steps "$STEPS" --batch 4 --anchors 16 --block-size 16 --layers 2 \
+    --target-layers 1,8,14,20,27 --draft-vocab 8192 \
+    --init target --standardize --distill 0.5 --top-k 32 \
+    --lr 2e-3 --warmup 0.04 --seed 0 \
+    --checkpoint-every 50 --eval-every 1000 \
+    --test-prompts "$WORK/test-prompts.parquet" --test-max-new-tokens 128 \
+    --data-note "400 summarization prompts (\"Summarize the following text in a few sentences.\") over ACLSum \
 train+val papers, in chunks of <=180 words: 168 from abstracts, 197 from conclusions, 35 from introductions. ACLSum \
 (Takeshita et al., 2024) is distributed on PyPI as \`aclsum\` (MIT); the texts are ACL Anthology papers \
 (CC BY 4.0). The ACLSum test split is not used for training." \
-  "$@"
+    --shape-note "Two layers, because with one the mask rows' queries carry no information about the anchor \
+(queries are computed before attention), so the drafter cannot look up where the anchor's text occurs in the \
+prompt; copying is what lets prompt lookup reach tau 4.1 on summarization, and a second layer makes it learnable. \
+Measured on this data after 300 steps (263k predicted tokens, lr 2e-3): held-out decoder tau 1.078 with two \
+layers vs 1.049 with one, at 1.9 vs 1.2 s per step on this CPU. At decode time a draft layer costs ~1/30 of \
+the target's verify pass." \
+    "${args[@]}" || rc=$?
+  if [[ $rc -ne 75 || $attempt -ge $RETRIES ]]; then
+    exit "$rc"
+  fi
+  echo "train-drafter was interrupted; resuming (attempt $((attempt + 1)) of $RETRIES)" >&2
+  [[ " ${args[*]} " == *" --resume "* ]] || args+=(--resume)
+  sleep "${RETRY_SLEEP:-10}"
+done

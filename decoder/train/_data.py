@@ -79,7 +79,8 @@ def generate_responses(target: TargetModel, prompts: Sequence[tuple[str, Sequenc
     # template or tokenizer decodes again; the newer line wins when the file is read).
     wanted = {i: list(map(int, t)) for i, t in prompts}
     done = {i: s for i, s in cached.items() if s.prompt_ids.tolist() == wanted.get(i) and (
-        len(s.response_ids) == max_new_tokens or (s.finish_reason != "length" and len(s.response_ids) < max_new_tokens))}
+        len(s.response_ids) == max_new_tokens
+        or (s.finish_reason != "length" and len(s.response_ids) < max_new_tokens))}
     todo = [Request(id=i, token_ids=t, max_new_tokens=max_new_tokens) for i, t in wanted.items() if i not in done]
     if todo:
         dec = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -1,6 +1,7 @@
 """Drafter parameters to start training from, and the export that makes them plain z-lab weights.
 
-Starting from the target instead of noise (measured in the trainer's README numbers):
+Starting from the target instead of noise (SmolLM2, 100 steps on 384 ACLSum responses:
+held-out loss 6.68 vs 6.89 from noise; memorising 8 sequences: loss 3.97 vs 5.46):
   * each draft layer copies a target layer. Draft layer i takes target layer
     max(target_layer_ids) + 1 + i when that exists (else the last layers): with ``fc``
     selecting the deepest feature and ``hidden_norm`` set to that layer's input norm,
@@ -15,7 +16,8 @@ Starting from the target instead of noise (measured in the trainer's README numb
 Features are standardised per channel during training (fc sees feats / scale). Because
 ``fc`` is linear and has no bias, dividing by the scale folds into its rows at export:
 fc_saved = diag(1/scale) fc. Centering would need a bias, which z-lab's format lacks,
-so the features are scaled by their per-channel RMS, not centred.
+so the features are scaled by their per-channel RMS, not centred. (SmolLM2, 100 steps:
+held-out loss 6.68 with the scaling vs 6.90 without.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -274,6 +275,9 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
                     run_eval(step)
                 if step % tcfg.checkpoint_every == 0:
                     checkpoint(step)
+            if stop.requested:
+                print(f"SIGTERM at {time.strftime('%Y-%m-%d %H:%M:%S')}: checkpointing step {step} and stopping",
+                      file=sys.stderr, flush=True)
             if step >= tcfg.steps and not any(e["step"] == step for e in meta["evals"]):
                 run_eval(step)
     except KeyboardInterrupt:

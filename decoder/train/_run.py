@@ -32,7 +32,7 @@ from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._data import generate_responses
 from dflash_batch.decoder.train._eval import decode_tau
 from dflash_batch.decoder.train._features import build_feature_cache
-from dflash_batch.decoder.train._init import default_source_layers, export_params, feature_inv_scale, init_params
+from dflash_batch.decoder.train._init import export_params, feature_inv_scale, init_params
 from dflash_batch.decoder.train._loop import TrainConfig, Trainer, train_loop
 from dflash_batch.decoder.train._vocab import coverage, select_draft_vocab, target_to_draft, token_counts
 
@@ -128,6 +128,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     bar = _bar(progress, len(samples), "features")
     cache = build_feature_cache(target, samples, work_dir / "features", dcfg.target_layer_ids, top_k=tcfg.top_k,
                                 progress=lambda d, n: _tick(bar, d))
+    _tick(bar, len(samples))
     _close(bar)
     feat_seconds = time.perf_counter() - t0
     timings_path = work_dir / "timings.json"  # data preparation time summed over every call that did some

@@ -9,6 +9,23 @@ _LLAMA_ARCHS = ("LlamaForCausalLM",)
 _QWEN3_ARCHS = ("Qwen3ForCausalLM",)
 
 
+def read_rope(cfg: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from an HF config, old or new style.
+
+    Newer transformers nest RoPE settings under ``rope_parameters``; a "default"
+    rope type means no scaling.
+    """
+    rope_theta, scaling = cfg.get("rope_theta"), cfg.get("rope_scaling")
+    nested = cfg.get("rope_parameters")
+    if isinstance(nested, Mapping):
+        rope_theta = nested.get("rope_theta", rope_theta)
+        if nested.get("rope_type", "default") != "default":
+            scaling = dict(nested)
+    if isinstance(scaling, Mapping) and (scaling.get("rope_type") or scaling.get("type")) == "default":
+        scaling = None
+    return rope_theta, scaling
+
+
 @dataclasses.dataclass(frozen=True)
 class TargetConfig:
     """Shape and numerics of a Llama- or Qwen3-family causal LM.
@@ -73,15 +90,7 @@ class TargetConfig:
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-        scaling = cfg.get("rope_scaling")
-        rope_theta = cfg.get("rope_theta")
-        params = cfg.get("rope_parameters")  # newer transformers nest RoPE settings here
-        if isinstance(params, Mapping):
-            rope_theta = params.get("rope_theta", rope_theta)
-            if params.get("rope_type", "default") != "default":
-                scaling = dict(params)
-        if isinstance(scaling, Mapping) and (scaling.get("rope_type") or scaling.get("type")) == "default":
-            scaling = None
+        rope_theta, scaling = read_rope(cfg)
         return cls(
             family=family,
             vocab_size=int(cfg["vocab_size"]),

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.decoder._config import TargetConfig, read_rope
 from dflash_batch.decoder._layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from dflash_batch.decoder._target import Params, embed, lm_head
 from dflash_batch.kernels import draft_attention
@@ -133,14 +133,7 @@ class DrafterConfig:
             if n_target is None:
                 raise ValueError("config.json names neither dflash_config.target_layer_ids nor num_target_layers")
             ids = default_target_layer_ids(int(n_target), n_layers)
-        rope_theta, scaling = cfg.get("rope_theta"), cfg.get("rope_scaling")
-        nested = cfg.get("rope_parameters")  # newer transformers nest RoPE settings here
-        if isinstance(nested, Mapping):
-            rope_theta = nested.get("rope_theta", rope_theta)
-            if nested.get("rope_type", "default") != "default":
-                scaling = dict(nested)
-        if isinstance(scaling, Mapping) and (scaling.get("rope_type") or scaling.get("type")) == "default":
-            scaling = None
+        rope_theta, scaling = read_rope(cfg)
         n_heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
         v_d = dflash.get("draft_vocab_size")
         return cls(

@@ -15,18 +15,12 @@ import pytest
 
 from dflash_batch.decoder import Decoder, Request
 from dflash_batch.decoder import _drafter
-from dflash_batch.decoder._drafter import DrafterConfig, init_drafter_params
 from dflash_batch.kernels import _block_attention, use_attention_impl
 
 
 @pytest.fixture(scope="module")
-def drafter(tiny_llama):
-    c = tiny_llama.config
-    dcfg = DrafterConfig(block_size=8, mask_token_id=3, target_layer_ids=(0, 2), num_layers=2,
-                         hidden_size=c.hidden_size, intermediate_size=96, num_heads=c.num_heads,
-                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                         rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size)
-    return dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0), scale=0.3)
+def drafter(tiny_drafter):
+    return tiny_drafter
 
 
 @pytest.fixture

@@ -48,7 +48,7 @@ def ar_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], s: Slot
     return commit(s.replace(cache=cache), tok, jnp.ones_like(s.pos), eos_ids)
 
 
-def run_steps(step, s: Slots, n_steps: int, stop_on_first_done: jax.Array) -> tuple[Slots, jax.Array]:
+def run_steps(step, s: Slots, n_steps: jax.Array, stop_on_first_done: jax.Array) -> tuple[Slots, jax.Array]:
     """Repeats ``step`` until every row is done, ``n_steps`` ran, or (when asked) a row finishes.
 
     Stopping at the first finished row lets the host refill that slot at once, so
@@ -68,9 +68,9 @@ def run_steps(step, s: Slots, n_steps: int, stop_on_first_done: jax.Array) -> tu
     return jax.lax.while_loop(cond, body, (s, jnp.int32(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "eos_ids", "n_steps"), donate_argnames=("s",))
-def ar_decode(params: Params, s: Slots, stop_on_first_done: jax.Array, *, cfg: TargetConfig,
-              eos_ids: tuple[int, ...], n_steps: int) -> tuple[Slots, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("cfg", "eos_ids"), donate_argnames=("s",))
+def ar_decode(params: Params, s: Slots, stop_on_first_done: jax.Array, n_steps: jax.Array, *, cfg: TargetConfig,
+              eos_ids: tuple[int, ...]) -> tuple[Slots, jax.Array]:
     return run_steps(lambda st: ar_step(params, cfg, eos_ids, st), s, n_steps, stop_on_first_done)
 
 

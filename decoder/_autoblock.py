@@ -9,7 +9,7 @@ Seconds per step are measured at warmup for every candidate L at the engine's ow
 batch size (L = 1 is plain AR through the same state), because the ratio of an
 L-token target pass to a 1-token pass depends on hardware and batch: near 1 on an
 accelerator, 2-3x at L = 8-16 on a small CPU. q_k is counted from the steps
-actually run. The policy explores at the largest L first (and again every
+actually run. The policy explores at the largest L first, for a few steps (and again every
 ``explore_every`` decode calls, so it can notice acceptance improving), then runs
 the argmax. AR is a candidate, so the choice is never expected to be slower than AR.
 """
@@ -29,6 +29,7 @@ class BlockPolicy:
     trials: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that could accept >= k
     successes: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that accepted >= k
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
+    exploring: bool = False  # whether the last choice was an exploration (the engine keeps it short)
     _n_calls: int = 0
 
     def __post_init__(self):
@@ -69,7 +70,11 @@ class BlockPolicy:
 
     def choose(self) -> int:
         self._n_calls += 1
-        if self.largest > 1 and (self.trials[1] == 0 or self._n_calls % self.explore_every == 0):
+        self.exploring = self.largest > 1 and len(self.candidates) > 1 and (
+            self.trials[1] == 0 or self._n_calls % self.explore_every == 0)
+        if self.exploring:
+            block = self.largest
+        elif len(self.candidates) == 1:
             block = self.largest
         else:
             block = max(self.candidates, key=self.throughput)

@@ -84,7 +84,7 @@ class Decoder:
                          + self.block_size)
             phases = self._phases(cache_len)
             self._engines[bucket] = SlotEngine(phases, self.target.tokenizer, bucket, self.max_new_tokens,
-                                               self.prefill_chunk)
+                                               self.prefill_chunk, self.chunk_steps)
         return self._engines[bucket]
 
     def _phases(self, cache_len: int) -> Phases:
@@ -93,16 +93,15 @@ class Decoder:
         if self.mode == "ar":
             return Phases(
                 prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
-                decode=lambda s, stop_first, block: ar_decode(params, s, stop_first, cfg=cfg, eos_ids=eos,
-                                                              n_steps=self.chunk_steps),
+                decode=lambda s, stop_first, block, n: ar_decode(params, s, stop_first, n, cfg=cfg, eos_ids=eos),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
             )
         dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
         static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
         return Phases(
             prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
-            decode=lambda s, stop_first, block: spec_decode(params, dparams, s, stop_first, block=block,
-                                                            n_steps=self.chunk_steps, **static),
+            decode=lambda s, stop_first, block, n: spec_decode(params, dparams, s, stop_first, n, block=block,
+                                                               **static),
             init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg)),
             blocks=self.blocks,
         )

@@ -23,6 +23,7 @@ from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
 
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+EXPLORE_STEPS = 4  # decode steps of a call that tries the largest block only to measure acceptance
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -39,11 +40,11 @@ class Phases:
 
     prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
         (one fixed-size chunk of a prompt; the last chunk opens the slot)
-    decode(state, stop_on_first_done, block) -> (state, steps_run)
+    decode(state, stop_on_first_done, block, max_steps) -> (state, steps_run)
     """
 
     prefill: Callable
-    decode: Callable  # (state, stop_on_first_done, block) -> (state, steps_run)
+    decode: Callable  # (state, stop_on_first_done, block, max_steps) -> (state, steps_run)
     init_state: Callable[[], Slots]
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
 
@@ -51,12 +52,14 @@ class Phases:
 class SlotEngine:
     """Runs requests through one static batch (B slots, cache length S)."""
 
-    def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int):
+    def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int,
+                 chunk_steps: int = 64):
         self.phases = phases
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
+        self.chunk_steps = chunk_steps
         self.state: Slots | None = None
         self.compile_seconds = 0.0
         self.policy = BlockPolicy(phases.blocks)
@@ -79,7 +82,7 @@ class SlotEngine:
                               budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
                 jax.block_until_ready(s.pos)
                 t1 = time.perf_counter()
-                s, steps = self.phases.decode(s, jnp.asarray(True), block)
+                s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(self.chunk_steps))
                 steps = int(steps)
                 if timed and steps:
                     self.policy.step_seconds[block] = (time.perf_counter() - t1) / steps
@@ -139,7 +142,9 @@ class SlotEngine:
             if all(r is None for r in rows):
                 return
             block = self.policy.choose()
-            self.state, _ = self.phases.decode(self.state, jnp.asarray(more()), block)
+            # An exploring call runs only a few steps: it is there to measure acceptance.
+            steps = EXPLORE_STEPS if self.policy.exploring else self.chunk_steps
+            self.state, _ = self.phases.decode(self.state, jnp.asarray(more()), block, np.int32(steps))
             done, n_out, hist = jax.device_get((self.state.done, self.state.n_out, self.state.hist))
             self.policy.observe(block, (hist - seen_hist).sum(axis=0))
             seen_hist = hist.astype(np.int64)

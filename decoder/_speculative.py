@@ -166,10 +166,10 @@ def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ..
 _STATIC = ("cfg", "eos_ids", "dcfg", "mode")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("block", "n_steps"), donate_argnames=("s",))
-def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, *, cfg: TargetConfig,
-                eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int, mode: str,
-                n_steps: int) -> tuple[Slots, jax.Array]:
+@functools.partial(jax.jit, static_argnames=_STATIC + ("block",), donate_argnames=("s",))
+def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, n_steps: jax.Array, *,
+                cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int,
+                mode: str) -> tuple[Slots, jax.Array]:
     drafter = (dparams, dcfg)
     return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st), s, n_steps,
                      stop_on_first_done)

@@ -20,7 +20,7 @@
 #
 # Everything slow (responses, features, checkpoints) is cached in $WORK, so reruns skip it.
 # A run stopped by SIGTERM checkpoints, exports the drafter so far and exits with 75; with RETRIES=N
-# the script then resumes it, up to N times (for long background runs on a shared machine):
+# the script then resumes it (also after SIGKILL), up to N times (long background runs on a shared machine):
 #
 #     RETRIES=20 nohup bash jobs/train_default_drafter.sh >> .train-logs/train.log 2>&1 &
 set -euo pipefail
@@ -64,10 +64,12 @@ Measured on this data after 300 steps (263k predicted tokens, lr 2e-3): held-out
 layers vs 1.049 with one, at 1.9 vs 1.2 s per step on this CPU. At decode time a draft layer costs ~1/30 of \
 the target's verify pass." \
     "${args[@]}" || rc=$?
-  if [[ $rc -ne 75 || $attempt -ge $RETRIES ]]; then
+  # 75: stopped by SIGTERM after checkpointing; >= 128: killed by a signal (resumes from the last
+  # periodic checkpoint, at most --checkpoint-every steps back). Anything else is an error.
+  if [[ ($rc -ne 75 && $rc -lt 128) || $attempt -ge $RETRIES ]]; then
     exit "$rc"
   fi
-  echo "train-drafter was interrupted; resuming (attempt $((attempt + 1)) of $RETRIES)" >&2
+  echo "train-drafter stopped (exit $rc); resuming (attempt $((attempt + 1)) of $RETRIES)" >&2
   [[ " ${args[*]} " == *" --resume "* ]] || args+=(--resume)
   sleep "${RETRY_SLEEP:-10}"
 done

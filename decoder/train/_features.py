@@ -99,12 +99,33 @@ def _identity(samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int,
     return h.hexdigest()
 
 
+def _reusable_prefix(folder: Path, meta: dict, samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int,
+                     target_name: str) -> int:
+    """How many leading ``samples`` an existing cache already holds unchanged (0 if none)."""
+    if not meta or (meta.get("layer_ids"), meta.get("top_k"), meta.get("target")) != (list(layer_ids), top_k,
+                                                                                      target_name):
+        return 0
+    try:
+        tokens, offsets = np.load(folder / "tokens.npy"), np.load(folder / "offsets.npy")
+    except FileNotFoundError:
+        return 0
+    n = 0
+    for i in range(min(meta["done"], len(samples), len(meta["ids"]))):
+        if meta["ids"][i] != samples[i].id or not np.array_equal(tokens[offsets[i] : offsets[i + 1]],
+                                                                  samples[i].token_ids):
+            break
+        n = i + 1
+    return n
+
+
 def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: Path, layer_ids: Sequence[int],
                         top_k: int = 32, progress: Callable[[int, int], None] | None = None) -> FeatureCache:
     """Fills (or resumes) the cache of ``samples`` in ``folder`` and opens it.
 
     Each sequence is one target pass at its own length rounded up to ``LENGTH_STEP``
-    (the causal mask makes the padded tail invisible to real rows).
+    (the causal mask makes the padded tail invisible to real rows). When the samples
+    extend those of an existing cache (more prompts appended), the leading sequences'
+    rows are copied over instead of recomputed.
     """
     layer_ids = tuple(int(i) for i in layer_ids)
     top_k = min(top_k, target.config.vocab_size)
@@ -120,12 +141,23 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     fresh = meta.get("identity") != ident
+    reuse = _reusable_prefix(folder, meta, samples, layer_ids, top_k, str(target.path)) if fresh else 0
     mode = "w+" if fresh else "r+"
-    feats = np.lib.format.open_memmap(folder / "feats.npy", mode, np.float16, (n_rows, n_f, d))
-    topk_ids = np.lib.format.open_memmap(folder / "topk_ids.npy", mode, np.int32, (n_rows, top_k))
-    topk_probs = np.lib.format.open_memmap(folder / "topk_probs.npy", mode, np.float16, (n_rows, top_k))
+    suffix = ".new" if reuse else ""  # a grown cache is built beside the old one, then swapped in
+    feats = np.lib.format.open_memmap(folder / f"feats.npy{suffix}", mode, np.float16, (n_rows, n_f, d))
+    topk_ids = np.lib.format.open_memmap(folder / f"topk_ids.npy{suffix}", mode, np.int32, (n_rows, top_k))
+    topk_probs = np.lib.format.open_memmap(folder / f"topk_probs.npy{suffix}", mode, np.float16, (n_rows, top_k))
+    if reuse:  # the data set grew (or changed at its end): keep the rows of its unchanged first sequences
+        rows = int(offsets[reuse])
+        for new, name in ((feats, "feats.npy"), (topk_ids, "topk_ids.npy"), (topk_probs, "topk_probs.npy")):
+            old = np.load(folder / name, mmap_mode="r")
+            for a in range(0, rows, 65536):
+                new[a : min(rows, a + 65536)] = old[a : min(rows, a + 65536)]
+            new.flush()
+            del old
+            (folder / f"{name}.new").replace(folder / name)
     if fresh:
-        meta = {"identity": ident, "done": 0, "layer_ids": list(layer_ids), "top_k": top_k,
+        meta = {"identity": ident, "done": reuse, "layer_ids": list(layer_ids), "top_k": top_k,
                 "ids": [s.id for s in samples], "target": str(target.path)}
         np.save(folder / "tokens.npy", np.concatenate([s.token_ids for s in samples]).astype(np.int32))
         np.save(folder / "offsets.npy", offsets)

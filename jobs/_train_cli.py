@@ -224,6 +224,8 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         f"AdamW lr {t['lr']}, warmup {t['warmup']:.0%}, cosine, clip {t['clip']}, weight decay {t['weight_decay']}; "
         f"loss: {1 - t['distill']:.2g} x hard labels + {t['distill']:.2g} x target top-{t['top_k']} distribution, "
         f"position weights exp(-(k-1)/gamma).",
+        f"- Shipped weights: the step-{s.get('exported_step', s['step'])} drafter, the evaluated one with the best "
+        "held-out tau (the last step's when none was evaluated).",
         f"- Predicted tokens: {s['predicted_tokens']:,}; training wall time {s['train_seconds'] / 3600:.2f} h "
         f"({s['train_tokens_per_s']:.0f} predicted tokens/s).",
         f"- Data preparation: responses {timing.get('responses', 0) / 60:.1f} min, target features "

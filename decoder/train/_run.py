@@ -8,7 +8,9 @@ Steps (each cached in ``work_dir``, so a rerun or ``resume`` skips what is done)
   4. Choose the draft vocabulary from the training responses (``_vocab``).
   5. Initialise the drafter from the target (``_init``) and train (``_loop``), with
      periodic tau evaluations through the real Decoder (``_eval``).
-  6. Fold the feature standardisation into ``fc`` and save (``save_drafter``, bf16).
+  6. Fold the feature standardisation into ``fc`` and save (``save_drafter``, bf16) the
+     evaluated drafter with the best held-out decoder tau: a small data set is memorised
+     late in a long run, and the last step is then not the best drafter.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder._checkpoint import TargetModel
-from dflash_batch.decoder._drafter import DrafterConfig, default_target_layer_ids, save_drafter
+from dflash_batch.decoder._drafter import DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
 from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._data import generate_responses
 from dflash_batch.decoder.train._eval import decode_tau
@@ -156,6 +158,14 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     trainer = Trainer(dcfg, target.params, cache, tcfg, inv_scale=inv_scale, t2d=t2d)
     held_prompts = [(ids[i], prompts[i][1]) for i in held_idx]
 
+    identity = {"target": str(target.path), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
+                "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
+                          if k not in ("checkpoint_every", "log_every", "eval_every")},
+                "data": hashlib.sha256("".join(cache.ids).encode() + cache.tokens.tobytes()).hexdigest(),
+                "held_out": held_idx}
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    best = BestDrafter(work_dir / "drafter-best", run_id)
+
     def evaluate(p: Params, step: int) -> dict:
         exported = export_params(p, inv_scale)
         # The latest evaluated drafter, usable while training goes on; ``out_dir`` is written
@@ -163,23 +173,25 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         save_drafter(work_dir / "drafter-latest", dcfg, exported)
         r = decode_tau(target, held_prompts, drafter=(dcfg, exported), max_new_tokens=eval_max_new_tokens,
                        batch_size=eval_batch)
+        if step > 0:
+            best.offer(step, r["tau"], dcfg, exported)
         return {"decoder_tau": r["tau"], "decoder_tau_mean": r["tau_mean"], "decode_seconds": r["seconds"]}
 
-    identity = {"target": str(target.path), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
-                "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
-                          if k not in ("checkpoint_every", "log_every", "eval_every")},
-                "data": hashlib.sha256("".join(cache.ids).encode() + cache.tokens.tobytes()).hexdigest(),
-                "held_out": held_idx}
     result = train_loop(trainer, params, train_idx, work_dir / "checkpoint", resume=resume, identity=identity,
                         stop_at=stop_at, heldout_seqs=held_idx, evaluate=evaluate if eval_prompts else None,
                         log_path=work_dir / "metrics.jsonl", progress=progress)
 
-    # 6. Export.
-    save_drafter(out_dir, dcfg, export_params(result.params, inv_scale), dtype=jnp.bfloat16)
+    # 6. Export: the best evaluated drafter (the last step's when nothing was evaluated).
+    chosen = best.load()
+    if chosen is None:
+        exported_step, exported = result.step, export_params(result.params, inv_scale)
+    else:
+        exported_step, exported = chosen
+    save_drafter(out_dir, dcfg, exported, dtype=jnp.bfloat16)
     meta = result.meta
     summary = {
         "target": target.name, "out_dir": str(out_dir), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
-        "train_config": dataclasses.asdict(tcfg), "step": result.step, "finished": result.step >= tcfg.steps,
+        "train_config": dataclasses.asdict(tcfg), "step": result.step, "exported_step": exported_step, "finished": result.step >= tcfg.steps,
         "prompts": {"train": len(train_idx), "heldout": len(held_idx)},
         "tokens": {"prompt": int(cache.prompt_lens.sum()), "response": cache.response_tokens,
                    "train_response": int(sum(len(resp[i]) for i in train_idx))},
@@ -192,6 +204,37 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     }
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class BestDrafter:
+    """The evaluated drafter with the highest held-out decoder tau so far, kept in ``folder``
+    (fp32) across resumed calls of one run; another run's (other ``run_id``) is ignored."""
+
+    def __init__(self, folder: Path, run_id: str):
+        self.folder, self.run_id = Path(folder), run_id
+        self.record = folder / "best.json"
+
+    def _current(self) -> dict | None:
+        if not self.record.exists():
+            return None
+        rec = json.loads(self.record.read_text())
+        return rec if rec.get("run") == self.run_id else None
+
+    def offer(self, step: int, tau: float, dcfg: DrafterConfig, params: Params) -> bool:
+        """Keeps ``params`` if their ``tau`` beats the best so far (ties go to the later step)."""
+        cur = self._current()
+        if cur is not None and tau < cur["decoder_tau"]:
+            return False
+        self.record.unlink(missing_ok=True)  # never a record that points at half-written weights
+        save_drafter(self.folder, dcfg, params, dtype=jnp.float32)
+        self.record.write_text(json.dumps({"run": self.run_id, "step": step, "decoder_tau": tau}))
+        return True
+
+    def load(self) -> tuple[int, Params] | None:
+        cur = self._current()
+        if cur is None:
+            return None
+        return cur["step"], load_drafter(self.folder)[1]
 
 
 def _bar(progress: bool, total: int, desc: str):

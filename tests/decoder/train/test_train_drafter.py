@@ -35,3 +35,30 @@ def test_saved_drafter_is_zlab_format_with_its_extensions_and_decodes(tiny32, ti
     r = decode_tau(tiny32, [prompts[i] for i in held], drafter=(dcfg, params), max_new_tokens=32)
     # bf16 weights on disk: close to the fp32 evaluation during training
     assert abs(r["tau"] - summary["evals"][-1]["decoder_tau"]) < 0.15
+
+
+def test_shipped_drafter_is_the_evaluated_one_with_the_best_held_out_tau(tiny_run):
+    summary, out, work = tiny_run
+    trained = [e for e in summary["evals"] if e["step"] > 0]
+    best = max(trained, key=lambda e: (e["decoder_tau"], e["step"]))
+    assert summary["exported_step"] == best["step"]
+    rec = json.loads((work / "drafter-best" / "best.json").read_text())
+    assert (rec["step"], rec["decoder_tau"]) == (best["step"], best["decoder_tau"])
+    _, kept = load_drafter(work / "drafter-best")
+    _, shipped = load_drafter(out)
+    np.testing.assert_allclose(np.asarray(shipped["fc"]), np.asarray(kept["fc"]).astype(np.float32), rtol=1e-2, atol=1e-6)
+
+
+def test_best_drafter_keeps_the_higher_tau_and_ignores_another_runs(tiny_run, tmp_path):
+    from dflash_batch.decoder.train._run import BestDrafter
+
+    _, out, _ = tiny_run
+    dcfg, params = load_drafter(out)
+    best = BestDrafter(tmp_path / "best", "run-a")
+    assert best.load() is None
+    assert best.offer(100, 2.0, dcfg, params)
+    assert not best.offer(200, 1.5, dcfg, params)  # worse: the step-100 drafter stays
+    assert best.load()[0] == 100
+    assert best.offer(300, 2.0, dcfg, params)  # a tie goes to the later step
+    assert best.load()[0] == 300
+    assert BestDrafter(tmp_path / "best", "run-b").load() is None  # another run's best is not ours

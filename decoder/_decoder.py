@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Iterable, Iterator, Sequence
 
-import jax.numpy as jnp
+import numpy as np
 
 from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
@@ -14,7 +14,7 @@ from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
 
-MODES = ("ar", "dflash", "ngram")
+MODES = ("ar", "dflash", "ngram", "hybrid")
 AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
 
 
@@ -29,11 +29,12 @@ class Decoder:
     def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = 64,
                  prefill_chunk: int = 64, drafter=None, block_size: int | str = "auto"):
-        """``drafter`` is (DrafterConfig, params), required by ``dflash``. ``block_size`` is the
+        """``drafter`` is (DrafterConfig, params), required by ``dflash`` and ``hybrid``. ``block_size`` is the
         verified block length L (drafts per step + 1) of the speculative modes, or "auto":
         chosen per batch among AUTO_BLOCKS (1 = AR included) from measured step costs and
         observed acceptance."""
-        largest = drafter[0].block_size if (mode == "dflash" and drafter is not None) else 16
+        uses_drafter = mode in ("dflash", "hybrid")
+        largest = drafter[0].block_size if (uses_drafter and drafter is not None) else 16
         if block_size == "auto":
             self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)
         elif isinstance(block_size, int) and not isinstance(block_size, bool):
@@ -43,9 +44,9 @@ class Decoder:
         block_size = max(self.blocks)
         if mode != "ar" and mode not in PROPOSERS:
             raise ValueError(f"unknown decode {mode=}; choose one of {MODES}")
-        if mode == "dflash":
+        if uses_drafter:
             if drafter is None:
-                raise ValueError("mode 'dflash' needs a drafter")
+                raise ValueError(f"mode {mode!r} needs a drafter")
             drafter[0].check_target(target.config)
             if not 1 <= min(self.blocks) <= block_size <= drafter[0].block_size:
                 raise ValueError(f"{block_size=} must be in [1, {drafter[0].block_size}] (the drafter's block size)")
@@ -60,7 +61,7 @@ class Decoder:
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.chunk_steps = chunk_steps
         self.prefill_chunk = prefill_chunk
-        self.drafter = drafter if mode == "dflash" else None
+        self.drafter = drafter if uses_drafter else None
         if mode == "ar":
             self.blocks = (1,)
         self.block_size = max(self.blocks)
@@ -102,7 +103,8 @@ class Decoder:
             prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
             decode=lambda s, stop_first, block, n: spec_decode(params, dparams, s, stop_first, n, block=block,
                                                                **static),
-            init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg)),
+            init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk,
+                                          extra=init_spec_state(b, cache_len, dcfg, self.mode)),
             blocks=self.blocks,
         )
 
@@ -117,7 +119,13 @@ class Decoder:
 
     def block_report(self) -> dict:
         """Per bucket: the block lengths measured and chosen, and why (for job stats)."""
-        return {str(b): e.policy.report() for b, e in sorted(self._engines.items())}
+        report = {}
+        for b, e in sorted(self._engines.items()):
+            report[str(b)] = e.policy.report()
+            hybrid = getattr(e.state.extra, "hybrid", None) if e.state is not None else None
+            if hybrid is not None:
+                report[str(b)]["hybrid"] = hybrid_report(hybrid)
+        return report
 
     def warmup(self, bucket: int) -> float:
         """Compiles the engine of one bucket; returns the seconds it took."""
@@ -137,6 +145,16 @@ class Decoder:
                 return
             bucket = max(self.bucket(len(r.token_ids)) for r in requests)
         yield from self.engine(bucket).run(requests)
+
+
+def hybrid_report(st) -> dict:
+    """The hybrid chooser's view: steps per source, the n-gram acceptance by match length,
+    and how well the drafter's confidence predicted its acceptance (1.0 = calibrated).
+    Estimates include one optimistic prior observation per source."""
+    acc, n = np.asarray(st.ngram_acc), np.asarray(st.ngram_n)
+    return {"steps_ngram": int(st.chose_ngram), "steps_dflash": int(st.chose_dflash),
+            "ngram_accepted_by_match_length": {str(k): round(float(acc[k] / n[k]), 3) for k in range(1, len(n))},
+            "dflash_calibration": round(float(st.dflash_acc / st.dflash_pred), 3)}
 
 
 def timed_generate(decoder: Decoder, requests: Sequence[Request]) -> tuple[list[Result], float]:

@@ -36,6 +36,8 @@ def run_mode(target: TargetModel, requests: Sequence[Request], batch_size: int, 
            "tokens": {r.id: r.token_ids for r in results}, "compile_seconds": compile_s}
     if block_size == "auto" and mode != "ar":
         out["auto"] = dec.block_report()
+    if mode == "hybrid":
+        out["hybrid"] = {k: v["hybrid"] for k, v in dec.block_report().items() if "hybrid" in v}
     return out
 
 
@@ -74,7 +76,7 @@ def identical_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> floa
 
 
 def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequence[int], max_new_tokens: int, *,
-          repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram"),
+          repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram", "hybrid"),
           with_hf: bool = False, progress: Callable[[str], None] | None = None) -> list[dict]:
     """One row per (batch size, mode, block size), each with AR's numbers beside it."""
     say = progress or (lambda _m: None)
@@ -92,18 +94,19 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
                          "runs": hf["runs"], "tau_mean": 1.0, "speedup": hf["tokens_per_s"] / ar["tokens_per_s"],
                          "identical_fraction": identical_fraction(hf["tokens"], ar["tokens"]), "compile_seconds": 0.0})
         for mode in modes:
-            if mode == "dflash" and drafter is None:
+            if mode in ("dflash", "hybrid") and drafter is None:
                 continue
             for blk in [*block_sizes, "auto"]:
-                if mode == "dflash" and blk != "auto" and blk > drafter[0].block_size:
+                if mode in ("dflash", "hybrid") and blk != "auto" and blk > drafter[0].block_size:
                     continue
                 r = run_mode(target, requests, b, max_new_tokens, repeats, mode=mode, drafter=drafter, block_size=blk)
                 row = {**base, "mode": mode, "block_size": blk, "tokens_per_s": r["tokens_per_s"], "runs": r["runs"],
                        "tau_mean": r["tau"], "speedup": r["tokens_per_s"] / ar["tokens_per_s"],
                        "identical_fraction": identical_fraction(r["tokens"], ar["tokens"]),
                        "compile_seconds": r["compile_seconds"]}
-                if "auto" in r:
-                    row["auto"] = r["auto"]
+                for key in ("auto", "hybrid"):
+                    if key in r:
+                        row[key] = r[key]
                 if mode == "dflash":
                     row["dflash_tokens_per_s"] = r["tokens_per_s"]
                 rows.append(row)

@@ -94,7 +94,7 @@ def _model_problems(spec) -> list[str]:
         problems.append(f"model.target must be a gs:// prefix or a registered name ({', '.join(sorted(_EMBEDDED))}) "
                         f"for a Dataflow job, got {target!r}")
     drafter = spec.model.drafter
-    if spec.decode.mode == "dflash" and not (drafter.startswith("gs://") or drafter in ("default", "none")):
+    if spec.decode.mode in ("dflash", "hybrid") and not (drafter.startswith("gs://") or drafter in ("default", "none")):
         problems.append(f"model.drafter must be a gs:// prefix, 'default' or 'none' for a Dataflow job, "
                         f"got {drafter!r}")
     return problems

@@ -13,7 +13,7 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     drafter = "default"                    # default | folder | gs:// | none (used by mode dflash)
 
     [decode]
-    mode = "ar"                            # ar | dflash | ngram
+    mode = "ar"                            # ar | dflash | ngram | hybrid
     block_size = "auto"                    # verified block length of dflash/ngram; auto: measured
     batch_size = 8                         # decoder slots per static batch
     max_new_tokens = 256                   # the static completion capacity; rows may ask for less
@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Sequence
 from dflash_batch.decoder import DEFAULT_MODEL, DEFAULT_PROMPT_BUCKETS
 from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
 
-MODES = ("ar", "dflash", "ngram")
+MODES = ("ar", "dflash", "ngram", "hybrid")
 RUNNERS = ("direct", "dataflow")
 RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
 DATAFLOW_STR_KEYS = ("project", "region", "zone", "temp_location", "staging_location", "tpu_type", "tpu_topology",
@@ -320,8 +320,8 @@ def _local(location: str) -> str:
 def _cross_checks(spec: JobSpec) -> None:
     problems = []
     d = spec.decode
-    if d.mode == "dflash" and spec.model.drafter == "none":
-        problems.append("model.drafter must name a drafter (default, a folder or gs://) for decode.mode 'dflash', "
+    if d.mode in ("dflash", "hybrid") and spec.model.drafter == "none":
+        problems.append(f"model.drafter must name a drafter (default, a folder or gs://) for decode.mode {d.mode!r}, "
                         "got 'none'")
     if spec.runner.name == "dataflow":
         for key in ("project", "region", "temp_location"):

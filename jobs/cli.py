@@ -60,7 +60,7 @@ def import_model(name: str) -> None:
 @click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--batch-sizes", default="1,4,16", show_default=True, callback=_int_list)
 @click.option("--block-sizes", default="8,16", show_default=True, callback=_int_list)
-@click.option("--modes", default="dflash,ngram", show_default=True, help="Speculative modes to compare with AR.")
+@click.option("--modes", default="dflash,ngram,hybrid", show_default=True, help="Speculative modes to compare with AR.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Median over this many runs.")
 @click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate on the same prompts.")
@@ -78,16 +78,16 @@ def bench(model: str, drafter: str, num_prompts: int, batch_sizes: list[int], bl
     target = load_target(model)
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     dft = None
-    if "dflash" in mode_list:
+    if {"dflash", "hybrid"} & set(mode_list):
         try:
             folder = resolve_drafter_dir(drafter, model)
         except ValueError as e:
             if drafter != "default":
                 raise click.ClickException(str(e)) from None
-            click.echo(f"skipping dflash: {e}", err=True)
+            click.echo(f"skipping dflash and hybrid: {e}", err=True)
             folder = None
         if folder is None:
-            mode_list.remove("dflash")
+            mode_list = [m for m in mode_list if m not in ("dflash", "hybrid")]
         else:
             dcfg, dparams = load_drafter(folder)
             dft = (dcfg, dparams)

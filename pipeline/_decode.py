@@ -114,6 +114,8 @@ class Decode(beam.DoFn):
                 except Exception:  # noqa: BLE001
                     pass
             compile_seconds = model.decoder.compile_seconds - compiled_before
+            # Cumulative for this worker's batch of this bucket: block lengths measured and chosen, and why.
+            decoder_report = model.decoder.block_report().get(str(bucket), {})
         seconds = time.perf_counter() - t0
         index = batch_index([it.id for it in items])
 
@@ -149,6 +151,7 @@ class Decode(beam.DoFn):
             "bucket": bucket, "bucket_rows": len(items), "bucket_prompt_tokens": sum(len(it.token_ids) for it in items),
             "worker": self.worker, "hardware": model.hardware,
             "finish_reasons": _count(r.finish_reason for _, r in done),
+            "decoder_report": decoder_report,
         })
 
 

@@ -66,7 +66,7 @@ def _load(key: ModelKey) -> LoadedModel:
     enable_compilation_cache()
     target = load_target(key.model)
     drafter = None
-    if key.mode == "dflash":
+    if key.mode in ("dflash", "hybrid"):
         drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model))
     decoder = Decoder(target, mode=key.mode, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens,
                       prompt_buckets=key.prompt_buckets, drafter=drafter, block_size=key.block_size)

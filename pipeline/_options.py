@@ -17,7 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from dflash_batch.decoder import DEFAULT_PROMPT_BUCKETS
 from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
 
-MODES = ("ar", "dflash", "ngram")
+MODES = ("ar", "dflash", "ngram", "hybrid")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -97,8 +97,8 @@ class JobConfig:
                 problems.append(f"--{flag} is required")
         if self.mode not in MODES:
             problems.append(f"--decode_mode must be one of {'/'.join(MODES)}, got {self.mode!r}")
-        if self.mode == "dflash" and not self.drafter:
-            problems.append("--decode_mode dflash needs --drafter")
+        if self.mode in ("dflash", "hybrid") and not self.drafter:
+            problems.append(f"--decode_mode {self.mode} needs --drafter")
         if self.block_size != "auto" and not (isinstance(self.block_size, int) and self.block_size >= 1):
             problems.append(f"--block_size must be 'auto' or >= 1, got {self.block_size!r}")
         for flag in ("batch_size", "max_new_tokens", "rows_per_batch", "shards_per_bucket"):
@@ -130,7 +130,7 @@ class JobConfig:
         workers = _worker_count(options)
         return cls(
             input=o.input or "", output=(o.output or "").rstrip("/"), model=o.model or "",
-            drafter=o.drafter if o.decode_mode == "dflash" else None, mode=o.decode_mode,
+            drafter=o.drafter if o.decode_mode in ("dflash", "hybrid") else None, mode=o.decode_mode,
             block_size=o.block_size, batch_size=batch_size, max_new_tokens=o.max_new_tokens,
             temperature=o.temperature, top_p=o.top_p, seed=o.seed, template=o.prompt_template,
             instruction=o.prompt_instruction, prompt_buckets=_int_list(o.prompt_buckets),

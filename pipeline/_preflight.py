@@ -98,7 +98,7 @@ def preflight(config: JobConfig) -> Preflight:
     except ValueError as e:
         raise JobRefused("model.target", str(e)) from None
     drafter = None
-    if config.mode == "dflash":
+    if config.mode in ("dflash", "hybrid"):
         try:
             drafter = check_drafter(config.model, config.drafter)
             limit = drafter_block_size(drafter)

@@ -30,6 +30,16 @@ _SUMS = ("batches", "rows", "prompt_tokens", "completion_tokens", "decode_second
          "load_seconds", "model_loads")
 
 
+def _calls(report: dict) -> int:
+    return sum(report.get("decode_calls_by_block", {}).values())
+
+
+def _keep_latest(reports: dict[str, dict], key: str, report: dict) -> None:
+    """Decoder reports are cumulative per worker and bucket: the one with the most decode calls is the latest."""
+    if report and (key not in reports or _calls(report) >= _calls(reports[key])):
+        reports[key] = report
+
+
 def _add_hist(a: list[int], b: list[int]) -> list[int]:
     n = max(len(a), len(b))
     padded = [np.pad(np.asarray(h, np.int64), (0, n - len(h))) for h in (a, b)]
@@ -41,7 +51,7 @@ class BatchStatsFn(beam.CombineFn):
 
     def create_accumulator(self) -> dict[str, Any]:
         acc: dict[str, Any] = {k: 0 for k in _SUMS}
-        acc.update(tau_histogram=[], buckets={}, workers=[], hardware=[], finish_reasons={})
+        acc.update(tau_histogram=[], buckets={}, workers=[], hardware=[], finish_reasons={}, decoder_reports={})
         return acc
 
     def add_input(self, acc: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +64,7 @@ class BatchStatsFn(beam.CombineFn):
         acc["hardware"] = sorted(set(acc["hardware"]) | {rec["hardware"]})
         for reason, n in rec["finish_reasons"].items():
             acc["finish_reasons"][reason] = acc["finish_reasons"].get(reason, 0) + n
+        _keep_latest(acc["decoder_reports"], f"{rec['worker']} bucket {rec['bucket']}", rec.get("decoder_report"))
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -69,6 +80,8 @@ class BatchStatsFn(beam.CombineFn):
             out["hardware"] = sorted(set(out["hardware"]) | set(acc["hardware"]))
             for reason, n in acc["finish_reasons"].items():
                 out["finish_reasons"][reason] = out["finish_reasons"].get(reason, 0) + n
+            for key, report in acc["decoder_reports"].items():
+                _keep_latest(out["decoder_reports"], key, report)
         return out
 
     def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +138,9 @@ def job_stats_record(config: JobConfig, run_id: str, started: float, sums: dict[
         "batches": sums["batches"],
         "workers": sums["workers"],
         "finish_reasons": sums["finish_reasons"],
+        # Per worker and bucket: the block lengths' measured step costs, the acceptance seen, the
+        # expected tokens/s of each, and how many decode calls ran at each (and hybrid's source choices).
+        "block_choice": dict(sorted(sums["decoder_reports"].items())),
         "tau_note": TAU_NOTE,
         "files": {"completions": sorted(completion_files), "dead_letters": sorted(dead_files)},
     }

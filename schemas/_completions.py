@@ -8,7 +8,7 @@ from ._meta import NAME_KEY, SchemaError, contract_metadata
 from ._prompts import PROMPT_COLUMNS
 
 FINISH_REASONS = ("stop", "length", "eos")
-MODES = ("ar", "dflash", "ngram")
+MODES = ("ar", "dflash", "ngram", "hybrid")
 
 COMPLETIONS_SCHEMA = pa.schema(
     [

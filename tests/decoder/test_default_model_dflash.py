@@ -1,4 +1,4 @@
-"""DFlash greedy on the default model (SmolLM2-135M-Instruct) is token-identical to AR.
+"""DFlash and hybrid greedy on the default model (SmolLM2-135M-Instruct) are token-identical to AR.
 
 The drafter is the shipped one when it exists, else a randomly initialised drafter of the
 default model's shapes (a learned mask embedding, since SmolLM2 has no spare token): either
@@ -33,16 +33,25 @@ def _drafter(cfg):
         return dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0))
 
 
-def test_dflash_greedy_equals_ar_on_the_default_model():
+KW = dict(batch_size=3, max_new_tokens=96, prompt_buckets=(512,))
+
+
+@pytest.fixture(scope="module")
+def ar_run():
     target = load_target(MODEL)
     docs = aclsum_abstracts("test")[:4]
     reqs = [Request(id=d["id"], token_ids=render_messages(target.tokenizer, summarize_messages(d["document"])),
                     max_new_tokens=m) for d, m in zip(docs, (96, 40, 96, 17))]
-    kw = dict(batch_size=3, max_new_tokens=96, prompt_buckets=(512,))
-    ar = {r.id: r for r in Decoder(target, **kw).generate(reqs)}
-    dflash = {r.id: r for r in Decoder(target, mode="dflash", drafter=_drafter(target.config), block_size=8,
-                                       **kw).generate(reqs)}
-    for k, r in ar.items():
-        assert dflash[k].token_ids == r.token_ids, k
-        assert dflash[k].finish_reason == r.finish_reason, k
+    ar = {r.id: r for r in Decoder(target, **KW).generate(reqs)}
     assert any(r.finish_reason == "eos" for r in ar.values())
+    return target, reqs, ar
+
+
+@pytest.mark.parametrize("mode", ["dflash", "hybrid"])
+def test_speculative_greedy_equals_ar_on_the_default_model(ar_run, mode):
+    target, reqs, ar = ar_run
+    spec = {r.id: r for r in Decoder(target, mode=mode, drafter=_drafter(target.config), block_size=8,
+                                     **KW).generate(reqs)}
+    for k, r in ar.items():
+        assert spec[k].token_ids == r.token_ids, k
+        assert spec[k].finish_reason == r.finish_reason, k

@@ -21,10 +21,10 @@ N = 1500
 TEMPERATURE = 0.5  # peaked enough that 3-token sequences repeat, so the test has power
 
 
-def _samples(target, mode, seeds):
+def _samples(target, mode, seeds, drafter=None):
     prompt = [5, 17, 33, 8, 91, 4, 60]
     dec = Decoder(target, mode=mode, block_size=4, batch_size=16, max_new_tokens=4, prompt_buckets=(16,),
-                  prefill_chunk=16, chunk_steps=8)
+                  prefill_chunk=16, chunk_steps=8, drafter=drafter)
     reqs = [Request(id=str(s), token_ids=prompt, max_new_tokens=4, temperature=TEMPERATURE, seed=int(s))
             for s in seeds]
     return [tuple(r.token_ids[1:4]) for r in dec.generate(reqs) if len(r.token_ids) >= 4]
@@ -73,3 +73,11 @@ def test_distribution_test_catches_a_wrong_acceptance_rule(tiny_llama, ar_sample
     spec = _samples(tiny_llama, oracle, range(N, 2 * N))
     worst = min(_pvalue([s[0] for s in ar_samples], [s[0] for s in spec]), _pvalue(ar_samples, spec))
     assert worst < 1e-6
+
+
+def test_hybrid_sampling_matches_ar_distribution(tiny_llama, tiny_drafter, ar_samples):
+    """Per-row switching between DFlash and n-gram proposals keeps sampling exact."""
+    spec = _samples(tiny_llama, "hybrid", range(N, 2 * N), drafter=tiny_drafter)
+    assert len(spec) > 0.9 * N
+    assert _pvalue([s[0] for s in ar_samples], [s[0] for s in spec]) > 1e-3
+    assert _pvalue(ar_samples, spec) > 1e-3

@@ -101,3 +101,65 @@ def test_stats_count_drafted_and_accepted_tokens(tiny_llama, drafter, ar_referen
         committed = int((r.accepted_per_step * np.arange(1, 9)).sum())
         assert committed == r.completion_tokens - 1  # the prefill's token is not a decode step's
         assert r.draft_tokens_accepted == committed - r.decode_steps
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_hybrid_greedy_is_token_identical_to_ar(tiny_llama, drafter, ar_reference, batch_size):
+    reqs, ar = ar_reference
+    dec = Decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=batch_size,
+                  max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
+    out = {r.id: r for r in dec.generate(reqs)}
+    assert {k: r.token_ids for k, r in out.items()} == {k: r.token_ids for k, r in ar.items()}
+    assert {k: r.finish_reason for k, r in out.items()} == {k: r.finish_reason for k, r in ar.items()}
+    report = dec.block_report()["64"]["hybrid"]
+    assert report["steps_ngram"] + report["steps_dflash"] == sum(r.decode_steps for r in out.values())
+
+
+def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monkeypatch):
+    """A random drafter against a perfect proposal in the n-gram's place (always a
+    3-token match): the chooser learns to verify the better source, and tau follows it."""
+
+    def always_a_match(tokens, pos, n_draft):
+        return jnp.zeros((tokens.shape[0], n_draft), jnp.int32), jnp.full((tokens.shape[0],), 3, jnp.int32)
+
+    monkeypatch.setattr(_speculative, "ngram_match", always_a_match)
+    reqs = _requests(9, tiny_llama.config.vocab_size, seed=5, budgets=[24])
+    ar = {r.id: r.token_ids for r in Decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=BUCKETS,
+                                             prefill_chunk=16).generate(reqs)}
+
+    def perfect_choice(params, cfg, drafter_, s, block):
+        c = hybrid(params, cfg, drafter_, s, block)
+        perfect = propose_oracle(params, cfg, drafter_, s, block)
+        return c.replace(ngram=perfect)
+
+    hybrid = _speculative.propose_hybrid
+    monkeypatch.setitem(_speculative.PROPOSERS, "hybrid", perfect_choice)
+    _speculative.spec_decode.clear_cache()
+    try:
+        dec = Decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=3, max_new_tokens=24,
+                      prompt_buckets=BUCKETS, prefill_chunk=16)
+        out = list(dec.generate(reqs))
+    finally:
+        _speculative.spec_decode.clear_cache()
+    assert {r.id: r.token_ids for r in out} == ar
+    report = dec.block_report()["64"]["hybrid"]
+    assert report["steps_ngram"] > 4 * report["steps_dflash"], report
+    assert report["ngram_accepted_by_match_length"]["3"] > 4.0
+    steps = sum(r.decode_steps for r in out)
+    assert sum(r.completion_tokens - 1 for r in out) / steps > 4.0
+
+
+def test_hybrid_stats_count_only_the_committed_evidence():
+    st = _speculative.HybridStats.init()
+    choice = _speculative.HybridChoice(
+        ngram=jnp.asarray([[7, 8, 9], [1, 2, 3]]), dflash=jnp.asarray([[7, 0, 0], [1, 2, 3]]),
+        match=jnp.asarray([2, 1]), dflash_expect=jnp.asarray([0.5, 2.0]), use_ngram=jnp.asarray([False, True]))
+    y = jnp.asarray([[7, 8, 5, 4], [1, 2, 3, 6]])
+    # Row 0 verified DFlash: 1 accepted, so only y[0, :2] = 7 8 are committed; the n-gram's
+    # agreement with them (2) is censored there. Row 1 verified the n-gram: all 3 accepted.
+    new = _speculative._learn(st, choice, y, jnp.asarray([1, 3]), jnp.asarray([True, True]))
+    assert np.asarray(new.ngram_acc - st.ngram_acc).tolist() == [0, 3, 2, 0]
+    assert np.asarray(new.ngram_n - st.ngram_n).tolist() == [0, 1, 1, 0]
+    assert float(new.dflash_acc - st.dflash_acc) == 1 + 3
+    assert float(new.dflash_pred - st.dflash_pred) == pytest.approx(2.5)
+    assert (int(new.chose_ngram), int(new.chose_dflash)) == (1, 1)

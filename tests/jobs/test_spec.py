@@ -53,7 +53,7 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
     ("decode.batch_size=true", "decode.batch_size must be a positive integer, got true"),
     ("decode.batch_size=2.5", "decode.batch_size must be a positive integer, got 2.5"),
     ("decode.max_new_tokens=-1", "decode.max_new_tokens must be a positive integer, got -1"),
-    ("decode.mode=fast", "decode.mode must be one of ar/dflash/ngram, got 'fast'"),
+    ("decode.mode=fast", "decode.mode must be one of ar/dflash/ngram/hybrid, got 'fast'"),
     ("decode.temperature=-0.5", "decode.temperature must be a number >= 0, got -0.5"),
     ("decode.top_p=0", "decode.top_p must be a number in (0, 1], got 0"),
     ("decode.seed=x", "decode.seed must be an integer (int64), got 'x'"),
@@ -94,6 +94,8 @@ def test_required_fields(tmp_path):
 def test_cross_field_rules(spec_file):
     assert _problems(spec_file, "decode.mode=dflash", "model.drafter=none") == [
         "model.drafter must name a drafter (default, a folder or gs://) for decode.mode 'dflash', got 'none'"]
+    assert _problems(spec_file, "decode.mode=hybrid", "model.drafter=none") == [
+        "model.drafter must name a drafter (default, a folder or gs://) for decode.mode 'hybrid', got 'none'"]
     problems = _problems(spec_file, "runner.name=dataflow")
     assert "runner.project is required for runner.name 'dataflow'" in problems
     assert any(p.startswith("input must be a gs:// location") for p in problems)

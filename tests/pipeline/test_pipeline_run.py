@@ -134,3 +134,18 @@ def test_the_pipeline_runs_from_flags_alone_and_records_them(job, chat_model_dir
     assert stats["completions_out"] == 5
     assert json.loads(stats["spec_json"])["batch_size"] == 2  # no spec file: the flags are the record
     assert main(job_argv(chat_model_dir, tmp_path / "missing.parquet", tmp_path / "out2")) == 2
+
+
+def test_job_stats_record_the_automatic_block_choice_and_why(job, chat_model_dir, tmp_path):
+    built = build(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out", decode_mode="ngram",
+                           block_size="auto"))
+    stats = built.run().stats
+    assert stats["block_size"] == "auto" and stats["block_choice"]
+    for where, report in stats["block_choice"].items():
+        assert " bucket " in where
+        assert report["candidates"] == [1, 2, 4, 8, 16]
+        assert set(report["step_ms"]) == {"1", "2", "4", "8", "16"}  # measured at warmup, AR included
+        assert sum(report["decode_calls_by_block"].values()) >= 1
+        assert len(report["acceptance_q"]) == 15  # q_1..q_15, observed while exploring block 16
+        assert report["expected_tokens_per_step"]["1"] == 1.0  # AR is always a candidate
+    assert job_stats(tmp_path / "out")["block_choice"] == stats["block_choice"]

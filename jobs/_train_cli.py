@@ -149,12 +149,19 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
         summary["test"] = evaluate_test(tgt, out, test_prompts, test_limit, test_max_new_tokens)
         (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "README.md").write_text(model_card(summary, data_note, shape_note))
+    plot_tau_curve(summary.get("evals", []), out / "tau_vs_compute.png", summary["drafter"]["block_size"])
     click.echo(json.dumps({k: summary[k] for k in ("out_dir", "step", "finished", "evals", "train_seconds")} |
                           {"test": summary.get("test")}, indent=2, default=str))
     if not summary["finished"] and (stop_at is None or summary["step"] < stop_at):
         # Stopped by a signal before its end: a supervisor may rerun with --resume.
         click.echo(f"interrupted at step {summary['step']}; continue with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
+
+
+# The model card's evaluation: the drafter at its block and at 8, against the free n-gram peer and
+# the hybrid of both.
+TEST_RUNS = (("dflash_b16", "dflash", 16), ("dflash_b8", "dflash", 8), ("ngram_b16", "ngram", 16),
+             ("hybrid_b16", "hybrid", 16))
 
 
 def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int) -> dict:
@@ -165,10 +172,10 @@ def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max
     prompts, _ = read_prompts(prompts_path, target.tokenizer, "auto", limit)
     drafter = load_drafter(drafter_dir)
     out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "source": str(prompts_path)}
-    for name, mode, blk in (("dflash_b16", "dflash", 16), ("dflash_b8", "dflash", 8), ("ngram_b16", "ngram", 16)):
-        if mode == "dflash" and blk > drafter[0].block_size:
+    for name, mode, blk in TEST_RUNS:
+        if mode != "ngram" and blk > drafter[0].block_size:
             continue
-        r = decode_tau(target, prompts, mode=mode, drafter=drafter if mode == "dflash" else None, block_size=blk,
+        r = decode_tau(target, prompts, mode=mode, drafter=drafter if mode != "ngram" else None, block_size=blk,
                        max_new_tokens=max_new_tokens)
         out[name] = {"tau": r["tau"], "tau_mean": r["tau_mean"], "seconds": r["seconds"]}
     return out
@@ -242,7 +249,7 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
                      f"(block {d['block_size']}, {s.get('eval_max_new_tokens', '')} new tokens).")
     curve = [e for e in evals if "decoder_tau" in e]
     if len(curve) > 1:
-        lines += ["", "tau on the held-out prompts against training compute:", "",
+        lines += ["", "tau on the held-out prompts against training compute (plot: `tau_vs_compute.png`):", "",
                   "| step | predicted tokens | training hours | tau (decoder) | tau (held-out blocks, harmonic) |",
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {e['step']} | {e.get('predicted_tokens', 0):,} | {e.get('train_seconds', 0) / 3600:.2f} | "
@@ -252,7 +259,7 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
     if test:
         lines.append(f"- Evaluation set `{Path(test['source']).name}` ({test['prompts']} prompts, "
                      f"{test['max_new_tokens']} new tokens):")
-        for k in ("dflash_b16", "dflash_b8", "ngram_b16"):
+        for k, _, _ in TEST_RUNS:
             if k in test:
                 lines.append(f"  - {k}: tau {test[k]['tau']:.3f} (per-request mean {test[k]['tau_mean']:.3f})")
     lines += ["", "## Licence", "",
@@ -260,3 +267,32 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
               + (" (SmolLM2: Apache-2.0)." if "smollm2" in str(s["target"]).lower() else "."), "",
               f"_Card written {datetime.date.today().isoformat()} by `dflash-batch train-drafter`._", ""]
     return "\n".join(lines)
+
+
+def plot_tau_curve(evals: list[dict], path: Path, block_size: int) -> Path | None:
+    """Held-out tau (real decoder, and the cheap per-block estimate) against predicted tokens."""
+    curve = [e for e in evals if "decoder_tau" in e]
+    if len(curve) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [e.get("predicted_tokens", 0) / 1e6 for e in curve]
+    hours = [e.get("train_seconds", 0) / 3600 for e in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(x, [e["decoder_tau"] for e in curve], "o-", label=f"decoder tau (block {block_size}, held-out prompts)")
+    if all("heldout_tau_h" in e for e in curve):
+        ax.plot(x, [e["heldout_tau_h"] for e in curve], "s--", alpha=0.7, label="held-out blocks (harmonic tau)")
+    ax.set_xlabel("training compute: predicted tokens (millions)")
+    ax.set_ylabel("tau (tokens per verify step)")
+    top = ax.secondary_xaxis("top", functions=(lambda v: v, lambda v: v))
+    top.set_ticks(x[:: max(1, len(x) // 5)], labels=[f"{h:.2f} h" for h in hours[:: max(1, len(x) // 5)]])
+    top.set_xlabel("training wall time on this hardware")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -55,7 +55,7 @@ for ((attempt = 0; ; attempt++)); do
     --init target --standardize --distill 0.5 --top-k 32 \
     --lr 2e-3 --warmup 0.04 --seed 0 \
     --checkpoint-every 50 --eval-every 400 \
-    --test-prompts "$WORK/test-prompts.parquet" --test-max-new-tokens 128 \
+    --test-prompts "$WORK/test-prompts.parquet" --test-limit 32 --test-max-new-tokens 128 \
     --data-note "938 summarization prompts (\"Summarize the following text in a few sentences.\") over the 150 ACLSum \
 train+val papers, in chunks of <=180 words: 168 from abstracts, 197 from conclusions, 573 from introductions. ACLSum \
 (Takeshita et al., 2024) is distributed on PyPI as \`aclsum\` (MIT); the texts are ACL Anthology papers \

@@ -62,3 +62,16 @@ def test_best_drafter_keeps_the_higher_tau_and_ignores_another_runs(tiny_run, tm
     assert best.offer(300, 2.0, dcfg, params)  # a tie goes to the later step
     assert best.load()[0] == 300
     assert BestDrafter(tmp_path / "best", "run-b").load() is None  # another run's best is not ours
+
+
+def test_model_card_and_tau_plot_describe_the_run(tiny_run, tmp_path):
+    from dflash_batch.jobs._train_cli import model_card, plot_tau_curve
+
+    summary, _, _ = tiny_run
+    card = model_card(summary, data_note="random prompts", shape_note="tiny")
+    assert f"the step-{summary['exported_step']} drafter" in card and "random prompts" in card
+    rows = [line for line in card.splitlines() if line.startswith("| 200 |")]
+    assert len(rows) == 1 and f"{summary['evals'][-1]['decoder_tau']:.3f}" in rows[0]
+    png = plot_tau_curve(summary["evals"], tmp_path / "tau.png", 8)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert plot_tau_curve(summary["evals"][:1], tmp_path / "one.png", 8) is None  # one point is no curve

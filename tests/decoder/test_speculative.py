@@ -38,15 +38,19 @@ def ar_reference(tiny_llama):
     return reqs, {r.id: r for r in dec.generate(reqs)}
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 8])
-def test_dflash_greedy_is_token_identical_to_ar(tiny_llama, drafter, ar_reference, batch_size):
+@pytest.mark.parametrize("mode, batch_size", [("dflash", 1), ("dflash", 3), ("dflash", 8), ("hybrid", 1),
+                                              ("hybrid", 3)])
+def test_speculative_greedy_is_token_identical_to_ar(tiny_llama, drafter, ar_reference, mode, batch_size):
     reqs, ar = ar_reference
-    dec = Decoder(tiny_llama, mode="dflash", drafter=drafter, block_size=8, batch_size=batch_size,
+    dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size=8, batch_size=batch_size,
                   max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
     out = {r.id: r for r in dec.generate(reqs)}
     assert {k: r.token_ids for k, r in out.items()} == {k: r.token_ids for k, r in ar.items()}
     assert {k: r.finish_reason for k, r in out.items()} == {k: r.finish_reason for k, r in ar.items()}
     assert any(r.finish_reason == "eos" for r in ar.values())  # EOS is exercised
+    if mode == "hybrid":  # every step verified one of the two sources
+        report = dec.block_report()["64"]["hybrid"]
+        assert report["steps_ngram"] + report["steps_dflash"] == sum(r.decode_steps for r in out.values())
 
 
 def test_ngram_greedy_is_token_identical_to_ar(tiny_llama, ar_reference):
@@ -101,18 +105,6 @@ def test_stats_count_drafted_and_accepted_tokens(tiny_llama, drafter, ar_referen
         committed = int((r.accepted_per_step * np.arange(1, 9)).sum())
         assert committed == r.completion_tokens - 1  # the prefill's token is not a decode step's
         assert r.draft_tokens_accepted == committed - r.decode_steps
-
-
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_hybrid_greedy_is_token_identical_to_ar(tiny_llama, drafter, ar_reference, batch_size):
-    reqs, ar = ar_reference
-    dec = Decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=batch_size,
-                  max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
-    out = {r.id: r for r in dec.generate(reqs)}
-    assert {k: r.token_ids for k, r in out.items()} == {k: r.token_ids for k, r in ar.items()}
-    assert {k: r.finish_reason for k, r in out.items()} == {k: r.finish_reason for k, r in ar.items()}
-    report = dec.block_report()["64"]["hybrid"]
-    assert report["steps_ngram"] + report["steps_dflash"] == sum(r.decode_steps for r in out.values())
 
 
 def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monkeypatch):

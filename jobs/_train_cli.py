@@ -262,6 +262,11 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         for k, _, _ in TEST_RUNS:
             if k in test:
                 lines.append(f"  - {k}: tau {test[k]['tau']:.3f} (per-request mean {test[k]['tau_mean']:.3f})")
+        if "dflash_b16" in test and "ngram_b16" in test:
+            dfl, ng = test["dflash_b16"]["tau"], test["ngram_b16"]["tau"]
+            lines.append(f"- Against the free n-gram peer at block 16: {dfl:.2f} vs {ng:.2f}, so this drafter "
+                         + ("beats it." if dfl > ng else "does NOT beat it: on this data use mode `hybrid` (or "
+                            "`ngram`), which verifies the n-gram match where it promises more."))
     lines += ["", "## Licence", "",
               "The weights derive from the target model's (layers, output rows) and follow its licence"
               + (" (SmolLM2: Apache-2.0)." if "smollm2" in str(s["target"]).lower() else "."), "",

@@ -8,10 +8,20 @@ Speculation pays only when the tokens a step commits outgrow what the step costs
 Seconds per step are measured at warmup for every candidate L at the engine's own
 batch size (L = 1 is plain AR through the same state), because the ratio of an
 L-token target pass to a 1-token pass depends on hardware and batch: near 1 on an
-accelerator, 2-3x at L = 8-16 on a small CPU. q_k is counted from the steps
-actually run. The policy explores at the largest L first, for a few steps (and again every
-``explore_every`` decode calls, so it can notice acceptance improving), then runs
-the argmax. AR is a candidate, so the choice is never expected to be slower than AR.
+accelerator, 2-3x at L = 8-16 on a small CPU. A warmup measurement is a few steps
+long, so every decode call's own wall time (host round trip included) refines the
+cost of the L it ran; the warmup counts as ``warmup_weight`` steps. q_k is counted from the steps
+actually run.
+
+Exploring is a short call (a few steps) at the L with the best *optimistic* throughput:
+unobserved q_k are taken as high as the last observed one allows (q_k never grows with
+k; 1 before anything is seen). So the first exploration is at the L that would pay most if
+every draft were accepted (the largest L on an accelerator, a middle one where large
+passes are dear, as at batch 16 on a CPU), a larger L is explored only while its
+optimistic throughput still beats the best estimate, and every ``explore_every`` calls the
+best speculative L runs once more so improving acceptance is noticed. Otherwise the
+policy runs the argmax. AR is a candidate, so the choice is never expected to be slower
+than AR.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ class BlockPolicy:
     trials: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that could accept >= k
     successes: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that accepted >= k
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
+    warmup_weight: int = 8
+    run_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # decode calls' wall time, by L
+    run_steps: dict[int, int] = dataclasses.field(default_factory=dict)
     exploring: bool = False  # whether the last choice was an exploration (the engine keeps it short)
     _n_calls: int = 0
 
@@ -54,6 +67,18 @@ class BlockPolicy:
             self.trials[k] += steps
             self.successes[k] += int(hist_delta[committed >= k + 1].sum())
 
+    def observe_cost(self, block: int, seconds: float, steps: int) -> None:
+        """Adds one decode call's wall time and step count at block length ``block``."""
+        if steps > 0:
+            self.run_seconds[block] = self.run_seconds.get(block, 0.0) + seconds
+            self.run_steps[block] = self.run_steps.get(block, 0) + steps
+
+    def cost(self, block: int) -> float:
+        """Seconds per step at ``block``: the warmup measurement refined by the calls run since."""
+        w = self.warmup_weight if block in self.step_seconds else 0
+        total = w * self.step_seconds.get(block, 0.0) + self.run_seconds.get(block, 0.0)
+        return total / (w + self.run_steps.get(block, 0))
+
     def acceptance(self) -> np.ndarray:
         """q_k for k = 1..Lmax-1 (index k); unobserved k count as 0."""
         q = np.zeros(self.largest, np.float64)
@@ -66,18 +91,37 @@ class BlockPolicy:
 
     def throughput(self, block: int) -> float:
         """Expected committed tokens per second per row at this block length."""
-        return self.expected_tokens(block) / self.step_seconds[block]
+        return self.expected_tokens(block) / self.cost(block)
+
+    def optimistic_tokens(self, block: int) -> float:
+        """E[tokens per step | block] with every unobserved q_k as high as it can be: the
+        last observed q (acceptance never rises with k), or 1 before anything is seen."""
+        q, e, bound = self.acceptance(), 1.0, 1.0
+        for k in range(1, block):
+            if self.trials[k] > 0:
+                bound = min(bound, q[k])
+                e += q[k]
+            else:
+                e += bound
+        return e
+
+    def _unobserved(self, block: int) -> bool:
+        return bool(np.any(self.trials[1:block] == 0))
 
     def choose(self) -> int:
         self._n_calls += 1
-        self.exploring = self.largest > 1 and len(self.candidates) > 1 and (
-            self.trials[1] == 0 or self._n_calls % self.explore_every == 0)
-        if self.exploring:
-            block = self.largest
-        elif len(self.candidates) == 1:
+        self.exploring = False
+        if len(self.candidates) == 1:
             block = self.largest
         else:
-            block = max(self.candidates, key=self.throughput)
+            best = max(self.candidates, key=self.throughput)
+            spec = [b for b in self.candidates if b > 1]
+            hopeful = max(spec, key=lambda b: self.optimistic_tokens(b) / self.cost(b))
+            promising = self._unobserved(hopeful) and (
+                self.optimistic_tokens(hopeful) / self.cost(hopeful) > self.throughput(best))
+            periodic = self._n_calls % self.explore_every == 0 and hopeful != best
+            self.exploring = promising or periodic
+            block = hopeful if self.exploring else best
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 
@@ -86,9 +130,12 @@ class BlockPolicy:
         return {
             "candidates": list(self.candidates),
             "step_ms": {str(b): round(s * 1e3, 3) for b, s in sorted(self.step_seconds.items())},
+            "step_ms_refined": {str(b): round(self.cost(b) * 1e3, 3) for b in self.candidates
+                                if b in self.step_seconds or b in self.run_steps},
             "acceptance_q": [round(float(x), 4) for x in self.acceptance()[1:]],
             "expected_tokens_per_step": {str(b): round(self.expected_tokens(b), 3) for b in self.candidates},
             "expected_tokens_per_s_per_row": {str(b): round(self.throughput(b), 2)
-                                              for b in self.candidates if b in self.step_seconds},
+                                              for b in self.candidates
+                                              if b in self.step_seconds or b in self.run_steps},
             "decode_calls_by_block": {str(b): n for b, n in sorted(self.calls.items())},
         }

@@ -144,8 +144,10 @@ class SlotEngine:
             block = self.policy.choose()
             # An exploring call runs only a few steps: it is there to measure acceptance.
             steps = EXPLORE_STEPS if self.policy.exploring else self.chunk_steps
-            self.state, _ = self.phases.decode(self.state, jnp.asarray(more()), block, np.int32(steps))
-            done, n_out, hist = jax.device_get((self.state.done, self.state.n_out, self.state.hist))
+            t_call = time.perf_counter()
+            self.state, ran = self.phases.decode(self.state, jnp.asarray(more()), block, np.int32(steps))
+            done, n_out, hist, ran = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran))
+            self.policy.observe_cost(block, time.perf_counter() - t_call, int(ran))
             self.policy.observe(block, (hist - seen_hist).sum(axis=0))
             seen_hist = hist.astype(np.int64)
             need_out = [i for i, r in enumerate(rows) if r is not None and (done[i] or r[0].stop)]

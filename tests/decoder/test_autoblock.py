@@ -53,3 +53,28 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
     # the step short (counted as a rejection, which only makes the policy conservative).
     assert report["acceptance_q"][0] > 0.8
     assert sum(report["decode_calls_by_block"].values()) >= 1
+
+
+def test_decode_calls_refine_the_warmup_cost_estimate():
+    policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.5}, warmup_weight=8)
+    policy.observe(4, np.array([0, 10, 0, 0]))  # 2 tokens per step at L=4
+    assert policy.choose() == 4  # 2 / 1.5 beats 1 / 1.0
+    policy.observe_cost(4, seconds=24 * 3.0, steps=24)  # running, L=4 steps really cost 3 s
+    assert policy.cost(4) == (8 * 1.5 + 72.0) / 32
+    assert policy.choose() == 1  # 2 / 2.625 loses to AR
+    assert policy.report()["step_ms_refined"] == {"1": 1000.0, "4": 2625.0}
+    policy.observe_cost(1, seconds=0.0, steps=0)  # a call that ran no step changes nothing
+    assert policy.cost(1) == 1.0
+
+
+def test_explores_where_optimism_pays_and_stops_when_acceptance_rules_larger_blocks_out():
+    # Large passes are dear (a CPU at batch 16): if every draft were accepted, L=8 would pay most.
+    policy = BlockPolicy((1, 2, 4, 8, 16), explore_every=1000,
+                         step_seconds={1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0, 16: 6.0})
+    assert policy.choose() == 8 and policy.exploring
+    # Eight steps at L=8 committed 1, 1, 1, 1, 2, 2, 3 and 4 tokens: q_1..q_3 = 1/2, 1/4, 1/8, q_4..q_7 = 0.
+    policy.observe(8, np.array([4, 2, 1, 1, 0, 0, 0, 0]))
+    assert policy.optimistic_tokens(16) == policy.expected_tokens(8) == 1.875
+    # E = 1.875 at L = 4 and 8; 1.875 / 1.3 beats AR (1 / 1.0) and everything else; L=16 is never tried.
+    assert [policy.choose() for _ in range(5)] == [4] * 5 and not policy.exploring
+    assert 16 not in policy.calls

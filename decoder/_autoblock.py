@@ -20,8 +20,9 @@ every draft were accepted (the largest L on an accelerator, a middle one where l
 passes are dear, as at batch 16 on a CPU), a larger L is explored only while its
 optimistic throughput still beats the best estimate, and every ``explore_every`` calls the
 best speculative L runs once more so improving acceptance is noticed. Otherwise the
-policy runs the argmax. AR is a candidate, so the choice is never expected to be slower
-than AR.
+policy runs the argmax, except that a speculative L must beat AR by ``margin`` (estimates
+are noisy, and near a tie AR is the safe side). AR is a candidate, so the choice is never
+expected to be slower than AR.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class BlockPolicy:
     successes: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that accepted >= k
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
     warmup_weight: int = 8
+    margin: float = 0.05  # a speculative L must promise this much more than AR to be chosen
     run_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # decode calls' wall time, by L
     run_steps: dict[int, int] = dataclasses.field(default_factory=dict)
     exploring: bool = False  # whether the last choice was an exploration (the engine keeps it short)
@@ -115,6 +117,8 @@ class BlockPolicy:
             block = self.largest
         else:
             best = max(self.candidates, key=self.throughput)
+            if 1 in self.candidates and self.throughput(best) < (1 + self.margin) * self.throughput(1):
+                best = 1
             spec = [b for b in self.candidates if b > 1]
             hopeful = max(spec, key=lambda b: self.optimistic_tokens(b) / self.cost(b))
             promising = self._unobserved(hopeful) and (

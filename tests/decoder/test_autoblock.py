@@ -78,3 +78,11 @@ def test_explores_where_optimism_pays_and_stops_when_acceptance_rules_larger_blo
     # E = 1.875 at L = 4 and 8; 1.875 / 1.3 beats AR (1 / 1.0) and everything else; L=16 is never tried.
     assert [policy.choose() for _ in range(5)] == [4] * 5 and not policy.exploring
     assert 16 not in policy.calls
+
+
+def test_a_near_tie_goes_to_ar():
+    policy = BlockPolicy((1, 2), explore_every=1000, step_seconds={1: 1.0, 2: 1.2}, margin=0.05)
+    policy.observe(2, np.array([77, 23]))  # E = 1.23 tokens per step: 1.025x AR's throughput
+    assert policy.choose() == 1
+    policy.observe(2, np.array([0, 200]))  # now E = 1.74: 1.45x
+    assert policy.choose() == 2

@@ -86,8 +86,9 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
     assert drafts.tolist() == [[7, 1, 2]]
 
 
-def test_no_recompilation_after_warmup(tiny_llama, drafter):
-    dec = Decoder(tiny_llama, mode="dflash", drafter=drafter, block_size=6, batch_size=3, max_new_tokens=24,
+@pytest.mark.parametrize("mode, block_size", [("dflash", 6), ("hybrid", "auto")])
+def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
+    dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block_size, batch_size=3, max_new_tokens=24,
                   prompt_buckets=BUCKETS, prefill_chunk=16)
     dec.warmup(64)
     reqs = _requests(7, tiny_llama.config.vocab_size, seed=3, budgets=[3, 24, 11], temperature=0.8)

@@ -115,7 +115,10 @@ class Decode(beam.DoFn):
                     pass
             compile_seconds = model.decoder.compile_seconds - compiled_before
             # Cumulative for this worker's batch of this bucket: block lengths measured and chosen, and why.
-            decoder_report = model.decoder.block_report().get(str(bucket), {})
+            try:
+                decoder_report = model.decoder.block_report().get(str(bucket), {})
+            except Exception:  # noqa: BLE001 - a report is never worth failing the bundle's rows
+                decoder_report = {}
         seconds = time.perf_counter() - t0
         index = batch_index([it.id for it in items])
 

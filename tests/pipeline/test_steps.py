@@ -11,7 +11,7 @@ import pytest
 from dflash_batch.decoder import Result
 from dflash_batch.pipeline import _model
 from dflash_batch.pipeline._batching import shard_of
-from dflash_batch.pipeline._decode import Decode, model_key
+from dflash_batch.pipeline._decode import STATS, Decode, model_key
 from dflash_batch.pipeline._io import table_rows
 from dflash_batch.pipeline._options import JobConfig
 from dflash_batch.pipeline._rows import DEAD, REJECTED, ROW_JSON, ToRows
@@ -71,6 +71,9 @@ class _FailingDecoder:
     def reset(self, bucket=None):
         self.engines[bucket] = "reset"
 
+    def block_report(self):
+        return {"16": {"decode_calls_by_block": {"1": 1}}}
+
 
 @pytest.fixture
 def failing_model():
@@ -98,3 +101,5 @@ def test_a_decoder_failure_turns_unfinished_rows_into_dead_letters(failing_model
     assert [d["id"] for d in dead] == ["r1", "r2"]
     assert all(d["error"] == "decode failed: RuntimeError: device out of memory" for d in dead)
     assert decoder.engines[16] == "reset"  # the next batch starts from fresh slots
+    stats = [o.value for o in out if getattr(o, "tag", None) == STATS]
+    assert stats[0]["decoder_report"] == {"decode_calls_by_block": {"1": 1}}  # this bucket's report

@@ -131,15 +131,13 @@ class BlockPolicy:
 
     def report(self) -> dict:
         """What was measured and chosen, and why: for the job stats."""
+        costed = [b for b in self.candidates if b in self.step_seconds or b in self.run_steps]
         return {
             "candidates": list(self.candidates),
             "step_ms": {str(b): round(s * 1e3, 3) for b, s in sorted(self.step_seconds.items())},
-            "step_ms_refined": {str(b): round(self.cost(b) * 1e3, 3) for b in self.candidates
-                                if b in self.step_seconds or b in self.run_steps},
+            "step_ms_refined": {str(b): round(self.cost(b) * 1e3, 3) for b in costed},
             "acceptance_q": [round(float(x), 4) for x in self.acceptance()[1:]],
             "expected_tokens_per_step": {str(b): round(self.expected_tokens(b), 3) for b in self.candidates},
-            "expected_tokens_per_s_per_row": {str(b): round(self.throughput(b), 2)
-                                              for b in self.candidates
-                                              if b in self.step_seconds or b in self.run_steps},
+            "expected_tokens_per_s_per_row": {str(b): round(self.throughput(b), 2) for b in costed},
             "decode_calls_by_block": {str(b): n for b, n in sorted(self.calls.items())},
         }

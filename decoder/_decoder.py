@@ -15,6 +15,7 @@ from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
 
 MODES = ("ar", "dflash", "ngram", "hybrid")
+DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
 AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
 
 
@@ -33,7 +34,7 @@ class Decoder:
         verified block length L (drafts per step + 1) of the speculative modes, or "auto":
         chosen per batch among AUTO_BLOCKS (1 = AR included) from measured step costs and
         observed acceptance."""
-        uses_drafter = mode in ("dflash", "hybrid")
+        uses_drafter = mode in DRAFTER_MODES
         largest = drafter[0].block_size if (uses_drafter and drafter is not None) else 16
         if block_size == "auto":
             self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)

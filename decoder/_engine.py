@@ -77,10 +77,10 @@ class SlotEngine:
             s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
                                     np.int32(2), np.float32(0), np.float32(1), row_key(slot))
         for block in self.phases.blocks:
-            # The first call compiles; then the best of a few short timed calls, since one-off
-            # work (cache writes, allocations) may land in any single measurement.
+            # The first call compiles; then the best of a few short timed calls (one when there is
+            # no choice to make), since one-off work (cache writes, allocations) may land in any one.
             per_step = []
-            for timed in (False, True, True, True):
+            for timed in (False,) + (True,) * (3 if len(self.phases.blocks) > 1 else 1):
                 budget = min(self.capacity, 1 + WARMUP_STEPS * block)
                 s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
                               budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
@@ -90,7 +90,7 @@ class SlotEngine:
                 steps = int(steps)
                 if timed and steps:
                     per_step.append((time.perf_counter() - t1) / steps)
-            if per_step and len(self.phases.blocks) > 1:
+            if per_step:
                 self.policy.step_seconds[block] = min(per_step)
         self.state = self.phases.init_state()
         dt = time.perf_counter() - t0

@@ -123,10 +123,14 @@ def _dflash_logits(params: Params, cfg: TargetConfig, drafter, s: Slots, block: 
     return draft_block(dparams, dcfg, params, cfg, block_in, s.pos, ex.ctx_k, ex.ctx_v, s.pos)
 
 
+def _greedy_drafts(drafter, dlogits: jax.Array) -> jax.Array:
+    """The drafter's top-1 tokens [B, L-1], as target ids."""
+    return draft_to_target_ids(drafter[0], jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)
+
+
 def propose_dflash(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
     """L-1 drafts per row from ONE drafter pass over [anchor, MASK x (L-1)], greedy."""
-    dlogits = _dflash_logits(params, cfg, drafter, s, block)
-    return draft_to_target_ids(drafter[0], jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)  # [B, L-1]
+    return _greedy_drafts(drafter, _dflash_logits(params, cfg, drafter, s, block))
 
 
 def propose_ngram(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
@@ -159,7 +163,7 @@ def propose_hybrid(params: Params, cfg: TargetConfig, drafter, s: Slots, block: 
     dlogits = _dflash_logits(params, cfg, drafter, s, block)
     p_top = jnp.max(jax.nn.softmax(dlogits, axis=-1), axis=-1)  # [B, L-1]
     expect = jnp.sum(jnp.cumprod(p_top, axis=1), axis=1)  # [B]
-    d_drafts = draft_to_target_ids(drafter[0], jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)
+    d_drafts = _greedy_drafts(drafter, dlogits)
     n_drafts, match = ngram_match(s.extra.tokens, s.pos, block - 1)
     promise_d = expect * st.dflash_acc / st.dflash_pred
     promise_n = (st.ngram_acc / st.ngram_n)[match]

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dflash_batch.decoder import Decoder, Request, TargetModel
+from dflash_batch.decoder import DRAFTER_MODES, Decoder, Request, TargetModel
 
 
 def run_mode(target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int, repeats: int,
@@ -34,10 +34,11 @@ def run_mode(target: TargetModel, requests: Sequence[Request], batch_size: int, 
     tau = float((hist * np.arange(1, len(hist) + 1)).sum() / steps) if steps else 1.0
     out = {"tokens_per_s": statistics.median(speeds), "runs": speeds, "tau": tau,
            "tokens": {r.id: r.token_ids for r in results}, "compile_seconds": compile_s}
+    report = dec.block_report()
     if block_size == "auto" and mode != "ar":
-        out["auto"] = dec.block_report()
+        out["auto"] = report
     if mode == "hybrid":
-        out["hybrid"] = {k: v["hybrid"] for k, v in dec.block_report().items() if "hybrid" in v}
+        out["hybrid"] = {k: v["hybrid"] for k, v in report.items() if "hybrid" in v}
     return out
 
 
@@ -94,10 +95,10 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
                          "runs": hf["runs"], "tau_mean": 1.0, "speedup": hf["tokens_per_s"] / ar["tokens_per_s"],
                          "identical_fraction": identical_fraction(hf["tokens"], ar["tokens"]), "compile_seconds": 0.0})
         for mode in modes:
-            if mode in ("dflash", "hybrid") and drafter is None:
+            if mode in DRAFTER_MODES and drafter is None:
                 continue
             for blk in [*block_sizes, "auto"]:
-                if mode in ("dflash", "hybrid") and blk != "auto" and blk > drafter[0].block_size:
+                if mode in DRAFTER_MODES and blk != "auto" and blk > drafter[0].block_size:
                     continue
                 r = run_mode(target, requests, b, max_new_tokens, repeats, mode=mode, drafter=drafter, block_size=blk)
                 row = {**base, "mode": mode, "block_size": blk, "tokens_per_s": r["tokens_per_s"], "runs": r["runs"],

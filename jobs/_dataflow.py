@@ -86,6 +86,7 @@ def check_dataflow(spec) -> list[str]:
 
 
 def _model_problems(spec) -> list[str]:
+    from dflash_batch.decoder import DRAFTER_MODES
     from dflash_batch.decoder._registry import _EMBEDDED
 
     problems = []
@@ -94,7 +95,7 @@ def _model_problems(spec) -> list[str]:
         problems.append(f"model.target must be a gs:// prefix or a registered name ({', '.join(sorted(_EMBEDDED))}) "
                         f"for a Dataflow job, got {target!r}")
     drafter = spec.model.drafter
-    if spec.decode.mode in ("dflash", "hybrid") and not (drafter.startswith("gs://") or drafter in ("default", "none")):
+    if spec.decode.mode in DRAFTER_MODES and not (drafter.startswith("gs://") or drafter in ("default", "none")):
         problems.append(f"model.drafter must be a gs:// prefix, 'default' or 'none' for a Dataflow job, "
                         f"got {drafter!r}")
     return problems

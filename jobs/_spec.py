@@ -54,10 +54,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from dflash_batch.decoder import DEFAULT_MODEL, DEFAULT_PROMPT_BUCKETS
+from dflash_batch.decoder import DEFAULT_MODEL, DEFAULT_PROMPT_BUCKETS, DRAFTER_MODES, MODES
 from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
 
-MODES = ("ar", "dflash", "ngram", "hybrid")
 RUNNERS = ("direct", "dataflow")
 RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
 DATAFLOW_STR_KEYS = ("project", "region", "zone", "temp_location", "staging_location", "tpu_type", "tpu_topology",
@@ -320,7 +319,7 @@ def _local(location: str) -> str:
 def _cross_checks(spec: JobSpec) -> None:
     problems = []
     d = spec.decode
-    if d.mode in ("dflash", "hybrid") and spec.model.drafter == "none":
+    if d.mode in DRAFTER_MODES and spec.model.drafter == "none":
         problems.append(f"model.drafter must name a drafter (default, a folder or gs://) for decode.mode {d.mode!r}, "
                         "got 'none'")
     if spec.runner.name == "dataflow":

@@ -71,14 +71,14 @@ def bench(model: str, drafter: str, num_prompts: int, batch_sizes: list[int], bl
 
     tau counts the bonus token: it is the mean number of tokens a decode step commits.
     """
-    from dflash_batch.decoder import load_drafter, load_target, resolve_drafter_dir
+    from dflash_batch.decoder import DRAFTER_MODES, load_drafter, load_target, resolve_drafter_dir
     from dflash_batch.jobs._bench import bench as run_bench
     from dflash_batch.jobs._bench import format_table
 
     target = load_target(model)
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     dft = None
-    if {"dflash", "hybrid"} & set(mode_list):
+    if set(DRAFTER_MODES) & set(mode_list):
         try:
             folder = resolve_drafter_dir(drafter, model)
         except ValueError as e:
@@ -87,7 +87,7 @@ def bench(model: str, drafter: str, num_prompts: int, batch_sizes: list[int], bl
             click.echo(f"skipping dflash and hybrid: {e}", err=True)
             folder = None
         if folder is None:
-            mode_list = [m for m in mode_list if m not in ("dflash", "hybrid")]
+            mode_list = [m for m in mode_list if m not in DRAFTER_MODES]
         else:
             dcfg, dparams = load_drafter(folder)
             dft = (dcfg, dparams)

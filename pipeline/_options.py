@@ -14,10 +14,9 @@ from typing import Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from dflash_batch.decoder import DEFAULT_PROMPT_BUCKETS
+from dflash_batch.decoder import DEFAULT_PROMPT_BUCKETS, DRAFTER_MODES, MODES
 from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
 
-MODES = ("ar", "dflash", "ngram", "hybrid")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -97,7 +96,7 @@ class JobConfig:
                 problems.append(f"--{flag} is required")
         if self.mode not in MODES:
             problems.append(f"--decode_mode must be one of {'/'.join(MODES)}, got {self.mode!r}")
-        if self.mode in ("dflash", "hybrid") and not self.drafter:
+        if self.mode in DRAFTER_MODES and not self.drafter:
             problems.append(f"--decode_mode {self.mode} needs --drafter")
         if self.block_size != "auto" and not (isinstance(self.block_size, int) and self.block_size >= 1):
             problems.append(f"--block_size must be 'auto' or >= 1, got {self.block_size!r}")
@@ -130,7 +129,7 @@ class JobConfig:
         workers = _worker_count(options)
         return cls(
             input=o.input or "", output=(o.output or "").rstrip("/"), model=o.model or "",
-            drafter=o.drafter if o.decode_mode in ("dflash", "hybrid") else None, mode=o.decode_mode,
+            drafter=o.drafter if o.decode_mode in DRAFTER_MODES else None, mode=o.decode_mode,
             block_size=o.block_size, batch_size=batch_size, max_new_tokens=o.max_new_tokens,
             temperature=o.temperature, top_p=o.top_p, seed=o.seed, template=o.prompt_template,
             instruction=o.prompt_instruction, prompt_buckets=_int_list(o.prompt_buckets),

@@ -12,6 +12,7 @@ import os
 
 import pyarrow as pa
 
+from dflash_batch.decoder import DRAFTER_MODES
 from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, MANIFEST_FILE, PARQUET_SUFFIX, join, match_files, \
     parquet_footer, read_json
 from dflash_batch.pipeline._model import check_drafter, drafter_block_size, model_config_exists
@@ -98,7 +99,7 @@ def preflight(config: JobConfig) -> Preflight:
     except ValueError as e:
         raise JobRefused("model.target", str(e)) from None
     drafter = None
-    if config.mode in ("dflash", "hybrid"):
+    if config.mode in DRAFTER_MODES:
         try:
             drafter = check_drafter(config.model, config.drafter)
             limit = drafter_block_size(drafter)

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import apache_beam as beam
 import numpy as np
 
+from dflash_batch.pipeline._decode import drafter_id
 from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, delete, join, \
     match_files, write_json
 from dflash_batch.pipeline._options import JobConfig
@@ -122,7 +123,7 @@ def job_stats_record(config: JobConfig, run_id: str, started: float, sums: dict[
         "batch_size": config.batch_size,
         "hardware": ", ".join(sums["hardware"]) or None,
         "model": config.model,
-        "drafter": {"ar": None, "ngram": "ngram"}.get(config.mode, config.drafter),
+        "drafter": drafter_id(config),
         # Beyond the schema:
         "run_id": run_id,
         "name": config.name,

@@ -212,7 +212,7 @@ class BestDrafter:
 
     def __init__(self, folder: Path, run_id: str):
         self.folder, self.run_id = Path(folder), run_id
-        self.record = folder / "best.json"
+        self.record = self.folder / "best.json"
 
     def _current(self) -> dict | None:
         if not self.record.exists():

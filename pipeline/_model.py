@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any
 
-from dflash_batch.decoder import DRAFTER_MODES, Decoder, DrafterConfig, enable_compilation_cache, load_drafter, load_target, \
-    resolve_drafter_dir, resolve_model_dir
+from dflash_batch.decoder import DRAFTER_MODES, Decoder, DrafterConfig, enable_compilation_cache, load_drafter, \
+    load_target, resolve_drafter_dir, resolve_model_dir
 
 # Loads per model in this process: what the tests read to prove "once per process".
 load_counts: collections.Counter[str] = collections.Counter()

@@ -10,19 +10,21 @@ batch size (L = 1 is plain AR through the same state), because the ratio of an
 L-token target pass to a 1-token pass depends on hardware and batch: near 1 on an
 accelerator, 2-3x at L = 8-16 on a small CPU. A warmup measurement is a few steps
 long, so every decode call's own wall time (host round trip included) refines the
-cost of the L it ran; the warmup counts as ``warmup_weight`` steps. q_k is counted from the steps
-actually run.
+cost of the L it ran, and the drift of all calls from their warmup costs scales every L's
+warmup cost alike (see ``cost``). q_k is counted from the steps actually run.
 
-Exploring is a short call (a few steps) at the L with the best *optimistic* throughput:
-unobserved q_k are taken as high as the last observed one allows (q_k never grows with
-k; 1 before anything is seen). So the first exploration is at the L that would pay most if
-every draft were accepted (the largest L on an accelerator, a middle one where large
-passes are dear, as at batch 16 on a CPU), a larger L is explored only while its
-optimistic throughput still beats the best estimate, and every ``explore_every`` calls the
-best speculative L runs once more so improving acceptance is noticed. Otherwise the
-policy runs the argmax, except that a speculative L must beat AR by ``margin`` (estimates
-are noisy, and near a tie AR is the safe side). AR is a candidate, so the choice is never
-expected to be slower than AR.
+Exploring is a short call (a few steps). Each L has an *optimistic* throughput: unobserved
+q_k are taken as high as the last observed one allows (q_k never grows with k; 1 before
+anything is seen). Exploration walks upward: it runs the smallest L with an unobserved q_k
+whose optimistic throughput beats the best estimate. The smallest L is the cheapest call,
+and the q_k it measures bound every larger L, so where large passes are dear (a CPU at
+batch 16) the walk stops after one or two cheap calls, and where they are nearly free (an
+accelerator) it climbs to the largest L in a few. Every ``explore_every`` calls the
+runner-up (the best other L by optimistic throughput, AR included) runs once, so improving
+acceptance, or a cost that has moved, is noticed. Otherwise the policy runs the argmax,
+except that a speculative L must beat AR by ``margin`` (estimates are noisy, and near a
+tie AR is the safe side). AR is a candidate, so the choice is never expected to be slower
+than AR.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class BlockPolicy:
     successes: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that accepted >= k
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
     warmup_weight: int = 8
-    margin: float = 0.05  # a speculative L must promise this much more than AR to be chosen
+    margin: float = 0.10  # a speculative L must promise this much more than AR to be chosen
     run_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # decode calls' wall time, by L
     run_steps: dict[int, int] = dataclasses.field(default_factory=dict)
     exploring: bool = False  # whether the last choice was an exploration (the engine keeps it short)
@@ -75,10 +77,24 @@ class BlockPolicy:
             self.run_seconds[block] = self.run_seconds.get(block, 0.0) + seconds
             self.run_steps[block] = self.run_steps.get(block, 0) + steps
 
+    def slowdown(self) -> float:
+        """How much slower decode calls have run than warmup measured, over every block length
+        run (1.0 before any): the machine's own drift (a busy neighbour, a longer cache), which
+        every length shares."""
+        warm = [b for b in self.run_steps if b in self.step_seconds]
+        expected = sum(self.run_steps[b] * self.step_seconds[b] for b in warm)
+        return sum(self.run_seconds[b] for b in warm) / expected if expected > 0 else 1.0
+
     def cost(self, block: int) -> float:
-        """Seconds per step at ``block``: the warmup measurement refined by the calls run since."""
+        """Seconds per step at ``block``: the warmup measurement scaled by the machine's drift
+        since, counting as ``warmup_weight`` steps, pooled with the calls run at this length.
+
+        Scaling every length by the same drift keeps a rarely run length comparable with a
+        often run one: without it, a slow spell would be charged only to the length that
+        happened to run during it.
+        """
         w = self.warmup_weight if block in self.step_seconds else 0
-        total = w * self.step_seconds.get(block, 0.0) + self.run_seconds.get(block, 0.0)
+        total = w * self.step_seconds.get(block, 0.0) * self.slowdown() + self.run_seconds.get(block, 0.0)
         return total / (w + self.run_steps.get(block, 0))
 
     def acceptance(self) -> np.ndarray:
@@ -120,12 +136,17 @@ class BlockPolicy:
             if 1 in self.candidates and self.throughput(best) < (1 + self.margin) * self.throughput(1):
                 best = 1
             spec = [b for b in self.candidates if b > 1]
-            hopeful = max(spec, key=lambda b: self.optimistic_tokens(b) / self.cost(b))
-            promising = self._unobserved(hopeful) and (
-                self.optimistic_tokens(hopeful) / self.cost(hopeful) > self.throughput(best))
-            periodic = self._n_calls % self.explore_every == 0 and hopeful != best
-            self.exploring = promising or periodic
-            block = hopeful if self.exploring else best
+            beats_best = [b for b in spec if self.optimistic_tokens(b) / self.cost(b) > self.throughput(best)]
+            # Walk upward: the smallest unmeasured L that could still pay. It is the cheapest
+            # call, and what it measures (q_1..q_{L-1}) bounds every larger L's optimism.
+            unmeasured = [b for b in beats_best if self._unobserved(b)]
+            # Periodically, the runner-up (AR included) runs once: its acceptance or its cost
+            # may have changed since it was last measured.
+            runner_up = max((b for b in self.candidates if b != best),
+                            key=lambda b: self.optimistic_tokens(b) / self.cost(b))
+            periodic = self._n_calls % self.explore_every == 0
+            self.exploring = bool(unmeasured) or periodic
+            block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 

@@ -150,6 +150,9 @@ class SlotEngine:
             block = self.policy.choose()
             # An exploring call runs only a few steps: it is there to measure acceptance.
             steps = EXPLORE_STEPS if self.policy.exploring else self.chunk_steps
+            # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time
+            # (which refines the policy's cost of this block length) would include it.
+            jax.block_until_ready(self.state)
             t_call = time.perf_counter()
             self.state, ran = self.phases.decode(self.state, jnp.asarray(more()), block, np.int32(steps))
             done, n_out, hist, ran = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran))

@@ -13,6 +13,10 @@ Per bucket:
 - tokens/s: completion tokens over the bucket's decoder time, a call's time being the largest
   ``decode_seconds`` of its rows.
 
+Block choice (``block_size = "auto"``): per worker and bucket, from ``job_stats.json``: the decode
+calls run at each block length L, and each L's expected tokens/s per row (acceptance seen x
+measured step cost) that drove the choice; the HTML report plots both.
+
 Speedup over AR: from ``--baseline`` (an AR job's output: ratio of decode tokens/s), or from a
 ``bench.json`` in OUTPUT (``dflash-batch bench --json`` rows whose mode and batch size match).
 """
@@ -146,8 +150,23 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "finish_reasons": dict(collections.Counter(r["finish_reason"] for r in rows)),
         "buckets": [buckets[k] for k in sorted(buckets)],
         "speedup_over_ar": _speedup(output, stats, decode_tps, baseline),
+        "block_choice": _block_choice(stats),
     }
     return report
+
+
+def _block_choice(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per worker and bucket of an automatic block choice: calls per L and why (expected tokens/s)."""
+    out = []
+    for where, r in sorted((stats.get("block_choice") or {}).items()):
+        calls = {int(k): int(v) for k, v in (r.get("decode_calls_by_block") or {}).items()}
+        if len(r.get("candidates") or []) < 2 or not calls:
+            continue  # a fixed block length: nothing was chosen
+        expected = {int(k): float(v) for k, v in (r.get("expected_tokens_per_s_per_row") or {}).items()}
+        out.append({"where": where, "calls_by_block": calls, "expected_tokens_per_s_per_row": expected,
+                    "most_run": max(calls, key=lambda b: (calls[b], -b)),
+                    "best_expected": max(expected, key=expected.get) if expected else None})
+    return out
 
 
 def _speedup(output: str, stats: dict[str, Any], decode_tps: float | None, baseline: str | None):
@@ -194,6 +213,12 @@ def format_text(a: dict[str, Any]) -> str:
     if a["speedup_over_ar"]:
         s = a["speedup_over_ar"]
         lines.append(f"  speedup over AR: {s['speedup']:.2f}x ({s['source']})")
+    for c in a["block_choice"]:
+        calls = ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
+        best = c["best_expected"]
+        why = (f"; best expected L={best} at {c['expected_tokens_per_s_per_row'][best]:.1f} tokens/s per row"
+               if best is not None else "")
+        lines.append(f"  block choice, {c['where']}: decode calls {calls}{why}")
     for reason, n in list(a["dead_letter_reasons"].items())[:5]:
         lines.append(f"  dead letter x{n}: {reason}")
     return "\n".join(lines)
@@ -206,7 +231,8 @@ def _png(fig) -> str:
 
 
 def plots(a: dict[str, Any]) -> dict[str, str]:
-    """Base64 PNGs: tau histogram, tokens/s per bucket, padding waste per bucket."""
+    """Base64 PNGs: tau histogram, tokens/s per bucket, padding waste per bucket, and the
+    automatic block choice when there was one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,7 +257,32 @@ def plots(a: dict[str, Any]) -> dict[str, str]:
             ax.set_ylim(0, 1)
         out[key] = _png(fig)
         plt.close(fig)
+    if a["block_choice"]:
+        out["block_choice"] = _block_choice_png(plt, a["block_choice"])
     return out
+
+
+def _block_choice_png(plt, choices: list[dict[str, Any]]) -> str:
+    """Expected tokens/s per row for each block length, one bar group per worker bucket, each bar
+    labelled with the decode calls run at that length."""
+    blocks = sorted({b for c in choices for b in c["expected_tokens_per_s_per_row"]} |
+                    {b for c in choices for b in c["calls_by_block"]})
+    shown = choices[:8]
+    width = 0.8 / len(shown)
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, c in enumerate(shown):
+        xs = [j + (i - (len(shown) - 1) / 2) * width for j in range(len(blocks))]
+        ys = [c["expected_tokens_per_s_per_row"].get(b, 0.0) for b in blocks]
+        bars = ax.bar(xs, ys, width, label=c["where"])
+        ax.bar_label(bars, labels=[f"{c['calls_by_block'].get(b, 0)}" for b in blocks], fontsize=7)
+    ax.set_xticks(range(len(blocks)), [f"L={b}" if b > 1 else "AR" for b in blocks])
+    ax.set(title="Automatic block length: expected tokens/s per row\n(number on a bar: decode calls run at it)",
+           xlabel="verified block length", ylabel="tokens/s per row")
+    if len(shown) > 1:
+        ax.legend(fontsize=7)
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
 
 def format_html(a: dict[str, Any]) -> str:
@@ -250,6 +301,12 @@ def format_html(a: dict[str, Any]) -> str:
     imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{esc(k)}</figcaption>'
                    "</figure>" for k, v in images.items())
     dead = "".join(f"<li>{n} x {esc(r)}</li>" for r, n in a["dead_letter_reasons"].items())
+    choice = "".join(
+        f"<li>{esc(c['where'])}: decode calls "
+        + ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
+        + (f"; best expected L={c['best_expected']}" if c["best_expected"] is not None else "") + "</li>"
+        for c in a["block_choice"])
+    choice_html = f"<h2>Automatic block length</h2><ul>{choice}</ul>" if choice else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dflash-batch audit: {esc(str(a['name']))}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:left}}
@@ -261,6 +318,7 @@ hardware {esc(str(a['hardware']))}. Output: {esc(a['output'])}</p>
 <h2>Buckets</h2>
 <table><tr><th>bucket</th><th>rows</th><th>decoder calls</th><th>batch fill</th><th>padding waste</th>
 <th>tokens/s</th></tr>{bucket_rows}</table>
+{choice_html}
 <h2>Plots</h2>{imgs}
 <h2>Dead letters</h2><ul>{dead or '<li>none</li>'}</ul>
 <p><small>tau = tokens committed per target decode step, bonus token included.</small></p>

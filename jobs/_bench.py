@@ -1,9 +1,12 @@
 """Side-by-side throughput on the same prompts, in one process on one machine.
 
-For each batch size it runs plain AR (the lossless reference and the speedup
-denominator), then every speculative mode at every block length asked for, plus
-the automatic block choice, and optionally Hugging Face ``generate``. Each cell is
-the median of ``repeats`` runs (a shared CPU is noisy); outputs are compared with
+For each batch size it builds and warms up every configuration first: plain AR (the
+lossless reference and the speedup denominator), every speculative mode at every block
+length asked for plus the automatic block choice, and optionally Hugging Face
+``generate``. Then it runs them round-robin, ``repeats`` rounds, the order rotating each
+round, so a shared machine's slow spells fall on every configuration alike rather than on
+whichever ran during them. A cell's tokens/s is the median of its runs; its speedup is the
+median of its per-round ratios to AR's run in the same round. Outputs are compared with
 AR's token for token.
 """
 
@@ -18,57 +21,85 @@ import numpy as np
 from dflash_batch.decoder import DRAFTER_MODES, Decoder, Request, TargetModel
 
 
-def run_mode(target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int, repeats: int,
-             mode: str = "ar", drafter=None, block_size: int | str = "auto") -> dict:
-    """Median tokens/s over repeats, tau, the token ids (last repeat) and compile seconds."""
-    dec = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                  drafter=drafter, block_size=block_size)
-    compile_s = dec.warmup(max(dec.bucket(len(r.token_ids)) for r in requests))
-    speeds, results = [], []
-    for _ in range(repeats):
+class DecoderCell:
+    """One decoder configuration on the bench's prompts: warmed up once, then run on demand."""
+
+    def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int,
+                 mode: str = "ar", drafter=None, block_size: int | str = "auto",
+                 prompt_buckets: Sequence[int] | None = None):
+        kw = {"prompt_buckets": tuple(prompt_buckets)} if prompt_buckets else {}
+        self.mode, self.block_size, self.requests = mode, block_size, requests
+        self.decoder = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                               drafter=drafter, block_size=block_size, **kw)
+        self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
+        self.runs: list[float] = []
+        self.results: list = []
+
+    def run_once(self) -> float:
         t0 = time.perf_counter()
-        results = list(dec.generate(requests))
-        speeds.append(sum(r.completion_tokens for r in results) / (time.perf_counter() - t0))
-    hist = sum((r.accepted_per_step for r in results), np.zeros(dec.block_size, np.int64))
-    steps = int(hist.sum())
-    tau = float((hist * np.arange(1, len(hist) + 1)).sum() / steps) if steps else 1.0
-    out = {"tokens_per_s": statistics.median(speeds), "runs": speeds, "tau": tau,
-           "tokens": {r.id: r.token_ids for r in results}, "compile_seconds": compile_s}
-    report = dec.block_report()
-    if block_size == "auto" and mode != "ar":
-        out["auto"] = report
-    if mode == "hybrid":
-        out["hybrid"] = {k: v["hybrid"] for k, v in report.items() if "hybrid" in v}
-    return out
+        self.results = list(self.decoder.generate(self.requests))
+        self.runs.append(sum(r.completion_tokens for r in self.results) / (time.perf_counter() - t0))
+        return self.runs[-1]
+
+    @property
+    def tokens(self) -> dict[str, list[int]]:
+        return {r.id: r.token_ids for r in self.results}
+
+    def tau(self) -> float:
+        hist = sum((r.accepted_per_step for r in self.results), np.zeros(self.decoder.block_size, np.int64))
+        steps = int(hist.sum())
+        return float((hist * np.arange(1, len(hist) + 1)).sum() / steps) if steps else 1.0
+
+    def reports(self) -> dict:
+        """The automatic block choice and the hybrid chooser's view, where they apply."""
+        report, out = self.decoder.block_report(), {}
+        if self.block_size == "auto" and self.mode != "ar":
+            out["auto"] = report
+        if self.mode == "hybrid":
+            out["hybrid"] = {k: v["hybrid"] for k, v in report.items() if "hybrid" in v}
+        return out
 
 
-def hf_run(target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int,
-           repeats: int) -> dict:
+class HFCell:
     """The same greedy job through transformers' PyTorch ``generate`` (fp32, left-padded batches)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(target.path), dtype=torch.float32).eval()
-    eos = list(target.eos_token_ids)
-    pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else eos[0]
-    speeds, tokens = [], {}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n_tokens = 0
-        for i in range(0, len(requests), batch_size):
-            chunk = requests[i : i + batch_size]
+    mode, block_size, compile_seconds = "hf-generate", 1, 0.0
+
+    def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(str(target.path), dtype=torch.float32).eval()
+        self.eos = list(target.eos_token_ids)
+        pad = target.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else self.eos[0]
+        self.requests, self.batch_size, self.max_new_tokens = requests, batch_size, max_new_tokens
+        self.runs: list[float] = []
+        self.tokens: dict[str, list[int]] = {}
+
+    def run_once(self) -> float:
+        torch, t0, n_tokens = self.torch, time.perf_counter(), 0
+        for i in range(0, len(self.requests), self.batch_size):
+            chunk = self.requests[i : i + self.batch_size]
             width = max(len(r.token_ids) for r in chunk)
-            ids = torch.tensor([[pad] * (width - len(r.token_ids)) + list(r.token_ids) for r in chunk])
+            ids = torch.tensor([[self.pad] * (width - len(r.token_ids)) + list(r.token_ids) for r in chunk])
             mask = torch.tensor([[0] * (width - len(r.token_ids)) + [1] * len(r.token_ids) for r in chunk])
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, eos_token_id=eos, pad_token_id=pad)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                                          do_sample=False, eos_token_id=self.eos, pad_token_id=self.pad)
             for r, row in zip(chunk, out[:, width:].tolist()):
-                cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
-                tokens[r.id] = row[:cut]
+                cut = next((k + 1 for k, t in enumerate(row) if t in self.eos), len(row))
+                self.tokens[r.id] = row[:cut]
                 n_tokens += cut
-        speeds.append(n_tokens / (time.perf_counter() - t0))
-    return {"tokens_per_s": statistics.median(speeds), "runs": speeds, "tokens": tokens}
+        self.runs.append(n_tokens / (time.perf_counter() - t0))
+        return self.runs[-1]
+
+    def tau(self) -> float:
+        return 1.0
+
+    def reports(self) -> dict:
+        return {}
 
 
 def identical_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
@@ -76,42 +107,51 @@ def identical_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> floa
     return sum(a[k] == b[k] for k in keys) / max(len(keys), 1)
 
 
+def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambda _m: None) -> None:
+    """Runs every cell once per round, the starting cell rotating from round to round."""
+    for rnd in range(repeats):
+        k = rnd % len(cells)
+        for cell in [*cells[k:], *cells[:k]]:
+            cell.run_once()
+        say(f"  round {rnd + 1}/{repeats}: " + ", ".join(f"{c.mode} L={c.block_size} {c.runs[-1]:.1f}"
+                                                        for c in cells))
+
+
 def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequence[int], max_new_tokens: int, *,
           repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram", "hybrid"),
-          with_hf: bool = False, progress: Callable[[str], None] | None = None) -> list[dict]:
+          with_hf: bool = False, prompt_buckets: Sequence[int] | None = None,
+          progress: Callable[[str], None] | None = None) -> list[dict]:
     """One row per (batch size, mode, block size), each with AR's numbers beside it."""
     say = progress or (lambda _m: None)
     rows = []
     for b in batch_sizes:
-        ar = run_mode(target, requests, b, max_new_tokens, repeats)
-        say(f"batch {b}: ar {ar['tokens_per_s']:.1f} tok/s")
-        base = {"batch_size": b, "ar_tokens_per_s": ar["tokens_per_s"], "ar_runs": ar["runs"]}
-        rows.append({**base, "mode": "ar", "block_size": 1, "tokens_per_s": ar["tokens_per_s"], "tau_mean": 1.0,
-                     "speedup": 1.0, "identical_fraction": 1.0, "compile_seconds": ar["compile_seconds"]})
-        if with_hf:
-            hf = hf_run(target, requests, b, max_new_tokens, repeats)
-            say(f"batch {b}: transformers {hf['tokens_per_s']:.1f} tok/s")
-            rows.append({**base, "mode": "hf-generate", "block_size": 1, "tokens_per_s": hf["tokens_per_s"],
-                         "runs": hf["runs"], "tau_mean": 1.0, "speedup": hf["tokens_per_s"] / ar["tokens_per_s"],
-                         "identical_fraction": identical_fraction(hf["tokens"], ar["tokens"]), "compile_seconds": 0.0})
+        say(f"batch {b}: compiling")
+        ar = DecoderCell(target, requests, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
+        cells: list = [ar] + ([HFCell(target, requests, b, max_new_tokens)] if with_hf else [])
         for mode in modes:
             if mode in DRAFTER_MODES and drafter is None:
                 continue
             for blk in [*block_sizes, "auto"]:
                 if mode in DRAFTER_MODES and blk != "auto" and blk > drafter[0].block_size:
                     continue
-                r = run_mode(target, requests, b, max_new_tokens, repeats, mode=mode, drafter=drafter, block_size=blk)
-                row = {**base, "mode": mode, "block_size": blk, "tokens_per_s": r["tokens_per_s"], "runs": r["runs"],
-                       "tau_mean": r["tau"], "speedup": r["tokens_per_s"] / ar["tokens_per_s"],
-                       "identical_fraction": identical_fraction(r["tokens"], ar["tokens"]),
-                       "compile_seconds": r["compile_seconds"]}
-                for key in ("auto", "hybrid"):
-                    if key in r:
-                        row[key] = r[key]
-                if mode == "dflash":
-                    row["dflash_tokens_per_s"] = r["tokens_per_s"]
-                rows.append(row)
-                say(f"batch {b}: {mode} L={blk} {r['tokens_per_s']:.1f} tok/s tau {r['tau']:.2f}")
+                cells.append(DecoderCell(target, requests, b, max_new_tokens, mode=mode, drafter=drafter,
+                                         block_size=blk, prompt_buckets=prompt_buckets))
+                say(f"batch {b}: compiled {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
+        run_rounds(cells, repeats, lambda m: say(f"batch {b}:{m}"))
+        ar_tps = statistics.median(ar.runs)
+        base = {"batch_size": b, "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
+        for cell in cells:
+            ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
+            row = {**base, "mode": cell.mode, "block_size": cell.block_size,
+                   "tokens_per_s": statistics.median(cell.runs), "runs": cell.runs, "tau_mean": cell.tau(),
+                   "speedup": statistics.median(ratios), "speedup_runs": ratios,
+                   "identical_fraction": identical_fraction(cell.tokens, ar.tokens),
+                   "compile_seconds": cell.compile_seconds, **cell.reports()}
+            if cell.mode == "dflash":
+                row["dflash_tokens_per_s"] = row["tokens_per_s"]
+            rows.append(row)
+            say(f"batch {b}: {cell.mode} L={cell.block_size} {row['tokens_per_s']:.1f} tok/s "
+                f"tau {row['tau_mean']:.2f} {row['speedup']:.2f}x AR")
     return rows
 
 

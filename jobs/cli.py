@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import click
 
@@ -53,34 +54,78 @@ def import_model(name: str) -> None:
     click.echo(str(folder))
 
 
+def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
+    """The first ``limit`` rows of a job's input as the job would decode them (its template,
+    sampling settings and seeds), with the job's model settings."""
+    import tempfile
+
+    from dflash_batch.jobs._bench_pipeline import _prepared
+    from dflash_batch.jobs._spec import SpecError, load_spec
+    from dflash_batch.pipeline import JobRefused, build
+
+    try:
+        spec = load_spec(job_file, overrides)
+        with tempfile.TemporaryDirectory(prefix="dflash-bench-") as tmp:
+            job = build([*spec.pipeline_argv(), f"--output={tmp}/probe"])
+    except (SpecError, JobRefused, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    items = _prepared(job)[:limit]
+    if not items:
+        raise click.ClickException(f"{job_file}: no row of the input can be decoded")
+    return [it.request() for it in items], job.config
+
+
 @main.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Target model name, folder or gs:// prefix.")
-@click.option("--drafter", default="default", show_default=True,
-              help="DFlash drafter: 'default' (shipped for the model), a folder, gs://..., or 'none'.")
-@click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1))
+@click.argument("job_file", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a value of JOB_FILE.")
+@click.option("--model", default=None, help=f"Target model name, folder or gs:// prefix [default: the job's, else "
+              f"{DEFAULT_MODEL}].")
+@click.option("--drafter", default=None,
+              help="DFlash drafter: 'default' (shipped for the model), a folder, gs://..., or 'none' "
+                   "[default: the job's, else 'default'].")
+@click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1),
+              help="Prompts to decode: the first N rows of the job's input, or N ACLSum test abstracts.")
 @click.option("--batch-sizes", default="1,4,16", show_default=True, callback=_int_list)
 @click.option("--block-sizes", default="8,16", show_default=True, callback=_int_list)
 @click.option("--modes", default="dflash,ngram,hybrid", show_default=True, help="Speculative modes to compare with AR.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Median over this many runs.")
-@click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate on the same prompts.")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(1),
+              help="[default: the job's decode.max_new_tokens, else 128]")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
+              help="Rounds: every configuration runs once per round; medians over the rounds.")
+@click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate (greedy) on the same prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def bench(model: str, drafter: str, num_prompts: int, batch_sizes: list[int], block_sizes: list[int], modes: str,
-          max_new_tokens: int, repeats: int, with_hf: bool, as_json: bool) -> None:
-    """AR vs DFlash vs n-gram (and transformers) on the same ACLSum test abstracts, greedy.
+def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None, num_prompts: int,
+          batch_sizes: list[int], block_sizes: list[int], modes: str, max_new_tokens: int | None, repeats: int,
+          with_hf: bool, as_json: bool) -> None:
+    """AR vs DFlash vs n-gram vs hybrid (and transformers) on the same prompts, in one run.
 
-    tau counts the bonus token: it is the mean number of tokens a decode step commits.
+    With JOB_FILE, the prompts are the job's own input rows, rendered by its template, with its
+    model, drafter, sampling settings and prompt buckets; without it, ACLSum test abstracts,
+    greedy, on the default model. tau counts the bonus token: it is the mean number of tokens
+    a decode step commits.
     """
     from dflash_batch.decoder import DRAFTER_MODES, load_drafter, load_target, resolve_drafter_dir
     from dflash_batch.jobs._bench import bench as run_bench
     from dflash_batch.jobs._bench import format_table
 
+    config = None
+    if job_file is not None:
+        reqs, config = _job_requests(job_file, overrides, num_prompts)
+        model = model or config.model
+        drafter = drafter or config.drafter or "none"
+        max_new_tokens = max_new_tokens or config.max_new_tokens
+        if any(r.max_new_tokens > max_new_tokens for r in reqs):
+            raise click.ClickException(f"--max-new-tokens {max_new_tokens} is below a row's max_new_tokens")
+        source = f"{len(reqs)} rows of {job_file}"
+    elif overrides:
+        raise click.UsageError("--set needs a JOB_FILE")
+    model, drafter, max_new_tokens = model or DEFAULT_MODEL, drafter or "default", max_new_tokens or 128
     target = load_target(model)
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     dft = None
     if set(DRAFTER_MODES) & set(mode_list):
         try:
-            folder = resolve_drafter_dir(drafter, model)
+            folder = resolve_drafter_dir(drafter, model) if drafter != "none" else None
         except ValueError as e:
             if drafter != "default":
                 raise click.ClickException(str(e)) from None
@@ -91,15 +136,18 @@ def bench(model: str, drafter: str, num_prompts: int, batch_sizes: list[int], bl
         else:
             dcfg, dparams = load_drafter(folder)
             dft = (dcfg, dparams)
-    reqs = _requests(target, "test", num_prompts, max_new_tokens)
+    if config is None:
+        reqs = _requests(target, "test", num_prompts, max_new_tokens)
+        source = f"{len(reqs)} ACLSum test abstracts, greedy"
     rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
                      block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
+                     prompt_buckets=config.prompt_buckets if config is not None else None,
                      progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(f"greedy, {len(reqs)} ACLSum test abstracts, {max_new_tokens} new tokens, median of {repeats}; "
-                   "tau includes the bonus token")
+        click.echo(f"{source}, up to {max_new_tokens} new tokens, {repeats} interleaved rounds (tokens/s: median; "
+                   "vs AR: median of same-round ratios); tau includes the bonus token")
         click.echo(format_table(rows))
 
 

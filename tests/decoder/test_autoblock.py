@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from dflash_batch.decoder import Decoder
 from dflash_batch.decoder._autoblock import BlockPolicy
@@ -17,22 +18,28 @@ def test_acceptance_is_counted_per_draft_position():
     assert policy.expected_tokens(4) == 2.0
 
 
-def test_explores_the_largest_block_first_then_picks_best_throughput():
+def test_explores_upward_from_the_smallest_block_then_picks_best_throughput():
     policy = BlockPolicy((1, 2, 4), explore_every=1000, step_seconds={1: 1.0, 2: 1.2, 4: 1.5})
-    assert policy.choose() == 4  # nothing observed yet
+    assert policy.choose() == 2 and policy.exploring  # nothing observed yet: the cheapest try first
+    policy.observe(2, np.array([0, 10]))  # the one draft always accepted: L=4 might pay more
+    assert policy.choose() == 4 and policy.exploring
     policy.observe(4, np.array([0, 0, 0, 10]))  # every draft accepted: E = 4 tokens per step
-    assert policy.choose() == 4
+    assert policy.choose() == 4 and not policy.exploring
     bad = BlockPolicy((1, 2, 4), explore_every=1000, step_seconds={1: 1.0, 2: 1.2, 4: 1.5})
-    bad.observe(4, np.array([10, 0, 0, 0]))  # nothing accepted: speculation only costs
-    assert bad.choose() == 1
+    assert bad.choose() == 2
+    bad.observe(2, np.array([10, 0]))  # nothing accepted: speculation only costs, larger L too
+    assert bad.choose() == 1 and not bad.exploring
     report = bad.report()
-    assert report["decode_calls_by_block"] == {"1": 1} and set(report["step_ms"]) == {"1", "2", "4"}
+    assert report["decode_calls_by_block"] == {"1": 1, "2": 1} and set(report["step_ms"]) == {"1", "2", "4"}
 
 
-def test_re_explores_periodically():
+def test_re_explores_the_runner_up_periodically():
     policy = BlockPolicy((1, 4), explore_every=3, step_seconds={1: 1.0, 4: 3.0})
     policy.observe(4, np.array([5, 0, 0, 0]))
     assert [policy.choose() for _ in range(6)] == [1, 1, 4, 1, 1, 4]
+    good = BlockPolicy((1, 4), explore_every=3, step_seconds={1: 1.0, 4: 1.5})
+    good.observe(4, np.array([0, 0, 0, 5]))
+    assert [good.choose() for _ in range(3)] == [4, 4, 1]  # AR's cost is re-measured too
 
 
 def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypatch):
@@ -59,25 +66,46 @@ def test_decode_calls_refine_the_warmup_cost_estimate():
     policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.5}, warmup_weight=8)
     policy.observe(4, np.array([0, 10, 0, 0]))  # 2 tokens per step at L=4
     assert policy.choose() == 4  # 2 / 1.5 beats 1 / 1.0
-    policy.observe_cost(4, seconds=24 * 3.0, steps=24)  # running, L=4 steps really cost 3 s
-    assert policy.cost(4) == (8 * 1.5 + 72.0) / 32
-    assert policy.choose() == 1  # 2 / 2.625 loses to AR
-    assert policy.report()["step_ms_refined"] == {"1": 1000.0, "4": 2625.0}
+    policy.observe_cost(1, seconds=24 * 1.0, steps=24)  # running, L=1 steps cost what warmup said,
+    policy.observe_cost(4, seconds=24 * 3.0, steps=24)  # but L=4 steps really cost 3 s
+    assert policy.slowdown() == (24 + 72) / (24 * 1.0 + 24 * 1.5)
+    assert policy.cost(4) == pytest.approx((8 * 1.5 * 1.6 + 72.0) / 32)
+    assert policy.cost(1) == pytest.approx((8 * 1.0 * 1.6 + 24.0) / 32)
+    assert policy.choose() == 1  # 2 / 2.85 loses to 1 / 1.15
+    assert policy.report()["step_ms_refined"] == {"1": 1150.0, "4": 2850.0}
     policy.observe_cost(1, seconds=0.0, steps=0)  # a call that ran no step changes nothing
-    assert policy.cost(1) == 1.0
+    assert policy.cost(1) == pytest.approx(1.15)
 
 
-def test_explores_where_optimism_pays_and_stops_when_acceptance_rules_larger_blocks_out():
-    # Large passes are dear (a CPU at batch 16): if every draft were accepted, L=8 would pay most.
+def test_a_slow_spell_slows_every_block_length_alike():
+    policy = BlockPolicy((1, 2), explore_every=1000, step_seconds={1: 1.0, 2: 1.2})
+    policy.observe(2, np.array([50, 50]))  # E = 1.5 tokens per step: 1.25x AR at warmup costs
+    assert policy.choose() == 2
+    policy.observe_cost(2, seconds=100 * 2.4, steps=100)  # the machine got twice as slow
+    # Had AR kept its warmup cost, it would now look 1.6x better; the drift applies to it as well.
+    assert policy.cost(1) == pytest.approx(2.0) and policy.cost(2) == pytest.approx(2.4)
+    assert policy.choose() == 2
+
+
+def test_exploring_stops_where_acceptance_rules_larger_blocks_out():
+    # Large passes are dear (a CPU at batch 16).
     policy = BlockPolicy((1, 2, 4, 8, 16), explore_every=1000,
                          step_seconds={1: 1.0, 2: 1.1, 4: 1.3, 8: 2.0, 16: 6.0})
-    assert policy.choose() == 8 and policy.exploring
-    # Eight steps at L=8 committed 1, 1, 1, 1, 2, 2, 3 and 4 tokens: q_1..q_3 = 1/2, 1/4, 1/8, q_4..q_7 = 0.
-    policy.observe(8, np.array([4, 2, 1, 1, 0, 0, 0, 0]))
-    assert policy.optimistic_tokens(16) == policy.expected_tokens(8) == 1.875
-    # E = 1.875 at L = 4 and 8; 1.875 / 1.3 beats AR (1 / 1.0) and everything else; L=16 is never tried.
+    assert policy.choose() == 2 and policy.exploring
+    policy.observe(2, np.array([2, 2]))  # q_1 = 1/2
+    # Optimistically q_2, q_3 = 1/2 too: L=4 might commit 2.5 per 1.3 s, better than L=2's 1.5 / 1.1.
+    assert policy.choose() == 4 and policy.exploring
+    policy.observe(4, np.array([4, 2, 1, 1]))  # q_1..q_3 = 1/2, 1/4, 1/8 over all the steps seen
+    # L=8 at best adds 4 x 1/8 tokens for 0.7 s more: no better than L=4, so it is never tried.
+    assert policy.optimistic_tokens(8) / policy.cost(8) < policy.throughput(4)
     assert [policy.choose() for _ in range(5)] == [4] * 5 and not policy.exploring
-    assert 16 not in policy.calls
+    assert 8 not in policy.calls and 16 not in policy.calls
+
+
+def test_no_exploration_where_no_block_could_pay():
+    # A 2-token pass costs more than twice a 1-token pass: even a perfect drafter cannot win.
+    policy = BlockPolicy((1, 2, 4), explore_every=1000, step_seconds={1: 1.0, 2: 2.1, 4: 4.5})
+    assert [policy.choose() for _ in range(3)] == [1, 1, 1] and not policy.exploring
 
 
 def test_a_near_tie_goes_to_ar():

@@ -85,3 +85,24 @@ def test_bench_pipeline_reports_the_overhead_ratio(job_file):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["rows"] == 4 and report["completion_tokens"]["job"] == report["completion_tokens"]["decoder_only"]
     assert report["overhead_ratio"] > 0
+
+
+def test_bench_takes_the_jobs_prompts_and_settings(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "1,2", "--block-sizes", "2",
+                                       "--modes", "ngram", "--num-prompts", "3", "--repeats", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output[result.output.index("["):])
+    assert [(r["batch_size"], r["mode"], r["block_size"]) for r in rows] == [
+        (b, m, blk) for b in (1, 2) for m, blk in (("ar", 1), ("ngram", 2), ("ngram", "auto"))]
+    for r in rows:
+        assert r["identical_fraction"] == 1.0  # lossless: the same tokens as AR, row for row
+        assert len(r["runs"]) == len(r["speedup_runs"]) == 2 and r["ar_tokens_per_s"] > 0
+        assert r["speedup"] == pytest.approx(sum(r["speedup_runs"]) / 2)  # the median of two same-round ratios
+        assert r["tau_mean"] >= 1.0
+    assert all(r["speedup"] == 1.0 for r in rows if r["mode"] == "ar")
+    assert "auto" in rows[2] and rows[2]["auto"]  # the automatic block choice and why
+
+
+def test_bench_refuses_a_bad_job_before_any_work(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--set", "decode.batch_size=0"])
+    assert result.exit_code == 1 and "decode.batch_size must be a positive integer, got 0" in result.output

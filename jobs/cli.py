@@ -72,7 +72,7 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
     items = _prepared(job)[:limit]
     if not items:
         raise click.ClickException(f"{job_file}: no row of the input can be decoded")
-    return [it.request() for it in items], job.config
+    return [it.request() for it in items], job.config, spec.model.drafter
 
 
 @main.command()
@@ -110,12 +110,12 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
 
     config = None
     if job_file is not None:
-        reqs, config = _job_requests(job_file, overrides, num_prompts)
+        if max_new_tokens:  # the job as if its spec said so (rows asking for more are left out)
+            overrides = (*overrides, f"decode.max_new_tokens={max_new_tokens}")
+        reqs, config, job_drafter = _job_requests(job_file, overrides, num_prompts)
         model = model or config.model
-        drafter = drafter or config.drafter or "none"
-        max_new_tokens = max_new_tokens or config.max_new_tokens
-        if any(r.max_new_tokens > max_new_tokens for r in reqs):
-            raise click.ClickException(f"--max-new-tokens {max_new_tokens} is below a row's max_new_tokens")
+        drafter = drafter or job_drafter  # model.drafter, even when the job itself decodes with ar
+        max_new_tokens = config.max_new_tokens
         source = f"{len(reqs)} rows of {job_file}"
     elif overrides:
         raise click.UsageError("--set needs a JOB_FILE")

@@ -106,3 +106,12 @@ def test_bench_takes_the_jobs_prompts_and_settings(job_file):
 def test_bench_refuses_a_bad_job_before_any_work(job_file):
     result = CliRunner().invoke(main, ["bench", str(job_file), "--set", "decode.batch_size=0"])
     assert result.exit_code == 1 and "decode.batch_size must be a positive integer, got 0" in result.output
+
+
+def test_bench_max_new_tokens_overrides_the_jobs(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--block-sizes", "2",
+                                       "--modes", "ngram", "--num-prompts", "2", "--repeats", "1",
+                                       "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "2 rows of" in result.output and "up to 3 new tokens" in result.output
+    assert "ngram" in result.output.splitlines()[-1]

@@ -123,6 +123,9 @@ class BlockPolicy:
                 e += bound
         return e
 
+    def optimistic_throughput(self, block: int) -> float:
+        return self.optimistic_tokens(block) / self.cost(block)
+
     def _unobserved(self, block: int) -> bool:
         return bool(np.any(self.trials[1:block] == 0))
 
@@ -136,14 +139,13 @@ class BlockPolicy:
             if 1 in self.candidates and self.throughput(best) < (1 + self.margin) * self.throughput(1):
                 best = 1
             spec = [b for b in self.candidates if b > 1]
-            beats_best = [b for b in spec if self.optimistic_tokens(b) / self.cost(b) > self.throughput(best)]
+            beats_best = [b for b in spec if self.optimistic_throughput(b) > self.throughput(best)]
             # Walk upward: the smallest unmeasured L that could still pay. It is the cheapest
             # call, and what it measures (q_1..q_{L-1}) bounds every larger L's optimism.
             unmeasured = [b for b in beats_best if self._unobserved(b)]
             # Periodically, the runner-up (AR included) runs once: its acceptance or its cost
             # may have changed since it was last measured.
-            runner_up = max((b for b in self.candidates if b != best),
-                            key=lambda b: self.optimistic_tokens(b) / self.cost(b))
+            runner_up = max((b for b in self.candidates if b != best), key=self.optimistic_throughput)
             periodic = self._n_calls % self.explore_every == 0
             self.exploring = bool(unmeasured) or periodic
             block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best

@@ -214,14 +214,19 @@ def format_text(a: dict[str, Any]) -> str:
         s = a["speedup_over_ar"]
         lines.append(f"  speedup over AR: {s['speedup']:.2f}x ({s['source']})")
     for c in a["block_choice"]:
-        calls = ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
-        best = c["best_expected"]
-        why = (f"; best expected L={best} at {c['expected_tokens_per_s_per_row'][best]:.1f} tokens/s per row"
-               if best is not None else "")
-        lines.append(f"  block choice, {c['where']}: decode calls {calls}{why}")
+        lines.append(f"  block choice, {_choice_line(c)}")
     for reason, n in list(a["dead_letter_reasons"].items())[:5]:
         lines.append(f"  dead letter x{n}: {reason}")
     return "\n".join(lines)
+
+
+def _choice_line(c: dict[str, Any]) -> str:
+    """'WHERE: decode calls L=1 x5, L=2 x1; best expected L=1 at 9.6 tokens/s per row'."""
+    calls = ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
+    best = c["best_expected"]
+    why = (f"; best expected L={best} at {c['expected_tokens_per_s_per_row'][best]:.1f} tokens/s per row"
+           if best is not None else "")
+    return f"{c['where']}: decode calls {calls}{why}"
 
 
 def _png(fig) -> str:
@@ -301,11 +306,7 @@ def format_html(a: dict[str, Any]) -> str:
     imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{esc(k)}</figcaption>'
                    "</figure>" for k, v in images.items())
     dead = "".join(f"<li>{n} x {esc(r)}</li>" for r, n in a["dead_letter_reasons"].items())
-    choice = "".join(
-        f"<li>{esc(c['where'])}: decode calls "
-        + ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
-        + (f"; best expected L={c['best_expected']}" if c["best_expected"] is not None else "") + "</li>"
-        for c in a["block_choice"])
+    choice = "".join(f"<li>{esc(_choice_line(c))}</li>" for c in a["block_choice"])
     choice_html = f"<h2>Automatic block length</h2><ul>{choice}</ul>" if choice else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dflash-batch audit: {esc(str(a['name']))}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin:1em 0}}

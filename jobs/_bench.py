@@ -1,15 +1,14 @@
 """Side-by-side throughput on the same prompts, in one process on one machine.
 
-For each batch size it builds and warms up every configuration first: plain AR (the
-lossless reference and the speedup denominator), every speculative mode at every block
-length asked for plus the automatic block choice, and optionally Hugging Face
-``generate``. Then it runs them round-robin, ``repeats`` rounds, the order rotating each
-round, so a shared machine's slow spells fall on every configuration alike rather than on
-whichever ran during them. (Transformers runs its rounds after the JAX ones: PyTorch's
-threads slow the XLA cells that follow them on a small machine.) A cell's tokens/s is the
+For each batch size it builds and warms up every decoder configuration first: plain AR
+(the lossless reference and the speedup denominator), and every speculative mode at every
+block length asked for plus the automatic block choice. Then it runs them round-robin,
+``repeats`` rounds, the order rotating each round, so a shared machine's slow spells fall
+on every configuration alike rather than on whichever ran during them. Hugging Face
+``generate``, when asked for, is loaded and run after those rounds: PyTorch's threads slow
+the XLA cells that follow them on a small machine. A cell's tokens/s is the
 median of its runs; its speedup is the median of its per-round ratios to AR's run in the
-same round. Outputs are compared with
-AR's token for token.
+same round. Outputs are compared with AR's token for token.
 """
 
 from __future__ import annotations
@@ -129,7 +128,7 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
     for b in batch_sizes:
         say(f"batch {b}: compiling")
         ar = DecoderCell(target, requests, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
-        cells: list = [ar] + ([HFCell(target, requests, b, max_new_tokens)] if with_hf else [])  # HF loads only
+        cells: list = [ar]
         for mode in modes:
             if mode in DRAFTER_MODES and drafter is None:
                 continue
@@ -139,13 +138,13 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
                 cells.append(DecoderCell(target, requests, b, max_new_tokens, mode=mode, drafter=drafter,
                                          block_size=blk, prompt_buckets=prompt_buckets))
                 say(f"batch {b}: compiled {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
-        # PyTorch's threads, once started, slow the XLA cells that run after them on a small
-        # machine: the JAX cells take their rounds first, transformers its own afterwards.
-        jax_cells = [c for c in cells if isinstance(c, DecoderCell)]
-        run_rounds(jax_cells, repeats, lambda m: say(f"batch {b}:{m}"))
+        run_rounds(cells, repeats, lambda m: say(f"batch {b}:{m}"))
         if with_hf:
-            run_rounds([c for c in cells if not isinstance(c, DecoderCell)], repeats,
-                       lambda m: say(f"batch {b}:{m}"))
+            # PyTorch's threads, once started, slow the XLA cells that run after them on a small
+            # machine: transformers is loaded and run only after the JAX cells' rounds.
+            hf = HFCell(target, requests, b, max_new_tokens)
+            run_rounds([hf], repeats, lambda m: say(f"batch {b}:{m}"))
+            cells.insert(1, hf)
         ar_tps = statistics.median(ar.runs)
         base = {"batch_size": b, "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
         for cell in cells:

@@ -18,7 +18,6 @@ from dflash_batch.decoder import DEFAULT_PROMPT_BUCKETS, DRAFTER_MODES, MODES
 from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
 
 
-
 def _int_list(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(text).split(",") if v.strip())
 

@@ -1,18 +1,20 @@
-"""Side-by-side throughput on the same prompts, in one process on one machine.
+"""Side-by-side throughput on the same prompts, in one run on one machine.
 
 For each batch size it builds and warms up every decoder configuration first: plain AR
 (the lossless reference and the speedup denominator), and every speculative mode at every
 block length asked for plus the automatic block choice. Then it runs them round-robin,
 ``repeats`` rounds, the order rotating each round, so a shared machine's slow spells fall
 on every configuration alike rather than on whichever ran during them. Hugging Face
-``generate``, when asked for, is loaded and run after those rounds: PyTorch's threads slow
-the XLA cells that follow them on a small machine. A cell's tokens/s is the
+``generate``, when asked for, runs after those rounds in a child process: PyTorch's threads
+slow the XLA cells that follow them on a small machine. A cell's tokens/s is the
 median of its runs; its speedup is the median of its per-round ratios to AR's run in the
 same round. Outputs are compared with AR's token for token.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
 import statistics
 import time
 from typing import Callable, Sequence
@@ -61,40 +63,55 @@ class DecoderCell:
         return out
 
 
+def _hf_generate_runs(model_dir: str, eos: list[int], pad: int, requests: Sequence[Request], batch_size: int,
+                     max_new_tokens: int, repeats: int) -> tuple[list[float], dict[str, list[int]]]:
+    """transformers' greedy ``generate`` over ``requests`` in left-padded batches, ``repeats``
+    times: (tokens/s per run, completion tokens per request). On the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    runs, tokens = [], {}
+    for _ in range(repeats):
+        t0, n_tokens = time.perf_counter(), 0
+        for i in range(0, len(requests), batch_size):
+            chunk = requests[i : i + batch_size]
+            width = max(len(r.token_ids) for r in chunk)
+            ids = torch.tensor([[pad] * (width - len(r.token_ids)) + list(r.token_ids) for r in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(r.token_ids)) + [1] * len(r.token_ids) for r in chunk],
+                                device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            for r, row in zip(chunk, out[:, width:].tolist()):
+                cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+                tokens[r.id] = row[:cut]
+                n_tokens += cut
+        runs.append(n_tokens / (time.perf_counter() - t0))
+    return runs, tokens
+
+
 class HFCell:
-    """The same greedy job through transformers' PyTorch ``generate`` (fp32, left-padded batches)."""
+    """The same greedy job through transformers' PyTorch ``generate`` (fp32, left-padded batches).
+
+    It runs in a child process: PyTorch's worker threads, once started, keep slowing the XLA
+    cells that run after them in the same process on a small machine, also at later batch sizes.
+    """
 
     mode, block_size, compile_seconds = "hf-generate", 1, 0.0
 
     def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(str(target.path), dtype=torch.float32).eval()
-        self.eos = list(target.eos_token_ids)
         pad = target.tokenizer.pad_token_id
-        self.pad = pad if pad is not None else self.eos[0]
-        self.requests, self.batch_size, self.max_new_tokens = requests, batch_size, max_new_tokens
+        self.args = (str(target.path), list(target.eos_token_ids),
+                     pad if pad is not None else target.eos_token_ids[0], list(requests), batch_size, max_new_tokens)
         self.runs: list[float] = []
         self.tokens: dict[str, list[int]] = {}
 
-    def run_once(self) -> float:
-        torch, t0, n_tokens = self.torch, time.perf_counter(), 0
-        for i in range(0, len(self.requests), self.batch_size):
-            chunk = self.requests[i : i + self.batch_size]
-            width = max(len(r.token_ids) for r in chunk)
-            ids = torch.tensor([[self.pad] * (width - len(r.token_ids)) + list(r.token_ids) for r in chunk])
-            mask = torch.tensor([[0] * (width - len(r.token_ids)) + [1] * len(r.token_ids) for r in chunk])
-            with torch.no_grad():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                          do_sample=False, eos_token_id=self.eos, pad_token_id=self.pad)
-            for r, row in zip(chunk, out[:, width:].tolist()):
-                cut = next((k + 1 for k, t in enumerate(row) if t in self.eos), len(row))
-                self.tokens[r.id] = row[:cut]
-                n_tokens += cut
-        self.runs.append(n_tokens / (time.perf_counter() - t0))
-        return self.runs[-1]
+    def run(self, repeats: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            self.runs, self.tokens = pool.submit(_hf_generate_runs, *self.args, repeats).result()
 
     def tau(self) -> float:
         return 1.0
@@ -140,10 +157,9 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
                 say(f"batch {b}: compiled {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
         run_rounds(cells, repeats, lambda m: say(f"batch {b}:{m}"))
         if with_hf:
-            # PyTorch's threads, once started, slow the XLA cells that run after them on a small
-            # machine: transformers is loaded and run only after the JAX cells' rounds.
             hf = HFCell(target, requests, b, max_new_tokens)
-            run_rounds([hf], repeats, lambda m: say(f"batch {b}:{m}"))
+            hf.run(repeats)
+            say(f"batch {b}: hf-generate " + ", ".join(f"{x:.1f}" for x in hf.runs))
             cells.insert(1, hf)
         ar_tps = statistics.median(ar.runs)
         base = {"batch_size": b, "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}

@@ -115,3 +115,14 @@ def test_bench_max_new_tokens_overrides_the_jobs(job_file):
     assert result.exit_code == 0, result.output
     assert "2 rows of" in result.output and "up to 3 new tokens" in result.output
     assert "ngram" in result.output.splitlines()[-1]
+
+
+def test_bench_hf_generate_gives_the_same_tokens_as_ar(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--modes", "", "--num-prompts",
+                                       "3", "--repeats", "2", "--hf", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output[result.output.index("["):])
+    assert [r["mode"] for r in rows] == ["ar", "hf-generate"]
+    hf = rows[1]
+    assert hf["identical_fraction"] == 1.0  # transformers' greedy decode of the same checkpoint, token for token
+    assert len(hf["runs"]) == 2 and min(hf["runs"]) > 0

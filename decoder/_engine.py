@@ -25,6 +25,9 @@ from dflash_batch.decoder._slots import Slots
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
+# Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
+# the slots stay full until the last batch_size rows, which drain with nothing to refill them.
+ROWS_PER_SLOT = 4
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -135,6 +138,7 @@ class SlotEngine:
         b = self.state.batch
         rows: list[tuple[Request, float, int] | None] = [None] * b
         seen_hist = np.zeros(self.state.hist.shape, np.int64)  # per-slot histogram already observed
+        produced = np.zeros((b,), np.int64)  # completion tokens per slot so far
         while True:
             for i in range(b):
                 if rows[i] is None:
@@ -144,18 +148,25 @@ class SlotEngine:
                     t0 = time.perf_counter()
                     self._prefill(i, req)
                     seen_hist[i] = 0
+                    produced[i] = 1  # prefill samples the first completion token
                     rows[i] = (req, t0, self.max_prompt_len)
             if all(r is None for r in rows):
                 return
-            block = self.policy.choose()
+            waiting = more()
+            if waiting:
+                block = self.policy.choose()
+            else:  # the drain: the batch now waits on its slowest row
+                left = [r[0].max_new_tokens - produced[i] for i, r in enumerate(rows) if r is not None]
+                block = self.policy.choose_drain(len(left), max(max(left), 1))
             # An exploring call runs only a few steps: it is there to measure acceptance.
             steps = EXPLORE_STEPS if self.policy.exploring else self.chunk_steps
             # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time
             # (which refines the policy's cost of this block length) would include it.
             jax.block_until_ready(self.state)
             t_call = time.perf_counter()
-            self.state, ran = self.phases.decode(self.state, jnp.asarray(more()), block, np.int32(steps))
+            self.state, ran = self.phases.decode(self.state, jnp.asarray(waiting), block, np.int32(steps))
             done, n_out, hist, ran = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran))
+            produced = np.array(n_out, np.int64)
             self.policy.observe_cost(block, time.perf_counter() - t_call, int(ran))
             self.policy.observe(block, (hist - seen_hist).sum(axis=0))
             seen_hist = hist.astype(np.int64)

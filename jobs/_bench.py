@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dflash_batch.decoder import DRAFTER_MODES, Decoder, Request, TargetModel
+from dflash_batch.decoder import DRAFTER_MODES, ROWS_PER_SLOT, Decoder, Request, TargetModel
 
 
 class DecoderCell:
@@ -137,12 +137,19 @@ def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambd
 
 def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequence[int], max_new_tokens: int, *,
           repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram", "hybrid"),
-          with_hf: bool = False, prompt_buckets: Sequence[int] | None = None,
+          with_hf: bool = False, prompt_buckets: Sequence[int] | None = None, num_prompts: int | None = None,
           progress: Callable[[str], None] | None = None) -> list[dict]:
-    """One row per (batch size, mode, block size), each with AR's numbers beside it."""
+    """One row per (batch size, mode, block size), each with AR's numbers beside it.
+
+    Each batch size decodes the first ``num_prompts`` requests, by default ``ROWS_PER_SLOT``
+    per slot: what one decoder call of a job gets by default (its ``rows_per_batch``), so the
+    batch runs full and drains once at the end, as in a job, rather than being all tail.
+    """
     say = progress or (lambda _m: None)
     rows = []
+    all_requests = requests
     for b in batch_sizes:
+        requests = all_requests[: num_prompts or ROWS_PER_SLOT * b]
         say(f"batch {b}: compiling")
         ar = DecoderCell(target, requests, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
         cells: list = [ar]
@@ -162,7 +169,7 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
             say(f"batch {b}: hf-generate " + ", ".join(f"{x:.1f}" for x in hf.runs))
             cells.insert(1, hf)
         ar_tps = statistics.median(ar.runs)
-        base = {"batch_size": b, "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
+        base = {"batch_size": b, "num_prompts": len(requests), "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
         for cell in cells:
             ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
             row = {**base, "mode": cell.mode, "block_size": cell.block_size,
@@ -179,11 +186,12 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = (f"{'batch':>5}  {'mode':<11}  {'block':>5}  {'tok/s':>7}  {'tau':>5}  {'vs AR':>6}  "
+    head = (f"{'batch':>5}  {'rows':>5}  {'mode':<11}  {'block':>5}  {'tok/s':>7}  {'tau':>5}  {'vs AR':>6}  "
             f"{'identical':>9}  {'compile s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['batch_size']:>5}  {r['mode']:<11}  {r['block_size']!s:>5}  {r['tokens_per_s']:>7.1f}  "
+        lines.append(f"{r['batch_size']:>5}  {r['num_prompts']:>5}  {r['mode']:<11}  {r['block_size']!s:>5}  "
+                     f"{r['tokens_per_s']:>7.1f}  "
                      f"{r['tau_mean']:>5.2f}  {r['speedup']:>5.2f}x  {r['identical_fraction']:>9.0%}  "
                      f"{r['compile_seconds']:>9.1f}")
     return "\n".join(lines)

@@ -22,12 +22,12 @@ def _requests(target, split: str, limit: int, max_new_tokens: int):
                     max_new_tokens=max_new_tokens) for d in docs]
 
 
-def _int_list(_ctx, _param, value: str) -> list[int]:
+def _int_list(_ctx, param, value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
+    if (not out and param.name != "block_sizes") or min(out, default=1) < 1:
         raise click.BadParameter(f"expected positive integers, got {value!r}")
     return out
 
@@ -83,10 +83,12 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
 @click.option("--drafter", default=None,
               help="DFlash drafter: 'default' (shipped for the model), a folder, gs://..., or 'none' "
                    "[default: the job's, else 'default'].")
-@click.option("--num-prompts", default=8, show_default=True, type=click.IntRange(1),
-              help="Prompts to decode: the first N rows of the job's input, or N ACLSum test abstracts.")
+@click.option("--num-prompts", default=None, type=click.IntRange(1),
+              help="Prompts each batch size decodes: the first N rows of the job's input, or N ACLSum test "
+                   "abstracts [default: 4 per slot, what a job's decoder call gets by default].")
 @click.option("--batch-sizes", default="1,4,16", show_default=True, callback=_int_list)
-@click.option("--block-sizes", default="8,16", show_default=True, callback=_int_list)
+@click.option("--block-sizes", default="8,16", show_default=True, callback=_int_list,
+              help="Fixed block lengths to compare beside the automatic choice ('' for auto only).")
 @click.option("--modes", default="dflash,ngram,hybrid", show_default=True, help="Speculative modes to compare with AR.")
 @click.option("--max-new-tokens", default=None, type=click.IntRange(1),
               help="[default: the job's decode.max_new_tokens, else 128]")
@@ -94,7 +96,8 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
               help="Rounds: every configuration runs once per round; medians over the rounds.")
 @click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate (greedy) on the same prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None, num_prompts: int,
+def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None,
+          num_prompts: int | None,
           batch_sizes: list[int], block_sizes: list[int], modes: str, max_new_tokens: int | None, repeats: int,
           with_hf: bool, as_json: bool) -> None:
     """AR vs DFlash vs n-gram vs hybrid (and transformers) on the same prompts, in one run.
@@ -105,18 +108,20 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     a decode step commits.
     """
     from dflash_batch.decoder import DRAFTER_MODES, load_drafter, load_target, resolve_drafter_dir
+    from dflash_batch.decoder import ROWS_PER_SLOT
     from dflash_batch.jobs._bench import bench as run_bench
     from dflash_batch.jobs._bench import format_table
 
     config = None
+    most = num_prompts or ROWS_PER_SLOT * max(batch_sizes)
     if job_file is not None:
         if max_new_tokens:  # the job as if its spec said so (rows asking for more are left out)
             overrides = (*overrides, f"decode.max_new_tokens={max_new_tokens}")
-        reqs, config, job_drafter = _job_requests(job_file, overrides, num_prompts)
+        reqs, config, job_drafter = _job_requests(job_file, overrides, most)
         model = model or config.model
         drafter = drafter or job_drafter  # model.drafter, even when the job itself decodes with ar
         max_new_tokens = config.max_new_tokens
-        source = f"{len(reqs)} rows of {job_file}"
+        source = f"the first rows of {job_file}"
     elif overrides:
         raise click.UsageError("--set needs a JOB_FILE")
     model, drafter, max_new_tokens = model or DEFAULT_MODEL, drafter or "default", max_new_tokens or 128
@@ -137,17 +142,17 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
             dcfg, dparams = load_drafter(folder)
             dft = (dcfg, dparams)
     if config is None:
-        reqs = _requests(target, "test", num_prompts, max_new_tokens)
-        source = f"{len(reqs)} ACLSum test abstracts, greedy"
+        reqs = _requests(target, "test", most, max_new_tokens)
+        source = "ACLSum test abstracts, greedy"
     rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
                      block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
-                     prompt_buckets=config.prompt_buckets if config is not None else None,
+                     prompt_buckets=config.prompt_buckets if config is not None else None, num_prompts=num_prompts,
                      progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(f"{source}, up to {max_new_tokens} new tokens, {repeats} interleaved rounds (tokens/s: median; "
-                   "vs AR: median of same-round ratios); tau includes the bonus token")
+        click.echo(f"{source} (rows: per batch size), up to {max_new_tokens} new tokens, {repeats} interleaved "
+                   "rounds (tokens/s: median; vs AR: median of same-round ratios); tau includes the bonus token")
         click.echo(format_table(rows))
 
 

@@ -60,6 +60,8 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
     # the step short (counted as a rejection, which only makes the policy conservative).
     assert report["acceptance_q"][0] > 0.8
     assert sum(report["decode_calls_by_block"].values()) >= 1
+    # The last rows drain with no request waiting: those calls weigh the slowest row's spread.
+    assert sum(report["drain_calls_by_block"].values()) >= 1
 
 
 def test_decode_calls_refine_the_warmup_cost_estimate():
@@ -114,3 +116,22 @@ def test_a_near_tie_goes_to_ar():
     assert policy.choose() == 1
     policy.observe(2, np.array([0, 200]))  # now E = 1.74: 1.45x
     assert policy.choose() == 2
+
+
+def test_the_drain_weighs_the_slowest_rows_spread():
+    policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.6})
+    policy.observe(4, np.array([5, 2, 1, 2]))  # q = 0.5, 0.3, 0.2: E[T] = 2, Var[T] = 5.4 - 4
+    assert policy.tokens_variance(4) == pytest.approx(1.4) and policy.tokens_variance(1) == 0.0
+    assert policy.choose() == 4  # on average 2 tokens per 1.6 s beat 1 per 1 s
+    # One row left: it needs 60 / 2 steps on average, 48 s against AR's 60 s.
+    assert policy.drain_seconds(4, rows=1, remaining=60) == pytest.approx(48.0)
+    assert policy.choose_drain(rows=1, remaining=60) == 4
+    # 64 rows: the slowest needs ~2.3 spreads more steps, and AR, which has no spread, wins.
+    assert policy.drain_seconds(4, rows=64, remaining=60) > policy.drain_seconds(1, rows=64, remaining=60) == 60.0
+    assert policy.choose_drain(rows=64, remaining=60) == 1
+    assert policy.report()["drain_calls_by_block"] == {"1": 1, "4": 1}
+
+
+def test_a_drain_before_any_acceptance_is_seen_explores():
+    policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.6})
+    assert policy.choose_drain(rows=4, remaining=30) == 4 and policy.exploring

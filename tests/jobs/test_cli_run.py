@@ -97,6 +97,7 @@ def test_bench_takes_the_jobs_prompts_and_settings(job_file):
     for r in rows:
         assert r["identical_fraction"] == 1.0  # lossless: the same tokens as AR, row for row
         assert len(r["runs"]) == len(r["speedup_runs"]) == 2 and r["ar_tokens_per_s"] > 0
+        assert r["num_prompts"] == 3
         assert r["speedup"] == pytest.approx(sum(r["speedup_runs"]) / 2)  # the median of two same-round ratios
         assert r["tau_mean"] >= 1.0
     assert all(r["speedup"] == 1.0 for r in rows if r["mode"] == "ar")
@@ -113,8 +114,16 @@ def test_bench_max_new_tokens_overrides_the_jobs(job_file):
                                        "--modes", "ngram", "--num-prompts", "2", "--repeats", "1",
                                        "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
-    assert "2 rows of" in result.output and "up to 3 new tokens" in result.output
+    assert "the first rows of" in result.output and "up to 3 new tokens" in result.output
     assert "ngram" in result.output.splitlines()[-1]
+
+
+def test_bench_decodes_four_rows_per_slot_by_default_and_auto_only(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "1", "--block-sizes", "",
+                                       "--modes", "ngram", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output[result.output.index("["):])
+    assert [(r["mode"], r["block_size"], r["num_prompts"]) for r in rows] == [("ar", 1, 4), ("ngram", "auto", 4)]
 
 
 def test_bench_hf_generate_gives_the_same_tokens_as_ar(job_file):

@@ -6,9 +6,10 @@ Speculation pays only when the tokens a step commits outgrow what the step costs
     E[tokens per step | L] = 1 + sum_{k=1}^{L-1} q_k,   q_k = P(at least k drafts accepted)
 
 Seconds per step are measured at warmup for every candidate L at the engine's own
-batch size (L = 1 is plain AR through the same state), because the ratio of an
-L-token target pass to a 1-token pass depends on hardware and batch: near 1 on an
-accelerator, 2-3x at L = 8-16 on a small CPU. A warmup measurement is a few steps
+batch size (L = 1 is plain AR through the same state), because the ratio of an L-token
+target pass to a 1-token pass depends on hardware and batch: near 1 on an accelerator,
+2-3x at L = 8-16 on a small CPU. Warmup times the lengths round-robin, and each L's cost
+relative to AR is the median of its same-round ratios (``set_warmup_costs``). A warmup measurement is a few steps
 long, so every decode call's own wall time (host round trip included) refines the
 cost of the L it ran, and the drift of all calls from their warmup costs scales every L's
 warmup cost alike (see ``cost``). q_k is counted from the steps actually run.
@@ -21,7 +22,8 @@ and the q_k it measures bound every larger L, so where large passes are dear (a 
 batch 16) the walk stops after one or two cheap calls, and where they are nearly free (an
 accelerator) it climbs to the largest L in a few. Every ``explore_every`` calls the
 runner-up (the best other L by optimistic throughput, AR included) runs once, so improving
-acceptance, or a cost that has moved, is noticed. Otherwise the policy runs the argmax,
+acceptance, or a cost that has moved, is noticed; while a speculative L leads, every other
+such call runs AR, whose cost is the bar every L must clear. Otherwise the policy runs the argmax,
 except that a speculative L must beat AR by ``margin`` (estimates are noisy, and near a
 tie AR is the safe side). AR is a candidate, so the choice is never expected to be slower
 than AR.
@@ -71,6 +73,24 @@ class BlockPolicy:
     @property
     def largest(self) -> int:
         return self.candidates[-1]
+
+    def set_warmup_costs(self, per_step: dict[int, list[float]]) -> None:
+        """Seconds per step by block length from warmup's timed calls, taken round-robin
+        (``per_step[L][r]``: round r's call at L).
+
+        Each L's cost relative to AR is the median of its same-round ratios to AR's call,
+        times AR's best call: on a shared machine a slow spell inflates one round of every
+        length, not every round of one length, so the ratios (what the choice rests on)
+        survive it. Without AR among them, or with rounds missing, each L's best call.
+        """
+        ar = per_step.get(1) or []
+        for block, times in per_step.items():
+            if not times:
+                continue
+            if block == 1 or len(times) != len(ar):
+                self.step_seconds[block] = min(times)
+            else:
+                self.step_seconds[block] = min(ar) * float(np.median([t / a for t, a in zip(times, ar)]))
 
     def observe(self, block: int, hist_delta: np.ndarray) -> None:
         """Adds the steps of one decode call. hist_delta [Lmax]: steps that committed i+1 tokens."""
@@ -184,11 +204,14 @@ class BlockPolicy:
             # Walk upward: the smallest unmeasured L that could still pay. It is the cheapest
             # call, and what it measures (q_1..q_{L-1}) bounds every larger L's optimism.
             unmeasured = [b for b in beats_best if self._unobserved(b)]
-            # Periodically, the runner-up (AR included) runs once: its acceptance or its cost
-            # may have changed since it was last measured.
+            # Periodically, the runner-up runs once: its acceptance or its cost may have changed
+            # since it was last measured. While a speculative L leads, every other such call
+            # runs AR instead: AR's cost is what every L must beat, so it is kept measured.
             runner_up = max((b for b in self.candidates if b != best), key=self.optimistic_throughput)
-            periodic = self._n_calls % self.explore_every == 0
-            self.exploring = bool(unmeasured) or periodic
+            period, phase = divmod(self._n_calls, self.explore_every)
+            if phase == 0 and period % 2 == 1 and best != 1 and 1 in self.candidates:
+                runner_up = 1
+            self.exploring = bool(unmeasured) or phase == 0
             block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
         self.calls[block] = self.calls.get(block, 0) + 1
         return block

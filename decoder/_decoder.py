@@ -13,8 +13,8 @@ from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, Phases, SlotEng
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
+from dflash_batch.schemas import MODES  # the completions contract's ``mode`` column names them
 
-MODES = ("ar", "dflash", "ngram", "hybrid")
 DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
 AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
 

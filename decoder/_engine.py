@@ -25,6 +25,7 @@ from dflash_batch.decoder._slots import Slots
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
+WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
 # the slots stay full until the last batch_size rows, which drain with nothing to refill them.
 ROWS_PER_SLOT = 4
@@ -79,22 +80,29 @@ class SlotEngine:
         for slot in range(b if len(self.phases.blocks) > 1 else 1):
             s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
                                     np.int32(2), np.float32(0), np.float32(1), row_key(slot))
-        for block in self.phases.blocks:
-            # The first call compiles; then the best of a few short timed calls (one when there is
-            # no choice to make), since one-off work (cache writes, allocations) may land in any one.
-            per_step = []
-            for timed in (False,) + (True,) * (3 if len(self.phases.blocks) > 1 else 1):
-                budget = min(self.capacity, 1 + WARMUP_STEPS * block)
-                s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
-                              budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
-                jax.block_until_ready(s.pos)
-                t1 = time.perf_counter()
-                s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(WARMUP_STEPS if timed else 1))
-                steps = int(steps)
-                if timed and steps:
-                    per_step.append((time.perf_counter() - t1) / steps)
-            if per_step:
-                self.policy.step_seconds[block] = min(per_step)
+        blocks = self.phases.blocks
+
+        def timed(s: Slots, block: int, n_steps: int) -> tuple[Slots, float | None]:
+            budget = min(self.capacity, 1 + WARMUP_STEPS * block)
+            s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
+                          budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
+            jax.block_until_ready(s.pos)
+            t1 = time.perf_counter()
+            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(n_steps))
+            steps = int(steps)
+            return s, (time.perf_counter() - t1) / steps if steps else None
+
+        for block in blocks:  # compile
+            s, _ = timed(s, block, 1)
+        # Then short timed calls, round-robin over the block lengths, so that a slow spell of a
+        # shared machine falls on every length alike (see BlockPolicy.set_warmup_costs).
+        per_step: dict[int, list[float]] = {block: [] for block in blocks}
+        for _ in range(WARMUP_ROUNDS if len(blocks) > 1 else 1):
+            for block in blocks:
+                s, seconds = timed(s, block, WARMUP_STEPS)
+                if seconds is not None:
+                    per_step[block].append(seconds)
+        self.policy.set_warmup_costs(per_step)
         self.state = self.phases.init_state()
         dt = time.perf_counter() - t0
         self.compile_seconds += dt

@@ -135,3 +135,20 @@ def test_the_drain_weighs_the_slowest_rows_spread():
 def test_a_drain_before_any_acceptance_is_seen_explores():
     policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.6})
     assert policy.choose_drain(rows=4, remaining=30) == 4 and policy.exploring
+
+
+def test_warmup_costs_are_same_round_ratios_to_ar():
+    policy = BlockPolicy((1, 2, 4))
+    # Round 2 was a slow spell for every length; round 3 only for AR's call.
+    policy.set_warmup_costs({1: [1.0, 2.0, 3.0], 2: [1.2, 2.4, 1.2], 4: [1.5, 3.0, 1.5]})
+    assert policy.step_seconds == {1: 1.0, 2: pytest.approx(1.2), 4: pytest.approx(1.5)}
+    # A length without AR beside it, or with a call that ran no step, keeps its best call.
+    lone = BlockPolicy((2, 4))
+    lone.set_warmup_costs({2: [3.0, 2.0], 4: []})
+    assert lone.step_seconds == {2: 2.0}
+
+
+def test_while_a_speculative_block_leads_every_other_periodic_call_runs_ar():
+    policy = BlockPolicy((1, 2, 4), explore_every=2, step_seconds={1: 1.0, 2: 1.1, 4: 1.3})
+    policy.observe(4, np.array([0, 0, 0, 10]))  # every draft accepted: L=4 leads, L=2 is the runner-up
+    assert [policy.choose() for _ in range(8)] == [4, 1, 4, 2, 4, 1, 4, 2]

@@ -23,7 +23,8 @@ batch 16) the walk stops after one or two cheap calls, and where they are nearly
 accelerator) it climbs to the largest L in a few. Every ``explore_every`` calls the
 runner-up (the best other L by optimistic throughput, AR included) runs once, so improving
 acceptance, or a cost that has moved, is noticed; while a speculative L leads, every other
-such call runs AR, whose cost is the bar every L must clear. Otherwise the policy runs the argmax,
+such call runs AR, whose cost is the bar every L must clear; and before any speculative L
+runs, AR runs one full call, so that bar is a real measurement, not only a warmup one. Otherwise the policy runs the argmax,
 except that a speculative L must beat AR by ``margin`` (estimates are noisy, and near a
 tie AR is the safe side). AR is a candidate, so the choice is never expected to be slower
 than AR.
@@ -213,6 +214,11 @@ class BlockPolicy:
                 runner_up = 1
             self.exploring = bool(unmeasured) or phase == 0
             block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
+            ar_unmeasured = self.run_steps.get(1, 0) < self.warmup_weight
+            if not self.exploring and block != 1 and 1 in self.candidates and ar_unmeasured:
+                # Before a speculative L is run in earnest, AR runs a full call: a warmup
+                # measurement taken during a slow spell must not decide the bar every L is held to.
+                block, self.exploring = 1, False
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 

@@ -10,6 +10,12 @@ from dflash_batch.decoder._autoblock import BlockPolicy
 from oracle_proposer import propose_oracle
 
 
+def ar_ran(policy: BlockPolicy, steps: int = 8, per_step: float | None = None) -> None:
+    """A full AR call ran (at its warmup cost unless told): the bar a speculative L must clear
+    is then measured, so the policy may run that L in earnest."""
+    policy.observe_cost(1, seconds=steps * (per_step or policy.step_seconds[1]), steps=steps)
+
+
 def test_acceptance_is_counted_per_draft_position():
     policy = BlockPolicy((1, 4))
     # Four steps at L=4: two committed 1 token, one committed 2, one committed all 4.
@@ -24,6 +30,8 @@ def test_explores_upward_from_the_smallest_block_then_picks_best_throughput():
     policy.observe(2, np.array([0, 10]))  # the one draft always accepted: L=4 might pay more
     assert policy.choose() == 4 and policy.exploring
     policy.observe(4, np.array([0, 0, 0, 10]))  # every draft accepted: E = 4 tokens per step
+    assert policy.choose() == 1 and not policy.exploring  # L=4 leads, but first AR runs a full call
+    ar_ran(policy)
     assert policy.choose() == 4 and not policy.exploring
     bad = BlockPolicy((1, 2, 4), explore_every=1000, step_seconds={1: 1.0, 2: 1.2, 4: 1.5})
     assert bad.choose() == 2
@@ -39,6 +47,7 @@ def test_re_explores_the_runner_up_periodically():
     assert [policy.choose() for _ in range(6)] == [1, 1, 4, 1, 1, 4]
     good = BlockPolicy((1, 4), explore_every=3, step_seconds={1: 1.0, 4: 1.5})
     good.observe(4, np.array([0, 0, 0, 5]))
+    ar_ran(good)
     assert [good.choose() for _ in range(3)] == [4, 4, 1]  # AR's cost is re-measured too
 
 
@@ -67,7 +76,7 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
 def test_decode_calls_refine_the_warmup_cost_estimate():
     policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.5}, warmup_weight=8)
     policy.observe(4, np.array([0, 10, 0, 0]))  # 2 tokens per step at L=4
-    assert policy.choose() == 4  # 2 / 1.5 beats 1 / 1.0
+    assert policy.throughput(4) > 1.1 * policy.throughput(1)  # 2 / 1.5 beats 1 / 1.0
     policy.observe_cost(1, seconds=24 * 1.0, steps=24)  # running, L=1 steps cost what warmup said,
     policy.observe_cost(4, seconds=24 * 3.0, steps=24)  # but L=4 steps really cost 3 s
     assert policy.slowdown() == (24 + 72) / (24 * 1.0 + 24 * 1.5)
@@ -82,8 +91,9 @@ def test_decode_calls_refine_the_warmup_cost_estimate():
 def test_a_slow_spell_slows_every_block_length_alike():
     policy = BlockPolicy((1, 2), explore_every=1000, step_seconds={1: 1.0, 2: 1.2})
     policy.observe(2, np.array([50, 50]))  # E = 1.5 tokens per step: 1.25x AR at warmup costs
-    assert policy.choose() == 2
+    assert policy.choose() == 1  # L=2 leads; AR runs one full call first
     policy.observe_cost(2, seconds=100 * 2.4, steps=100)  # the machine got twice as slow
+    ar_ran(policy, per_step=2.0)
     # Had AR kept its warmup cost, it would now look 1.6x better; the drift applies to it as well.
     assert policy.cost(1) == pytest.approx(2.0) and policy.cost(2) == pytest.approx(2.4)
     assert policy.choose() == 2
@@ -100,6 +110,7 @@ def test_exploring_stops_where_acceptance_rules_larger_blocks_out():
     policy.observe(4, np.array([4, 2, 1, 1]))  # q_1..q_3 = 1/2, 1/4, 1/8 over all the steps seen
     # L=8 at best adds 4 x 1/8 tokens for 0.7 s more: no better than L=4, so it is never tried.
     assert policy.optimistic_tokens(8) / policy.cost(8) < policy.throughput(4)
+    ar_ran(policy)
     assert [policy.choose() for _ in range(5)] == [4] * 5 and not policy.exploring
     assert 8 not in policy.calls and 16 not in policy.calls
 
@@ -115,6 +126,7 @@ def test_a_near_tie_goes_to_ar():
     policy.observe(2, np.array([77, 23]))  # E = 1.23 tokens per step: 1.025x AR's throughput
     assert policy.choose() == 1
     policy.observe(2, np.array([0, 200]))  # now E = 1.74: 1.45x
+    ar_ran(policy)
     assert policy.choose() == 2
 
 
@@ -122,6 +134,7 @@ def test_the_drain_weighs_the_slowest_rows_spread():
     policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.6})
     policy.observe(4, np.array([5, 2, 1, 2]))  # q = 0.5, 0.3, 0.2: E[T] = 2, Var[T] = 5.4 - 4
     assert policy.tokens_variance(4) == pytest.approx(1.4) and policy.tokens_variance(1) == 0.0
+    ar_ran(policy)
     assert policy.choose() == 4  # on average 2 tokens per 1.6 s beat 1 per 1 s
     # One row left: it needs 60 / 2 steps on average, 48 s against AR's 60 s.
     assert policy.drain_seconds(4, rows=1, remaining=60) == pytest.approx(48.0)
@@ -151,4 +164,15 @@ def test_warmup_costs_are_same_round_ratios_to_ar():
 def test_while_a_speculative_block_leads_every_other_periodic_call_runs_ar():
     policy = BlockPolicy((1, 2, 4), explore_every=2, step_seconds={1: 1.0, 2: 1.1, 4: 1.3})
     policy.observe(4, np.array([0, 0, 0, 10]))  # every draft accepted: L=4 leads, L=2 is the runner-up
+    ar_ran(policy)
     assert [policy.choose() for _ in range(8)] == [4, 1, 4, 2, 4, 1, 4, 2]
+
+
+def test_a_dear_warmup_measurement_of_ar_is_checked_by_a_real_call():
+    # Warmup caught AR in a slow spell: it looks as dear as L=2, and L=2 looks 1.26x better.
+    policy = BlockPolicy((1, 2), explore_every=1000, step_seconds={1: 0.084, 2: 0.080})
+    policy.observe(2, np.array([74, 26]))
+    assert policy.choose() == 1 and not policy.exploring  # a full call, not a 4-step probe
+    policy.observe_cost(1, seconds=64 * 0.027, steps=64)  # AR really costs 27 ms
+    policy.observe_cost(2, seconds=64 * 0.038, steps=64)
+    assert [policy.choose() for _ in range(3)] == [1, 1, 1]  # 1.26 / 38 ms loses to 1 / 27 ms

@@ -36,7 +36,7 @@ def _problems(path: Path, *overrides: str) -> list[str]:
 
 def test_the_example_job_is_valid_and_runs_ar_on_the_default_model():
     spec = load_spec(EXAMPLE)
-    assert (spec.model.target, spec.decode.mode, spec.prompt.template) == ("smollm2-135m-instruct", "ar", "summarize")
+    assert (spec.model.target, spec.decode.mode, spec.prompt.template) == ("smollm2-135m-instruct", "hybrid", "summarize")
     assert spec.runner.name == "direct"
 
 

@@ -149,3 +149,27 @@ def test_job_stats_record_the_automatic_block_choice_and_why(job, chat_model_dir
         assert len(report["acceptance_q"]) == 15  # q_1..q_15 (unobserved ones count as 0)
         assert report["expected_tokens_per_step"]["1"] == 1.0  # AR is always a candidate
     assert job_stats(tmp_path / "out")["block_choice"] == stats["block_choice"]
+
+
+def test_a_hybrid_job_with_automatic_blocks_gives_the_ar_jobs_tokens(job, chat_model_dir, tmp_path):
+    import jax
+
+    from dflash_batch.decoder import load_target
+    from dflash_batch.decoder._drafter import DrafterConfig, init_drafter_params, save_drafter
+
+    c = load_target(str(chat_model_dir), with_tokenizer=False).config
+    dcfg = DrafterConfig(block_size=8, mask_token_id=3, target_layer_ids=(0, 1), num_layers=1,
+                         hidden_size=c.hidden_size, intermediate_size=64, num_heads=c.num_heads,
+                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+                         rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size)
+    drafter = save_drafter(tmp_path / "drafter", dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(1), scale=0.3))
+    source = job["in"] / "a.parquet"  # greedy and sampled rows, one with its own max_new_tokens
+    build(job_argv(chat_model_dir, source, tmp_path / "ar")).run()
+    stats = build(job_argv(chat_model_dir, source, tmp_path / "hybrid", decode_mode="hybrid", block_size="auto",
+                           drafter=drafter)).run().stats
+    ar = {r["id"]: r["completion_token_ids"] for r in completions(tmp_path / "ar")}
+    hybrid = {r["id"]: r["completion_token_ids"] for r in completions(tmp_path / "hybrid")}
+    assert len(ar) == 10 and hybrid == ar  # lossless, sampled rows included (seed for seed)
+    assert {r["mode"] for r in completions(tmp_path / "hybrid")} == {"hybrid"}
+    assert stats["block_choice"] and all(sum(r["decode_calls_by_block"].values()) >= 1
+                                         for r in stats["block_choice"].values())

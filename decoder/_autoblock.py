@@ -9,10 +9,11 @@ Seconds per step are measured at warmup for every candidate L at the engine's ow
 batch size (L = 1 is plain AR through the same state), because the ratio of an L-token
 target pass to a 1-token pass depends on hardware and batch: near 1 on an accelerator,
 2-3x at L = 8-16 on a small CPU. Warmup times the lengths round-robin, and each L's cost
-relative to AR is the median of its same-round ratios (``set_warmup_costs``). A warmup measurement is a few steps
-long, so every decode call's own wall time (host round trip included) refines the
-cost of the L it ran, and the drift of all calls from their warmup costs scales every L's
-warmup cost alike (see ``cost``). q_k is counted from the steps actually run.
+relative to AR is the median of its same-round ratios (``set_warmup_costs``). A warmup
+measurement is a few steps long, so every decode call's own wall time (host round trip
+included) refines the cost of the L it ran, and the drift of all calls from their warmup
+costs scales every L's warmup cost alike (see ``cost``). q_k is counted from the steps
+actually run.
 
 Exploring is a short call (a few steps). Each L has an *optimistic* throughput: unobserved
 q_k are taken as high as the last observed one allows (q_k never grows with k; 1 before
@@ -24,10 +25,10 @@ accelerator) it climbs to the largest L in a few. Every ``explore_every`` calls 
 runner-up (the best other L by optimistic throughput, AR included) runs once, so improving
 acceptance, or a cost that has moved, is noticed; while a speculative L leads, every other
 such call runs AR, whose cost is the bar every L must clear; and before any speculative L
-runs, AR runs one full call, so that bar is a real measurement, not only a warmup one. Otherwise the policy runs the argmax,
-except that a speculative L must beat AR by ``margin`` (estimates are noisy, and near a
-tie AR is the safe side). AR is a candidate, so the choice is never expected to be slower
-than AR.
+runs in earnest, AR runs one full call, so that bar is a real measurement, not only a warmup
+one. Otherwise the policy runs the argmax, except that a speculative L must beat AR by
+``margin`` (estimates are noisy, and near a tie AR is the safe side). AR is a candidate, so
+the choice is never expected to be slower than AR.
 
 The drain is different. Once no request waits, the batch's remaining time is that of its
 slowest row, and a speculative row's step count is random where AR's is not: a row with r
@@ -214,11 +215,11 @@ class BlockPolicy:
                 runner_up = 1
             self.exploring = bool(unmeasured) or phase == 0
             block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
-            ar_unmeasured = self.run_steps.get(1, 0) < self.warmup_weight
-            if not self.exploring and block != 1 and 1 in self.candidates and ar_unmeasured:
+            ar_unmeasured = 1 in self.candidates and self.run_steps.get(1, 0) < self.warmup_weight
+            if not self.exploring and ar_unmeasured:
                 # Before a speculative L is run in earnest, AR runs a full call: a warmup
                 # measurement taken during a slow spell must not decide the bar every L is held to.
-                block, self.exploring = 1, False
+                block = 1
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 

@@ -147,11 +147,10 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
     """
     say = progress or (lambda _m: None)
     rows = []
-    all_requests = requests
     for b in batch_sizes:
-        requests = all_requests[: num_prompts or ROWS_PER_SLOT * b]
+        reqs = requests[: num_prompts or ROWS_PER_SLOT * b]
         say(f"batch {b}: compiling")
-        ar = DecoderCell(target, requests, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
+        ar = DecoderCell(target, reqs, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
         cells: list = [ar]
         for mode in modes:
             if mode in DRAFTER_MODES and drafter is None:
@@ -159,17 +158,17 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
             for blk in [*block_sizes, "auto"]:
                 if mode in DRAFTER_MODES and blk != "auto" and blk > drafter[0].block_size:
                     continue
-                cells.append(DecoderCell(target, requests, b, max_new_tokens, mode=mode, drafter=drafter,
+                cells.append(DecoderCell(target, reqs, b, max_new_tokens, mode=mode, drafter=drafter,
                                          block_size=blk, prompt_buckets=prompt_buckets))
                 say(f"batch {b}: compiled {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
         run_rounds(cells, repeats, lambda m: say(f"batch {b}:{m}"))
         if with_hf:
-            hf = HFCell(target, requests, b, max_new_tokens)
+            hf = HFCell(target, reqs, b, max_new_tokens)
             hf.run(repeats)
             say(f"batch {b}: hf-generate " + ", ".join(f"{x:.1f}" for x in hf.runs))
             cells.insert(1, hf)
         ar_tps = statistics.median(ar.runs)
-        base = {"batch_size": b, "num_prompts": len(requests), "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
+        base = {"batch_size": b, "num_prompts": len(reqs), "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
         for cell in cells:
             ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
             row = {**base, "mode": cell.mode, "block_size": cell.block_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -22,12 +23,12 @@ def _requests(target, split: str, limit: int, max_new_tokens: int):
                     max_new_tokens=max_new_tokens) for d in docs]
 
 
-def _int_list(_ctx, param, value: str) -> list[int]:
+def _int_list(_ctx, _param, value: str, allow_empty: bool = False) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if (not out and param.name != "block_sizes") or min(out, default=1) < 1:
+    if (not out and not allow_empty) or min(out, default=1) < 1:
         raise click.BadParameter(f"expected positive integers, got {value!r}")
     return out
 
@@ -87,7 +88,8 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
               help="Prompts each batch size decodes: the first N rows of the job's input, or N ACLSum test "
                    "abstracts [default: 4 per slot, what a job's decoder call gets by default].")
 @click.option("--batch-sizes", default="1,4,16", show_default=True, callback=_int_list)
-@click.option("--block-sizes", default="8,16", show_default=True, callback=_int_list,
+@click.option("--block-sizes", default="8,16", show_default=True,
+              callback=functools.partial(_int_list, allow_empty=True),
               help="Fixed block lengths to compare beside the automatic choice ('' for auto only).")
 @click.option("--modes", default="dflash,ngram,hybrid", show_default=True, help="Speculative modes to compare with AR.")
 @click.option("--max-new-tokens", default=None, type=click.IntRange(1),

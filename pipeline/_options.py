@@ -132,7 +132,8 @@ class JobConfig:
             block_size=o.block_size, batch_size=batch_size, max_new_tokens=o.max_new_tokens,
             temperature=o.temperature, top_p=o.top_p, seed=o.seed, template=o.prompt_template,
             instruction=o.prompt_instruction, prompt_buckets=_int_list(o.prompt_buckets),
-            rows_per_batch=o.rows_per_batch or ROWS_PER_SLOT * batch_size, shards_per_bucket=o.shards_per_bucket or workers,
+            rows_per_batch=o.rows_per_batch or ROWS_PER_SLOT * batch_size,
+            shards_per_bucket=o.shards_per_bucket or workers,
             output_shards=o.output_shards, name=o.spec_name, spec_json=o.spec_json, progress_dir=o.progress_dir,
         )
 

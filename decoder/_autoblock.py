@@ -15,6 +15,12 @@ included) refines the cost of the L it ran, and the drift of all calls from thei
 costs scales every L's warmup cost alike (see ``cost``). q_k is counted from the steps
 actually run.
 
+Within a call, each step may still fall back to AR: the decoder's gate (``gate``; see
+decoder/_speculative.py) verifies the L-token block only where the batch's proposals promise
+more tokens per second than an AR step, so a call at L commits 1 + (1 - g_L) sum q_k tokens
+per step, g_L being the share of its steps gated (counted per call; q_k comes from the
+verified steps alone).
+
 Exploring is a short call (a few steps). Each L has an *optimistic* throughput: unobserved
 q_k are taken as high as the last observed one allows (q_k never grows with k; 1 before
 anything is seen). Exploration walks upward: it runs the smallest L with an unobserved q_k
@@ -64,6 +70,8 @@ class BlockPolicy:
     run_steps: dict[int, int] = dataclasses.field(default_factory=dict)
     exploring: bool = False  # whether the last choice was an exploration (the engine keeps it short)
     drain_calls: dict[int, int] = dataclasses.field(default_factory=dict)
+    row_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # row-steps run at L, by L
+    gated_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # of those, run as AR by the gate
     _n_calls: int = 0
 
     def __post_init__(self):
@@ -94,17 +102,33 @@ class BlockPolicy:
             else:
                 self.step_seconds[block] = min(ar) * float(np.median([t / a for t, a in zip(times, ar)]))
 
-    def observe(self, block: int, hist_delta: np.ndarray) -> None:
-        """Adds the steps of one decode call. hist_delta [Lmax]: steps that committed i+1 tokens."""
+    def observe(self, block: int, hist_delta: np.ndarray, gated: int = 0) -> None:
+        """Adds the steps of one decode call. hist_delta [Lmax]: row-steps that committed i+1
+        tokens; ``gated``: how many of them the per-step gate ran as AR steps (they committed
+        one token and verified nothing, so they are no evidence of acceptance)."""
         if block < 2:
             return
         steps = int(hist_delta.sum())
         if steps == 0:
             return
+        self.row_steps[block] = self.row_steps.get(block, 0) + steps
+        self.gated_steps[block] = self.gated_steps.get(block, 0) + gated
         committed = np.arange(1, len(hist_delta) + 1)
         for k in range(1, block):
-            self.trials[k] += steps
+            self.trials[k] += steps - gated
             self.successes[k] += int(hist_delta[committed >= k + 1].sum())
+
+    def gated_fraction(self, block: int) -> float:
+        """The share of row-steps at this L that the gate ran as AR steps (0 before any)."""
+        return self.gated_steps.get(block, 0) / self.row_steps[block] if self.row_steps.get(block) else 0.0
+
+    def gate(self, block: int) -> float:
+        """What the per-step gate of a call at this L weighs proposals against: the L-token
+        pass's warmup cost relative to AR's (0 = always verify: no AR to fall back on, or no
+        cost measured yet)."""
+        if block < 2 or 1 not in self.candidates or block not in self.step_seconds or 1 not in self.step_seconds:
+            return 0.0
+        return self.step_seconds[block] / self.step_seconds[1]
 
     def observe_cost(self, block: int, seconds: float, steps: int) -> None:
         """Adds one decode call's wall time and step count at block length ``block``."""
@@ -140,7 +164,8 @@ class BlockPolicy:
         return q
 
     def expected_tokens(self, block: int) -> float:
-        return 1.0 + float(self.acceptance()[1:block].sum())
+        """E[tokens per step | L]: the gated share of steps commits one token."""
+        return 1.0 + (1.0 - self.gated_fraction(block)) * float(self.acceptance()[1:block].sum())
 
     def throughput(self, block: int) -> float:
         """Expected committed tokens per second per row at this block length."""
@@ -149,22 +174,22 @@ class BlockPolicy:
     def optimistic_tokens(self, block: int) -> float:
         """E[tokens per step | block] with every unobserved q_k as high as it can be: the
         last observed q (acceptance never rises with k), or 1 before anything is seen."""
-        q, e, bound = self.acceptance(), 1.0, 1.0
+        q, e, bound = self.acceptance(), 0.0, 1.0
         for k in range(1, block):
             if self.trials[k] > 0:
                 bound = min(bound, q[k])
                 e += q[k]
             else:
                 e += bound
-        return e
+        return 1.0 + (1.0 - self.gated_fraction(block)) * e
 
     def optimistic_throughput(self, block: int) -> float:
         return self.optimistic_tokens(block) / self.cost(block)
 
     def tokens_variance(self, block: int) -> float:
         """Var[T] of the tokens T one step commits at this block length: P(T >= t) is q_(t-1)
-        (1 for t = 1), so E[T^2] = sum_t (2t - 1) P(T >= t)."""
-        p = np.concatenate([[1.0], self.acceptance()[1:block]])
+        times the share of steps not gated (1 for t = 1), so E[T^2] = sum_t (2t - 1) P(T >= t)."""
+        p = np.concatenate([[1.0], (1.0 - self.gated_fraction(block)) * self.acceptance()[1:block]])
         t = np.arange(1, block + 1)
         return float(((2 * t - 1) * p).sum() - p.sum() ** 2)
 
@@ -235,4 +260,5 @@ class BlockPolicy:
             "expected_tokens_per_s_per_row": {str(b): round(self.throughput(b), 2) for b in costed},
             "decode_calls_by_block": {str(b): n for b, n in sorted(self.calls.items())},
             "drain_calls_by_block": {str(b): n for b, n in sorted(self.drain_calls.items())},
+            "gated_fraction_by_block": {str(b): round(self.gated_fraction(b), 3) for b in sorted(self.row_steps)},
         }

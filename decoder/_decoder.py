@@ -95,17 +95,19 @@ class Decoder:
         if self.mode == "ar":
             return Phases(
                 prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
-                decode=lambda s, stop_first, block, n: ar_decode(params, s, stop_first, n, cfg=cfg, eos_ids=eos),
+                decode=lambda s, stop_first, block, n, gate: ar_decode(params, s, stop_first, n, cfg=cfg,
+                                                                       eos_ids=eos),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
             )
         dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
         static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
+        gated = len(self.blocks) > 1 and 1 in self.blocks  # automatic: each step may fall back to AR
         return Phases(
             prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
-            decode=lambda s, stop_first, block, n: spec_decode(params, dparams, s, stop_first, n, block=block,
-                                                               **static),
+            decode=lambda s, stop_first, block, n, gate: spec_decode(
+                params, dparams, s, stop_first, n, np.float32(gate), block=block, gated=gated, **static),
             init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk,
-                                          extra=init_spec_state(b, cache_len, dcfg, self.mode)),
+                                          extra=init_spec_state(b, cache_len, dcfg, blk)),
             blocks=self.blocks,
         )
 
@@ -123,9 +125,9 @@ class Decoder:
         report = {}
         for b, e in sorted(self._engines.items()):
             report[str(b)] = e.policy.report()
-            hybrid = getattr(e.state.extra, "hybrid", None) if e.state is not None else None
-            if hybrid is not None:
-                report[str(b)]["hybrid"] = hybrid_report(hybrid)
+            stats = getattr(e.state.extra, "stats", None) if e.state is not None else None
+            if stats is not None and self.mode == "hybrid":
+                report[str(b)]["hybrid"] = hybrid_report(stats)
         return report
 
     def warmup(self, bucket: int) -> float:
@@ -149,12 +151,13 @@ class Decoder:
 
 
 def hybrid_report(st) -> dict:
-    """The hybrid chooser's view: steps per source, the n-gram acceptance by match length,
-    and how well the drafter's confidence predicted its acceptance (1.0 = calibrated).
-    Estimates include one optimistic prior observation per source."""
-    acc, n = np.asarray(st.ngram_acc), np.asarray(st.ngram_n)
+    """The hybrid chooser's view: steps per source, the expected accepted n-gram drafts of a
+    full block by match length, and how well the drafter's confidence predicted its
+    acceptance (1.0 = calibrated). Estimates include one optimistic prior observation."""
+    rates = np.asarray(st.ngram_hits) / np.asarray(st.ngram_tries)  # [match length, position]
+    expect = np.cumprod(rates, axis=1).sum(axis=1)
     return {"steps_ngram": int(st.chose_ngram), "steps_dflash": int(st.chose_dflash),
-            "ngram_accepted_by_match_length": {str(k): round(float(acc[k] / n[k]), 3) for k in range(1, len(n))},
+            "ngram_accepted_by_match_length": {str(k): round(float(expect[k]), 3) for k in range(1, len(expect))},
             "dflash_calibration": round(float(st.dflash_acc / st.dflash_pred), 3)}
 
 

@@ -45,11 +45,13 @@ class Phases:
 
     prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
         (one fixed-size chunk of a prompt; the last chunk opens the slot)
-    decode(state, stop_on_first_done, block, max_steps) -> (state, steps_run)
+    decode(state, stop_on_first_done, block, max_steps, gate) -> (state, steps_run)
+        (gate: the block's pass cost relative to a 1-token pass, for the per-step fallback to
+        AR of an automatic block length; 0 = always verify)
     """
 
     prefill: Callable
-    decode: Callable  # (state, stop_on_first_done, block, max_steps) -> (state, steps_run)
+    decode: Callable
     init_state: Callable[[], Slots]
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
 
@@ -88,7 +90,7 @@ class SlotEngine:
                           budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
             jax.block_until_ready(s.pos)
             t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(n_steps))
+            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(n_steps), 0.0)
             steps = int(steps)
             return s, (time.perf_counter() - t1) / steps if steps else None
 
@@ -146,6 +148,7 @@ class SlotEngine:
         b = self.state.batch
         rows: list[tuple[Request, float, int] | None] = [None] * b
         seen_hist = np.zeros(self.state.hist.shape, np.int64)  # per-slot histogram already observed
+        seen_gated = int(_gated(self.state))  # row-steps the per-step gate ran as AR, already observed
         produced = np.zeros((b,), np.int64)  # completion tokens per slot so far
         while True:
             for i in range(b):
@@ -172,12 +175,14 @@ class SlotEngine:
             # (which refines the policy's cost of this block length) would include it.
             jax.block_until_ready(self.state)
             t_call = time.perf_counter()
-            self.state, ran = self.phases.decode(self.state, jnp.asarray(waiting), block, np.int32(steps))
-            done, n_out, hist, ran = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran))
+            self.state, ran = self.phases.decode(self.state, jnp.asarray(waiting), block, np.int32(steps),
+                                                 self.policy.gate(block))
+            done, n_out, hist, ran, gated = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran,
+                                                           _gated(self.state)))
             produced = np.array(n_out, np.int64)
             self.policy.observe_cost(block, time.perf_counter() - t_call, int(ran))
-            self.policy.observe(block, (hist - seen_hist).sum(axis=0))
-            seen_hist = hist.astype(np.int64)
+            self.policy.observe(block, (hist - seen_hist).sum(axis=0), int(gated) - seen_gated)
+            seen_hist, seen_gated = hist.astype(np.int64), int(gated)
             need_out = [i for i, r in enumerate(rows) if r is not None and (done[i] or r[0].stop)]
             out = jax.device_get(self.state.out) if need_out else None
             for i in need_out:
@@ -209,6 +214,12 @@ class SlotEngine:
             decode_steps=int(hist.sum()), accepted_per_step=np.asarray(hist, np.int64),
             draft_tokens_proposed=int(drafted), draft_tokens_accepted=int(accepted),
             decode_seconds=time.perf_counter() - t0, bucket=bucket)
+
+
+def _gated(state: Slots) -> jax.Array:
+    """Row-steps so far that a speculative call's gate ran as plain AR steps (0 without a gate)."""
+    stats = getattr(state.extra, "stats", None)
+    return jnp.int32(0) if stats is None else stats.gated
 
 
 def _truncate_at_stop(tokenizer, tokens: list[int], stops: Sequence[str]) -> tuple[list[int], str] | None:

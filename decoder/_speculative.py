@@ -13,6 +13,14 @@ One decode step, for every active row at once (the DFlash paper's loop):
      token is exactly what AR decoding would have sampled at that position.
   4. Append the committed rows' target features to the drafter's context cache.
      Context K/V depend only on committed tokens, so they never need rollback.
+
+With a gate (the automatic block length), each step first weighs its proposals: every row
+promises an expected number of accepted drafts (from the n-gram match length, or from the
+drafter's own confidence, each calibrated by what was accepted so far), and the step
+verifies the L-token block only if the batch's promised tokens outgrow what the L-token
+pass costs relative to a 1-token pass; otherwise it runs a plain AR step (a 1-token pass
+on the anchor). Either way it commits the target's own tokens, so the gate changes only
+the speed. The steps a gate turned into AR steps are counted (``ProposalStats.gated``).
 """
 
 from __future__ import annotations
@@ -46,43 +54,64 @@ class SpecState:
     tokens: jax.Array
     ctx_k: Any = None
     ctx_v: Any = None
-    hybrid: Any = None  # HybridStats in mode ``hybrid``
+    stats: Any = None  # ProposalStats
 
 
 @flax.struct.dataclass
-class HybridStats:
-    """What the ``hybrid`` chooser has learnt about its two sources, over the whole batch.
+class ProposalStats:
+    """What the decoder has learnt about its proposals, over the whole batch.
 
-    ngram_acc, ngram_n [NGRAM_MAX + 1]: accepted drafts and steps of n-gram proposals by
-      match length (index 0, no match, is never chosen);
+    Acceptance is kept per draft position as conditional rates (a Kaplan-Meier table):
+    a try at position j is a step where drafts 1..j-1 were accepted and the target's
+    token at j is known; a hit is a try whose draft j matched it too. P(at least k
+    drafts accepted) is the product of the rates up to k. Steps that verified another
+    proposal, or none (gated), still tell how far this one would have been accepted, up
+    to what was committed, so every proposal learns from every step.
+
+    ngram_hits, ngram_tries [NGRAM_MAX + 1, D]: n-gram proposals by match length (0: no
+      match) and position; proposers other than the n-gram and DFlash use row 0;
     dflash_acc, dflash_pred: accepted DFlash drafts, and the drafter's own expectation of
-      them, summed: their ratio calibrates the drafter's confidence;
-    chose_ngram, chose_dflash: steps that verified each source.
+      them over the same positions, summed: their ratio calibrates its confidence;
+    chose_ngram, chose_dflash: row-steps that verified each source (``hybrid``);
+    gated: row-steps the gate ran as plain AR steps.
     """
 
-    ngram_acc: jax.Array
-    ngram_n: jax.Array
+    ngram_hits: jax.Array
+    ngram_tries: jax.Array
     dflash_acc: jax.Array
     dflash_pred: jax.Array
     chose_ngram: jax.Array
     chose_dflash: jax.Array
+    gated: jax.Array
 
     @classmethod
-    def init(cls) -> "HybridStats":
-        # One optimistic pseudo-observation per source, so each gets tried before data decide.
-        prior = jnp.arange(NGRAM_MAX + 1, dtype=jnp.float32)
-        return cls(ngram_acc=prior, ngram_n=jnp.ones((NGRAM_MAX + 1,), jnp.float32),
+    def init(cls, n_drafts: int) -> "ProposalStats":
+        # One optimistic pseudo-observation (a hit) everywhere, so every proposal is tried
+        # before data decide.
+        shape = (NGRAM_MAX + 1, max(n_drafts, 1))  # separate buffers: the state is donated
+        return cls(ngram_hits=jnp.ones(shape, jnp.float32), ngram_tries=jnp.ones(shape, jnp.float32),
                    dflash_acc=jnp.float32(1), dflash_pred=jnp.float32(1),
-                   chose_ngram=jnp.int32(0), chose_dflash=jnp.int32(0))
+                   chose_ngram=jnp.int32(0), chose_dflash=jnp.int32(0), gated=jnp.int32(0))
+
+    def ngram_promise(self, match: jax.Array, n_drafts: int) -> jax.Array:
+        """Expected accepted drafts [B] of an n-gram proposal of ``n_drafts`` by match length [B]."""
+        rates = (self.ngram_hits / self.ngram_tries)[match, :n_drafts]  # [B, n]
+        return jnp.sum(jnp.cumprod(rates, axis=1), axis=1)
+
+    def dflash_promise(self, p_top: jax.Array) -> jax.Array:
+        """Expected accepted drafts [B] of a DFlash block from its top-1 probabilities [B, n]:
+        sum_i prod_(j<=i) p_j, scaled by how well that expectation has held so far."""
+        return jnp.sum(jnp.cumprod(p_top, axis=1), axis=1) * self.dflash_acc / self.dflash_pred
 
 
-def init_spec_state(batch: int, length: int, dcfg: DrafterConfig | None, mode: str = "dflash") -> SpecState:
+def init_spec_state(batch: int, length: int, dcfg: DrafterConfig | None, max_block: int) -> SpecState:
     tokens = jnp.zeros((batch, length), jnp.int32)
+    stats = ProposalStats.init(max_block - 1)
     if dcfg is None:
-        return SpecState(tokens=tokens)
+        return SpecState(tokens=tokens, stats=stats)
     shape = (dcfg.num_layers, batch, dcfg.num_kv_heads, length, dcfg.head_dim)
     return SpecState(tokens=tokens, ctx_k=jnp.zeros(shape, jnp.float32), ctx_v=jnp.zeros(shape, jnp.float32),
-                     hybrid=HybridStats.init() if mode == "hybrid" else None)
+                     stats=stats)
 
 
 def ngram_match(tokens: jax.Array, pos: jax.Array, n_draft: int) -> tuple[jax.Array, jax.Array]:
@@ -128,68 +157,111 @@ def _greedy_drafts(drafter, dlogits: jax.Array) -> jax.Array:
     return draft_to_target_ids(drafter[0], jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)
 
 
-def propose_dflash(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
-    """L-1 drafts per row from ONE drafter pass over [anchor, MASK x (L-1)], greedy."""
-    return _greedy_drafts(drafter, _dflash_logits(params, cfg, drafter, s, block))
-
-
-def propose_ngram(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
-    del params, cfg, drafter
-    return ngram_propose(s.extra.tokens, s.pos, block - 1)
-
-
 @flax.struct.dataclass
-class HybridChoice:
-    """One hybrid step's two proposals [B, L-1], the match length [B], the drafter's own
-    expected accepted count [B], and which rows verify the n-gram proposal [B]."""
+class Proposal:
+    """One step's proposals, [B, L-1] each, and what judging them needs.
 
-    ngram: jax.Array
-    dflash: jax.Array
-    match: jax.Array
-    dflash_expect: jax.Array
-    use_ngram: jax.Array
+    ngram, match: an n-gram (or any other lookup) proposal and its match length [B];
+    dflash, p_top: a DFlash block and the drafter's top-1 probabilities;
+    use_ngram [B]: which of the two each row verifies (``hybrid``; None: the one present).
+    """
+
+    ngram: Any = None
+    match: Any = None
+    dflash: Any = None
+    p_top: Any = None
+    use_ngram: Any = None
+
+    def drafts(self) -> jax.Array:
+        """The drafts each row verifies [B, L-1]."""
+        if self.use_ngram is not None:
+            return jnp.where(self.use_ngram[:, None], self.ngram, self.dflash)
+        return self.dflash if self.ngram is None else self.ngram
+
+    def promise(self, st: ProposalStats) -> jax.Array:
+        """Expected accepted drafts [B] of what each row verifies."""
+        pn = None if self.ngram is None else st.ngram_promise(self.match, self.ngram.shape[1])
+        pd = None if self.dflash is None else st.dflash_promise(self.p_top)
+        if pn is None or pd is None:
+            return pd if pn is None else pn
+        return jnp.where(self.use_ngram, pn, pd)
 
 
-def propose_hybrid(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> HybridChoice:
+def propose_dflash(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> Proposal:
+    """L-1 drafts per row from ONE drafter pass over [anchor, MASK x (L-1)], greedy."""
+    dlogits = _dflash_logits(params, cfg, drafter, s, block)
+    return Proposal(dflash=_greedy_drafts(drafter, dlogits), p_top=jnp.max(jax.nn.softmax(dlogits, axis=-1), axis=-1))
+
+
+def propose_ngram(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> Proposal:
+    del params, cfg, drafter
+    drafts, match = ngram_match(s.extra.tokens, s.pos, block - 1)
+    return Proposal(ngram=drafts, match=match)
+
+
+def propose_hybrid(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> Proposal:
     """Both proposals, and per row the one that promises more accepted drafts.
 
-    DFlash promises sum_i prod_(j<=i) p_j, from its own top-1 probabilities p_j, scaled by
-    how well that promise has held so far (accepted / promised). An n-gram proposal
-    promises the mean acceptance seen so far for its match length. Both estimates learn
-    from every step, since the committed tokens tell how far either proposal would have
-    been accepted (up to the committed length).
+    DFlash promises sum_i prod_(j<=i) p_j from its own top-1 probabilities, calibrated by
+    how well that promise has held so far; an n-gram proposal promises what was accepted
+    at each position so far after a match of its length. Both learn from every step
+    (see ``ProposalStats``).
     """
-    st: HybridStats = s.extra.hybrid
-    dlogits = _dflash_logits(params, cfg, drafter, s, block)
-    p_top = jnp.max(jax.nn.softmax(dlogits, axis=-1), axis=-1)  # [B, L-1]
-    expect = jnp.sum(jnp.cumprod(p_top, axis=1), axis=1)  # [B]
-    d_drafts = _greedy_drafts(drafter, dlogits)
-    n_drafts, match = ngram_match(s.extra.tokens, s.pos, block - 1)
-    promise_d = expect * st.dflash_acc / st.dflash_pred
-    promise_n = (st.ngram_acc / st.ngram_n)[match]
-    use_ngram = (match > 0) & (promise_n > promise_d)
-    return HybridChoice(ngram=n_drafts, dflash=d_drafts, match=match, dflash_expect=expect, use_ngram=use_ngram)
+    st: ProposalStats = s.extra.stats
+    ngram, match = ngram_match(s.extra.tokens, s.pos, block - 1)
+    both = propose_dflash(params, cfg, drafter, s, block).replace(ngram=ngram, match=match)
+    promise_n = st.ngram_promise(match, block - 1)
+    return both.replace(use_ngram=(both.match > 0) & (promise_n > st.dflash_promise(both.p_top)))
 
 
-def _learn(st: HybridStats, c: HybridChoice, y: jax.Array, accepted: jax.Array, active: jax.Array) -> HybridStats:
-    """Adds one step's evidence: each proposal's accepted length against the committed
-    tokens y[:, :accepted+1] (exact for the verified proposal; for the other, censored at
-    what was committed)."""
-    committed = jnp.arange(y.shape[1] - 1)[None, :] <= accepted[:, None]  # [B, L-1]
+def _as_proposal(drafts, batch: int) -> Proposal:
+    """A proposer's answer as a Proposal: a bare [B, L-1] array is judged like an n-gram
+    proposal without a match (by the acceptance seen so far, table row 0)."""
+    if isinstance(drafts, Proposal):
+        return drafts
+    return Proposal(ngram=drafts, match=jnp.zeros((batch,), jnp.int32))
 
-    def accepts(drafts):
-        return jnp.sum(jnp.cumprod((drafts == y[:, :-1]) & committed, axis=1), axis=1).astype(jnp.float32)
 
-    a_n, a_d, on = accepts(c.ngram), accepts(c.dflash), active.astype(jnp.float32)
-    has_match = on * (c.match > 0)
-    return st.replace(
-        ngram_acc=st.ngram_acc.at[c.match].add(a_n * has_match),
-        ngram_n=st.ngram_n.at[c.match].add(has_match),
-        dflash_acc=st.dflash_acc + jnp.sum(a_d * on),
-        dflash_pred=st.dflash_pred + jnp.sum(c.dflash_expect * on),
-        chose_ngram=st.chose_ngram + jnp.sum(active & c.use_ngram),
-        chose_dflash=st.chose_dflash + jnp.sum(active & ~c.use_ngram),
-    )
+def _learn(st: ProposalStats, prop: Proposal, y: jax.Array, accepted: jax.Array, active: jax.Array,
+           verified: bool) -> ProposalStats:
+    """Adds one step's evidence (see ``ProposalStats``).
+
+    y [B, k]: the target's tokens of a k-token pass (k = L, or 1 for a gated step), of which
+    accepted + 1 were committed; ``verified``: whether the proposal's drafts were verified
+    (False for a gated step).
+    """
+    n = prop.drafts().shape[1]
+    k = y.shape[1]
+    ypad = jnp.concatenate([y[:, :n], jnp.full((y.shape[0], max(n - k, 0)), -1, y.dtype)], axis=1)  # [B, n]
+    pos = jnp.arange(1, n + 1)[None, :]
+    # Draft j can be judged where the target's token at j is known: j <= accepted + 1 (and <= k).
+    seen = (pos <= jnp.minimum(accepted + 1, k)[:, None]) & active[:, None]
+
+    def tally(drafts):
+        ok = drafts == ypad
+        before = jnp.concatenate([jnp.ones_like(ok[:, :1]), jnp.cumprod(ok, axis=1)[:, :-1]], axis=1).astype(bool)
+        tries = seen & before
+        return tries.astype(jnp.float32), (tries & ok).astype(jnp.float32)
+
+    on = active.astype(jnp.int32)
+    st = st.replace(gated=st.gated + (0 if verified else jnp.sum(on)))
+    if prop.ngram is not None:
+        tries, hits = tally(prop.ngram)
+        st = st.replace(ngram_tries=st.ngram_tries.at[prop.match, :n].add(tries),
+                        ngram_hits=st.ngram_hits.at[prop.match, :n].add(hits))
+    if prop.dflash is not None:
+        _, hits = tally(prop.dflash)
+        # Calibration counts the same positions on both sides: all L-1 where the DFlash block
+        # itself was verified (its accepted count is then exact), else those that could be judged.
+        own = jnp.full(accepted.shape, verified) & (True if prop.use_ngram is None else ~prop.use_ngram)
+        window = jnp.where(own, n, jnp.minimum(accepted + 1, k))[:, None]
+        expect = jnp.cumprod(prop.p_top, axis=1) * (pos <= window)
+        st = st.replace(dflash_acc=st.dflash_acc + jnp.sum(hits * (pos <= window)),
+                        dflash_pred=st.dflash_pred + jnp.sum(jnp.where(active[:, None], expect, 0.0)))
+    if prop.use_ngram is not None and verified:
+        st = st.replace(chose_ngram=st.chose_ngram + jnp.sum(active & prop.use_ngram),
+                        chose_dflash=st.chose_dflash + jnp.sum(active & ~prop.use_ngram))
+    return st
 
 
 def accept_length(drafts: jax.Array, targets: jax.Array, logits: jax.Array) -> jax.Array:
@@ -203,51 +275,65 @@ def accept_length(drafts: jax.Array, targets: jax.Array, logits: jax.Array) -> j
     return jnp.sum(jnp.cumprod(drafts == targets[:, :-1], axis=1), axis=1).astype(jnp.int32)
 
 
-# Proposal sources by decode mode. Each maps (params, cfg, drafter, state, L) to drafts [B, L-1]
-# (``hybrid``: to a HybridChoice, whose chosen rows are verified).
+# Proposal sources by decode mode. Each maps (params, cfg, drafter, state, L) to a Proposal
+# (or to bare drafts [B, L-1]).
 PROPOSERS = {"dflash": propose_dflash, "ngram": propose_ngram, "hybrid": propose_hybrid}
 
 
-def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
-              s: Slots) -> Slots:
-    """One speculative step (steps 1-4 of the module docstring) for the whole batch."""
+def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, s: Slots,
+            prop: Proposal | None, k: int) -> Slots:
+    """Steps 2-4 of the module docstring with a k-token pass over [anchor, first k-1 drafts]
+    (k = 1: a plain AR step that still feeds the drafter's context)."""
     ex: SpecState = s.extra
     rows = jnp.arange(s.batch)[:, None]  # [B, 1]
-    offs = jnp.arange(block, dtype=jnp.int32)[None, :]  # [1, L]
-    # 1. Draft (a block of 1 is plain AR that still feeds the drafter's context).
-    choice = None
-    if block > 1:
-        drafts = PROPOSERS[mode](params, cfg, drafter, s, block)  # [B, L-1]
-        if isinstance(drafts, HybridChoice):
-            choice = drafts
-            drafts = jnp.where(choice.use_ngram[:, None], choice.ngram, choice.dflash)
-    else:
-        drafts = jnp.zeros((s.batch, 0), jnp.int32)
+    offs = jnp.arange(k, dtype=jnp.int32)[None, :]  # [1, k]
+    drafts = prop.drafts()[:, : k - 1] if prop is not None else jnp.zeros((s.batch, 0), jnp.int32)
     uses_drafter = ex.ctx_k is not None
     layers = drafter[1].target_layer_ids if uses_drafter else ()
     # 2. Verify.
-    verify_in = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, L]
+    verify_in = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, k]
     logits, feats, cache = forward(params, cfg, verify_in, s.pos, s.cache, collect_layers=layers)
-    y = sample(logits, s.temperature, s.top_p, s.key, s.pos[:, None] + 1 + offs)  # [B, L]
+    y = sample(logits, s.temperature, s.top_p, s.key, s.pos[:, None] + 1 + offs)  # [B, k]
     # 3. Accept the longest matching prefix, plus the bonus token.
     accepted = accept_length(drafts, y, logits)  # [B]
     active = ~s.done
     new = commit(s.replace(cache=cache), y, accepted + 1, eos_ids)
     n = new.pos - s.pos  # tokens committed per row (0 for idle rows)
     # 4. Remember the new tokens and extend the drafter's context with their features.
-    positions = s.pos[:, None] + offs  # [B, L]
+    positions = s.pos[:, None] + offs  # [B, k]
     tokens = ex.tokens.at[rows, positions + 1].set(y, mode="drop")
     ctx_k, ctx_v = ex.ctx_k, ex.ctx_v
     if uses_drafter:
-        # All L rows are written; those past the new ``pos`` are dead until overwritten.
-        k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions)  # [Ld, B, L, K, H]
+        # All k rows are written; those past the new ``pos`` are dead until overwritten.
+        k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions)  # [Ld, B, k, K, H]
         ctx_k, ctx_v = write_rows(ctx_k, k_new, positions), write_rows(ctx_v, v_new, positions)
-    hybrid = ex.hybrid if choice is None else _learn(ex.hybrid, choice, y, accepted, active)
+    stats = ex.stats if prop is None else _learn(ex.stats, prop, y, accepted, active, verified=k > 1)
     return new.replace(
-        extra=ex.replace(tokens=tokens, ctx_k=ctx_k, ctx_v=ctx_v, hybrid=hybrid),
-        drafted=new.drafted + jnp.where(active, block - 1, 0),
+        extra=ex.replace(tokens=tokens, ctx_k=ctx_k, ctx_v=ctx_v, stats=stats),
+        drafted=new.drafted + jnp.where(active, k - 1, 0),
         accepted=new.accepted + jnp.maximum(n - 1, 0),
     )
+
+
+def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
+              s: Slots, gate: jax.Array | None = None) -> Slots:
+    """One speculative step (steps 1-4 of the module docstring) for the whole batch.
+
+    ``gate``: the cost of this L-token pass relative to a 1-token pass. Given, the step
+    verifies the block only where the batch's promised tokens per second beat an AR
+    step's; otherwise it runs an AR step. None: always verify.
+    """
+    if block == 1:  # plain AR that still feeds the drafter's context
+        return _verify(params, cfg, eos_ids, drafter, s, None, 1)
+    # 1. Draft.
+    prop = _as_proposal(PROPOSERS[mode](params, cfg, drafter, s, block), s.batch)
+    if gate is None:
+        return _verify(params, cfg, eos_ids, drafter, s, prop, block)
+    active = ~s.done
+    promised = jnp.sum(jnp.where(active, 1.0 + prop.promise(s.extra.stats), 0.0))
+    pays = promised > gate * jnp.sum(active)
+    return jax.lax.cond(pays, lambda st: _verify(params, cfg, eos_ids, drafter, st, prop, block),
+                        lambda st: _verify(params, cfg, eos_ids, drafter, st, prop, 1), s)
 
 
 def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, mode: str, s: Slots,
@@ -272,12 +358,16 @@ def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ..
 _STATIC = ("cfg", "eos_ids", "dcfg", "mode")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("block",), donate_argnames=("s",))
-def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, n_steps: jax.Array, *,
-                cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, block: int,
-                mode: str) -> tuple[Slots, jax.Array]:
+@functools.partial(jax.jit, static_argnames=_STATIC + ("block", "gated"), donate_argnames=("s",))
+def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, n_steps: jax.Array,
+                gate: jax.Array, *, cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None,
+                block: int, mode: str, gated: bool = False) -> tuple[Slots, jax.Array]:
+    """Up to ``n_steps`` speculative steps at block length ``block``; with ``gated``, each step
+    runs as an AR step unless its proposals promise to pay for the pass (``gate``: the
+    pass's cost relative to a 1-token pass, data, so a new cost estimate compiles nothing)."""
     drafter = (dparams, dcfg)
-    return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st), s, n_steps,
+    step_gate = gate if gated and block > 1 else None
+    return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st, step_gate), s, n_steps,
                      stop_on_first_done)
 
 

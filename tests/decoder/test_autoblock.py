@@ -176,3 +176,44 @@ def test_a_dear_warmup_measurement_of_ar_is_checked_by_a_real_call():
     policy.observe_cost(1, seconds=64 * 0.027, steps=64)  # AR really costs 27 ms
     policy.observe_cost(2, seconds=64 * 0.038, steps=64)
     assert [policy.choose() for _ in range(3)] == [1, 1, 1]  # 1.26 / 38 ms loses to 1 / 27 ms
+
+
+def test_gated_steps_are_no_evidence_of_acceptance_but_count_in_the_expectation():
+    policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 2.0})
+    assert policy.gate(4) == 2.0 and policy.gate(1) == 0.0
+    # 10 row-steps at L=4: 6 gated (one token each), 4 verified that committed all 4 tokens.
+    policy.observe(4, np.array([6, 0, 0, 4]), gated=6)
+    assert np.allclose(policy.acceptance()[1:], [1.0, 1.0, 1.0])  # from the 4 verified steps
+    assert policy.gated_fraction(4) == 0.6
+    assert policy.expected_tokens(4) == pytest.approx(1 + 0.4 * 3)  # 2.2 tokens per step
+    assert policy.tokens_variance(4) == pytest.approx(0.6 * 1 + 0.4 * 16 - 2.2**2)
+    assert policy.report()["gated_fraction_by_block"] == {"4": 0.6}
+    assert BlockPolicy((4,), step_seconds={4: 2.0}).gate(4) == 0.0  # a fixed L: nothing to fall back on
+
+
+@pytest.mark.parametrize("gate, all_gated", [(1e6, True), (0.0, False)])
+def test_the_per_step_gate_runs_steps_as_ar_where_proposals_cannot_pay(tiny_llama, monkeypatch, gate, all_gated):
+    """A gate no proposal can clear turns every step of a speculative call into an AR step
+    (one token, nothing verified); gate 0 verifies every step. Tokens equal AR's either way."""
+    from dflash_batch.decoder import Request, _speculative
+
+    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
+    monkeypatch.setattr(BlockPolicy, "gate", lambda self, block: gate)
+    rng = np.random.default_rng(5)
+    reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=int(rng.integers(2, 40)))),
+                    max_new_tokens=16, temperature=0.7 if i % 2 else 0.0, seed=i) for i in range(6)]
+    kw = dict(batch_size=3, max_new_tokens=16, prompt_buckets=(64,), prefill_chunk=16)
+    ar = {r.id: r.token_ids for r in Decoder(tiny_llama, **kw).generate(reqs)}
+    auto = Decoder(tiny_llama, mode="oracle", block_size="auto", **kw)
+    out = list(auto.generate(reqs))
+    assert {r.id: r.token_ids for r in out} == ar
+    report = auto.block_report()["64"]
+    spec_calls = {b: n for b, n in report["decode_calls_by_block"].items() if b != "1"}
+    assert spec_calls  # the policy ran speculative calls
+    gated = report["gated_fraction_by_block"]
+    if all_gated:
+        assert set(gated.values()) == {1.0}
+        assert all(r.draft_tokens_proposed == 0 for r in out)
+    else:
+        assert set(gated.values()) == {0.0}
+        assert sum(r.draft_tokens_accepted for r in out) > 0

@@ -142,17 +142,40 @@ def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monke
     assert sum(r.completion_tokens - 1 for r in out) / steps > 4.0
 
 
-def test_hybrid_stats_count_only_the_committed_evidence():
-    st = _speculative.HybridStats.init()
-    choice = _speculative.HybridChoice(
-        ngram=jnp.asarray([[7, 8, 9], [1, 2, 3]]), dflash=jnp.asarray([[7, 0, 0], [1, 2, 3]]),
-        match=jnp.asarray([2, 1]), dflash_expect=jnp.asarray([0.5, 2.0]), use_ngram=jnp.asarray([False, True]))
+def test_proposal_stats_count_only_the_committed_evidence():
+    st = _speculative.ProposalStats.init(3)
+    prop = _speculative.Proposal(
+        ngram=jnp.asarray([[7, 8, 9], [1, 2, 3]]), match=jnp.asarray([2, 1]),
+        dflash=jnp.asarray([[7, 0, 0], [1, 2, 3]]), p_top=jnp.asarray([[0.5, 0.5, 0.5], [1.0, 1.0, 0.5]]),
+        use_ngram=jnp.asarray([False, True]))
     y = jnp.asarray([[7, 8, 5, 4], [1, 2, 3, 6]])
-    # Row 0 verified DFlash: 1 accepted, so only y[0, :2] = 7 8 are committed; the n-gram's
-    # agreement with them (2) is censored there. Row 1 verified the n-gram: all 3 accepted.
-    new = _speculative._learn(st, choice, y, jnp.asarray([1, 3]), jnp.asarray([True, True]))
-    assert np.asarray(new.ngram_acc - st.ngram_acc).tolist() == [0, 3, 2, 0]
-    assert np.asarray(new.ngram_n - st.ngram_n).tolist() == [0, 1, 1, 0]
+    # Row 0 verified DFlash: 1 accepted, so the target's tokens are known up to draft 2 (7 8);
+    # the n-gram's drafts 1-2 agree with them, draft 3 cannot be judged. Row 1 verified the
+    # n-gram: all 3 accepted.
+    new = _speculative._learn(st, prop, y, jnp.asarray([1, 3]), jnp.asarray([True, True]), verified=True)
+    tries, hits = np.asarray(new.ngram_tries - st.ngram_tries), np.asarray(new.ngram_hits - st.ngram_hits)
+    assert tries.tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
+    assert hits.tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
+    # DFlash: row 0 (verified: its whole block counts) 1 of 0.5 + 0.25 + 0.125 expected;
+    # row 1 (judged up to its 4 committed tokens) 3 of 1 + 1 + 0.5.
     assert float(new.dflash_acc - st.dflash_acc) == 1 + 3
-    assert float(new.dflash_pred - st.dflash_pred) == pytest.approx(2.5)
-    assert (int(new.chose_ngram), int(new.chose_dflash)) == (1, 1)
+    assert float(new.dflash_pred - st.dflash_pred) == pytest.approx(0.875 + 2.5)
+    assert (int(new.chose_ngram), int(new.chose_dflash), int(new.gated)) == (1, 1, 0)
+    # A gated step (a 1-token AR pass): only draft 1 can be judged, and nothing was verified.
+    gated = _speculative._learn(st, prop, y[:, :1], jnp.asarray([0, 0]), jnp.asarray([True, False]),
+                                verified=False)
+    assert np.asarray(gated.ngram_tries - st.ngram_tries)[2].tolist() == [1, 0, 0]
+    assert np.asarray(gated.ngram_hits - st.ngram_hits)[2].tolist() == [1, 0, 0]
+    assert float(gated.ngram_tries.sum() - st.ngram_tries.sum()) == 1  # row 1 is idle
+    assert (int(gated.chose_ngram), int(gated.chose_dflash), int(gated.gated)) == (0, 0, 1)
+    assert float(gated.dflash_pred - st.dflash_pred) == pytest.approx(0.5)
+
+
+def test_proposal_promise_is_the_product_of_learnt_rates():
+    st = _speculative.ProposalStats.init(3)
+    st = st.replace(ngram_hits=st.ngram_hits.at[3].set(jnp.asarray([9.0, 5.0, 1.0])),
+                    ngram_tries=st.ngram_tries.at[3].set(jnp.asarray([10.0, 10.0, 10.0])))
+    promise = st.ngram_promise(jnp.asarray([3, 1]), 3)
+    assert np.allclose(promise, [0.9 + 0.45 + 0.045, 3.0])  # match length 1: still the optimistic prior
+    st = st.replace(dflash_acc=jnp.float32(1), dflash_pred=jnp.float32(2))
+    assert np.allclose(st.dflash_promise(jnp.asarray([[0.8, 0.5, 1.0]])), [(0.8 + 0.4 + 0.4) / 2])

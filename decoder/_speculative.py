@@ -14,7 +14,7 @@ One decode step, for every active row at once (the DFlash paper's loop):
   4. Append the committed rows' target features to the drafter's context cache.
      Context K/V depend only on committed tokens, so they never need rollback.
 
-With a gate (the automatic block length), each step first weighs its proposals: every row
+With a gate (the automatic block length; ``run_gated_steps``), each step first weighs its proposals: every row
 promises an expected number of accepted drafts (from the n-gram match length, or from the
 drafter's own confidence, each calibrated by what was accepted so far), and the step
 verifies the L-token block only if the batch's promised tokens outgrow what the L-token
@@ -316,24 +316,55 @@ def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter
 
 
 def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
-              s: Slots, gate: jax.Array | None = None) -> Slots:
-    """One speculative step (steps 1-4 of the module docstring) for the whole batch.
-
-    ``gate``: the cost of this L-token pass relative to a 1-token pass. Given, the step
-    verifies the block only where the batch's promised tokens per second beat an AR
-    step's; otherwise it runs an AR step. None: always verify.
-    """
+              s: Slots) -> Slots:
+    """One speculative step (steps 1-4 of the module docstring) for the whole batch."""
     if block == 1:  # plain AR that still feeds the drafter's context
         return _verify(params, cfg, eos_ids, drafter, s, None, 1)
-    # 1. Draft.
-    prop = _as_proposal(PROPOSERS[mode](params, cfg, drafter, s, block), s.batch)
-    if gate is None:
-        return _verify(params, cfg, eos_ids, drafter, s, prop, block)
-    active = ~s.done
-    promised = jnp.sum(jnp.where(active, 1.0 + prop.promise(s.extra.stats), 0.0))
-    pays = promised > gate * jnp.sum(active)
-    return jax.lax.cond(pays, lambda st: _verify(params, cfg, eos_ids, drafter, st, prop, block),
-                        lambda st: _verify(params, cfg, eos_ids, drafter, st, prop, 1), s)
+    prop = _as_proposal(PROPOSERS[mode](params, cfg, drafter, s, block), s.batch)  # 1. Draft.
+    return _verify(params, cfg, eos_ids, drafter, s, prop, block)
+
+
+def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
+                    s: Slots, n_steps: jax.Array, stop_on_first_done: jax.Array,
+                    gate: jax.Array) -> tuple[Slots, jax.Array]:
+    """``run_steps`` of speculative steps, each verified only where the batch's proposals
+    promise more tokens per second than an AR step (``gate``: the L-token pass's cost
+    relative to a 1-token pass), else run as an AR step.
+
+    The choice is made by two inner loops that alternate (verify while it pays, AR while it
+    does not) rather than a ``lax.cond`` per step: a conditional's operands (the KV caches)
+    are copied on every step on a CPU, which costs more than the gate saves. Each step's
+    proposal is made once, at the end of the step before, and carried.
+    """
+    done0 = s.done
+
+    def propose(st: Slots) -> Proposal:
+        return _as_proposal(PROPOSERS[mode](params, cfg, drafter, st, block), st.batch)
+
+    def pays(st: Slots, prop: Proposal) -> jax.Array:
+        active = ~st.done
+        return jnp.sum(jnp.where(active, 1.0 + prop.promise(st.extra.stats), 0.0)) > gate * jnp.sum(active)
+
+    def running(st: Slots, i: jax.Array) -> jax.Array:
+        newly_done = jnp.any(st.done & ~done0)
+        return (i < n_steps) & ~jnp.all(st.done) & ~(stop_on_first_done & newly_done)
+
+    def steps_while(k: int, verify: bool):
+        def cond(c):
+            st, prop, i = c
+            return running(st, i) & (pays(st, prop) == verify)
+
+        def body(c):
+            st, prop, i = c
+            st = _verify(params, cfg, eos_ids, drafter, st, prop, k)
+            return st, propose(st), i + 1
+
+        return lambda c: jax.lax.while_loop(cond, body, c)
+
+    verifying, plain = steps_while(block, True), steps_while(1, False)
+    s, _, ran = jax.lax.while_loop(lambda c: running(c[0], c[2]), lambda c: plain(verifying(c)),
+                                   (s, propose(s), jnp.int32(0)))
+    return s, ran
 
 
 def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, mode: str, s: Slots,
@@ -366,8 +397,9 @@ def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array
     runs as an AR step unless its proposals promise to pay for the pass (``gate``: the
     pass's cost relative to a 1-token pass, data, so a new cost estimate compiles nothing)."""
     drafter = (dparams, dcfg)
-    step_gate = gate if gated and block > 1 else None
-    return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st, step_gate), s, n_steps,
+    if gated and block > 1:
+        return run_gated_steps(params, cfg, eos_ids, drafter, block, mode, s, n_steps, stop_on_first_done, gate)
+    return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st), s, n_steps,
                      stop_on_first_done)
 
 

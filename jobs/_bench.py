@@ -4,7 +4,11 @@ For each batch size it builds and warms up every decoder configuration first: pl
 (the lossless reference and the speedup denominator), and every speculative mode at every
 block length asked for plus the automatic block choice. Then it runs them round-robin,
 ``repeats`` rounds, the order rotating each round, so a shared machine's slow spells fall
-on every configuration alike rather than on whichever ran during them. Hugging Face
+on every configuration alike rather than on whichever ran during them. The first
+``learning_rounds`` rounds are run but not counted: there the automatic block choice learns
+its acceptance, as it does over a job's first rows and then never again (over a job of a
+million rows that costs nothing; over the bench's few rows per batch size it would weigh a
+third of the result). Their tokens/s are reported apart (``learning_runs``). Hugging Face
 ``generate``, when asked for, runs after those rounds in a child process: PyTorch's threads
 slow the XLA cells that follow them on a small machine. A cell's tokens/s is the
 median of its runs; its speedup is the median of its per-round ratios to AR's run in the
@@ -36,6 +40,7 @@ class DecoderCell:
                                drafter=drafter, block_size=block_size, **kw)
         self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
         self.runs: list[float] = []
+        self.learning_runs: list[float] = []
         self.results: list = []
 
     def run_once(self) -> float:
@@ -99,7 +104,7 @@ class HFCell:
     cells that run after them in the same process on a small machine, also at later batch sizes.
     """
 
-    mode, block_size, compile_seconds = "hf-generate", 1, 0.0
+    mode, block_size, compile_seconds, learning_runs = "hf-generate", 1, 0.0, []
 
     def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int):
         pad = target.tokenizer.pad_token_id
@@ -138,7 +143,7 @@ def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambd
 def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequence[int], max_new_tokens: int, *,
           repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram", "hybrid"),
           with_hf: bool = False, prompt_buckets: Sequence[int] | None = None, num_prompts: int | None = None,
-          progress: Callable[[str], None] | None = None) -> list[dict]:
+          learning_rounds: int = 1, progress: Callable[[str], None] | None = None) -> list[dict]:
     """One row per (batch size, mode, block size), each with AR's numbers beside it.
 
     Each batch size decodes the first ``num_prompts`` requests, by default ``ROWS_PER_SLOT``
@@ -161,6 +166,10 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
                 cells.append(DecoderCell(target, reqs, b, max_new_tokens, mode=mode, drafter=drafter,
                                          block_size=blk, prompt_buckets=prompt_buckets))
                 say(f"batch {b}: compiled {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
+        if learning_rounds:
+            run_rounds(cells, learning_rounds, lambda m: say(f"batch {b}: (learning, not counted){m}"))
+            for cell in cells:
+                cell.learning_runs, cell.runs = cell.runs, []
         run_rounds(cells, repeats, lambda m: say(f"batch {b}:{m}"))
         if with_hf:
             hf = HFCell(target, reqs, b, max_new_tokens)
@@ -172,7 +181,8 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
         for cell in cells:
             ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
             row = {**base, "mode": cell.mode, "block_size": cell.block_size,
-                   "tokens_per_s": statistics.median(cell.runs), "runs": cell.runs, "tau_mean": cell.tau(),
+                   "tokens_per_s": statistics.median(cell.runs), "runs": cell.runs,
+                   "learning_runs": cell.learning_runs, "tau_mean": cell.tau(),
                    "speedup": statistics.median(ratios), "speedup_runs": ratios,
                    "identical_fraction": identical_fraction(cell.tokens, ar.tokens),
                    "compile_seconds": cell.compile_seconds, **cell.reports()}

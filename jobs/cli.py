@@ -96,12 +96,15 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
               help="[default: the job's decode.max_new_tokens, else 128]")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
               help="Rounds: every configuration runs once per round; medians over the rounds.")
+@click.option("--learning-rounds", default=1, show_default=True, type=click.IntRange(0),
+              help="Rounds run first and not counted, where the automatic block choice learns acceptance "
+                   "(as over a job's first rows).")
 @click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate (greedy) on the same prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None,
           num_prompts: int | None,
           batch_sizes: list[int], block_sizes: list[int], modes: str, max_new_tokens: int | None, repeats: int,
-          with_hf: bool, as_json: bool) -> None:
+          learning_rounds: int, with_hf: bool, as_json: bool) -> None:
     """AR vs DFlash vs n-gram vs hybrid (and transformers) on the same prompts, in one run.
 
     With JOB_FILE, the prompts are the job's own input rows, rendered by its template, with its
@@ -149,12 +152,13 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
                      block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
                      prompt_buckets=config.prompt_buckets if config is not None else None, num_prompts=num_prompts,
-                     progress=lambda m: click.echo(m, err=True))
+                     learning_rounds=learning_rounds, progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         click.echo(f"{source} (rows: per batch size), up to {max_new_tokens} new tokens, {repeats} interleaved "
-                   "rounds (tokens/s: median; vs AR: median of same-round ratios); tau includes the bonus token")
+                   f"rounds after {learning_rounds} uncounted (tokens/s: median; vs AR: median of same-round "
+                   "ratios); tau includes the bonus token")
         click.echo(format_table(rows))
 
 

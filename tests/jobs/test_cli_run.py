@@ -97,6 +97,7 @@ def test_bench_takes_the_jobs_prompts_and_settings(job_file):
     for r in rows:
         assert r["identical_fraction"] == 1.0  # lossless: the same tokens as AR, row for row
         assert len(r["runs"]) == len(r["speedup_runs"]) == 2 and r["ar_tokens_per_s"] > 0
+        assert len(r["learning_runs"]) == 1  # a first round, where auto learns acceptance, is not counted
         assert r["num_prompts"] == 3
         assert r["speedup"] == pytest.approx(sum(r["speedup_runs"]) / 2)  # the median of two same-round ratios
         assert r["tau_mean"] >= 1.0

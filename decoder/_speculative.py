@@ -138,10 +138,6 @@ def ngram_match(tokens: jax.Array, pos: jax.Array, n_draft: int) -> tuple[jax.Ar
     return jnp.take_along_axis(tokens, take, axis=1), length
 
 
-def ngram_propose(tokens: jax.Array, pos: jax.Array, n_draft: int) -> jax.Array:
-    return ngram_match(tokens, pos, n_draft)[0]
-
-
 def _dflash_logits(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
     """Draft-vocabulary logits [B, L-1] of ONE drafter pass over [anchor, MASK x (L-1)]."""
     dparams, dcfg = drafter
@@ -252,12 +248,11 @@ def _learn(st: ProposalStats, prop: Proposal, y: jax.Array, accepted: jax.Array,
     if prop.dflash is not None:
         _, hits = tally(prop.dflash)
         # Calibration counts the same positions on both sides: all L-1 where the DFlash block
-        # itself was verified (its accepted count is then exact), else those that could be judged.
-        own = jnp.full(accepted.shape, verified) & (True if prop.use_ngram is None else ~prop.use_ngram)
+        # itself was verified (its accepted count, the hits, is then exact), else those judged.
+        own = verified & (active if prop.use_ngram is None else ~prop.use_ngram)
         window = jnp.where(own, n, jnp.minimum(accepted + 1, k))[:, None]
-        expect = jnp.cumprod(prop.p_top, axis=1) * (pos <= window)
-        st = st.replace(dflash_acc=st.dflash_acc + jnp.sum(hits * (pos <= window)),
-                        dflash_pred=st.dflash_pred + jnp.sum(jnp.where(active[:, None], expect, 0.0)))
+        expect = jnp.where((pos <= window) & active[:, None], jnp.cumprod(prop.p_top, axis=1), 0.0)
+        st = st.replace(dflash_acc=st.dflash_acc + jnp.sum(hits), dflash_pred=st.dflash_pred + jnp.sum(expect))
     if prop.use_ngram is not None and verified:
         st = st.replace(chose_ngram=st.chose_ngram + jnp.sum(active & prop.use_ngram),
                         chose_dflash=st.chose_dflash + jnp.sum(active & ~prop.use_ngram))

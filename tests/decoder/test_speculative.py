@@ -82,8 +82,8 @@ def test_perfect_drafter_reaches_tau_equal_block_size(tiny_llama, ar_reference, 
 def test_ngram_proposes_the_continuation_of_the_latest_match():
     tokens = jnp.asarray([[5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 5, 6, 0, 0]])
     # The row's newest token is at position 11 ("... 5 6"): the latest earlier "5 6" ends at 6.
-    drafts = _speculative.ngram_propose(tokens, jnp.asarray([11]), 3)
-    assert drafts.tolist() == [[7, 1, 2]]
+    drafts, match = _speculative.ngram_match(tokens, jnp.asarray([11]), 3)
+    assert drafts.tolist() == [[7, 1, 2]] and match.tolist() == [2]
 
 
 @pytest.mark.parametrize("mode, block_size", [("dflash", 6), ("hybrid", "auto")])

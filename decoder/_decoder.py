@@ -80,10 +80,11 @@ class Decoder:
         if bucket not in self._engines:
             cfg = self.target.config
             eos = self.target.eos_token_ids
-            # Room for the prompt rounded up to whole prefill chunks, plus the completion.
-            # The prompt rounded up to whole prefill chunks, the completion, and one block of slack.
-            cache_len = (-(-bucket // self.prefill_chunk) * self.prefill_chunk + self.max_new_tokens
-                         + self.block_size)
+            # Room for the prompt rounded up to whole prefill chunks, plus the completion; the same
+            # in every mode, so each reads as much cache per step as AR. A verified block that runs
+            # past the end is fine: its rows there are dropped, and only committed rows below a
+            # slot's position are ever read.
+            cache_len = -(-bucket // self.prefill_chunk) * self.prefill_chunk + self.max_new_tokens
             phases = self._phases(cache_len)
             self._engines[bucket] = SlotEngine(phases, self.target.tokenizer, bucket, self.max_new_tokens,
                                                self.prefill_chunk, self.chunk_steps)

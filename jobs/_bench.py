@@ -2,9 +2,10 @@
 
 For each batch size it builds and warms up every decoder configuration first: plain AR
 (the lossless reference and the speedup denominator), and every speculative mode at every
-block length asked for plus the automatic block choice. Then it runs them round-robin,
-``repeats`` rounds, the order rotating each round, so a shared machine's slow spells fall
-on every configuration alike rather than on whichever ran during them. The first
+block length asked for plus the automatic block choice. Then it runs them ``repeats``
+rounds, every configuration in every round, all at once: their decoders take turns of one
+finished row each, each timed on its own clock, so a shared machine's slow spells fall on
+every configuration alike rather than on whichever ran during them. The first
 ``learning_rounds`` rounds are run but not counted: there the automatic block choice learns
 its acceptance, as it does over a job's first rows and then never again (over a job of a
 million rows that costs nothing; over the bench's few rows per batch size it would weigh a
@@ -43,11 +44,21 @@ class DecoderCell:
         self.learning_runs: list[float] = []
         self.results: list = []
 
-    def run_once(self) -> float:
+    def start(self) -> None:
+        """Begins one run over the bench's prompts; ``advance`` drives it."""
+        self._gen, self._seconds, self.results = self.decoder.generate(self.requests), 0.0, []
+
+    def advance(self) -> bool:
+        """Decodes until the next row finishes (timed, on this cell's clock); False once the run
+        is over, its tokens/s then appended to ``runs``."""
         t0 = time.perf_counter()
-        self.results = list(self.decoder.generate(self.requests))
-        self.runs.append(sum(r.completion_tokens for r in self.results) / (time.perf_counter() - t0))
-        return self.runs[-1]
+        result = next(self._gen, None)
+        self._seconds += time.perf_counter() - t0
+        if result is None:
+            self.runs.append(sum(r.completion_tokens for r in self.results) / self._seconds)
+            return False
+        self.results.append(result)
+        return True
 
     @property
     def tokens(self) -> dict[str, list[int]]:
@@ -131,11 +142,17 @@ def identical_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> floa
 
 
 def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambda _m: None) -> None:
-    """Runs every cell once per round, the starting cell rotating from round to round."""
+    """Runs every cell once per round, all of them at once: their decoders take turns, one
+    finished row each, the first turn rotating from round to round, and each is timed on its
+    own clock. A slow spell of a shared machine (seconds to minutes) then falls on every
+    configuration alike, not on whichever ran through it."""
     for rnd in range(repeats):
         k = rnd % len(cells)
-        for cell in [*cells[k:], *cells[:k]]:
-            cell.run_once()
+        running = [*cells[k:], *cells[:k]]
+        for cell in running:
+            cell.start()
+        while running:
+            running = [cell for cell in running if cell.advance()]
         say(f"  round {rnd + 1}/{repeats}: " + ", ".join(f"{c.mode} L={c.block_size} {c.runs[-1]:.1f}"
                                                         for c in cells))
 

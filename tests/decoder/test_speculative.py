@@ -179,3 +179,14 @@ def test_proposal_promise_is_the_product_of_learnt_rates():
     assert np.allclose(promise, [0.9 + 0.45 + 0.045, 3.0])  # match length 1: still the optimistic prior
     st = st.replace(dflash_acc=jnp.float32(1), dflash_pred=jnp.float32(2))
     assert np.allclose(st.dflash_promise(jnp.asarray([[0.8, 0.5, 1.0]])), [(0.8 + 0.4 + 0.4) / 2])
+
+
+def test_every_mode_reads_as_much_cache_per_step_as_ar(tiny_llama, drafter):
+    """A speculative batch's KV cache is no longer than AR's (the padded prompt plus the
+    completion): a verified block past the end drops its rows there, so no slack is kept."""
+    lengths = {}
+    for mode, block in [("ar", 1), ("ngram", "auto"), ("dflash", 8), ("hybrid", "auto")]:
+        dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block, batch_size=3, max_new_tokens=24,
+                      prompt_buckets=BUCKETS, prefill_chunk=16)
+        lengths[mode] = dec.engine(64).phases.init_state().cache.k.shape[3]
+    assert lengths == {"ar": 64 + 24, "ngram": 64 + 24, "dflash": 64 + 24, "hybrid": 64 + 24}

@@ -1,0 +1,31 @@
+"""The bench's rounds: every configuration runs at once, in turns, each on its own clock."""
+
+from dflash_batch.jobs._bench import run_rounds
+
+
+class TurnCell:
+    """A configuration whose run takes ``rows`` turns; it logs each turn it takes."""
+
+    def __init__(self, name: str, rows: int, log: list[str]):
+        self.mode, self.block_size, self.rows, self.log, self.runs = name, 1, rows, log, []
+
+    def start(self) -> None:
+        self.left = self.rows
+
+    def advance(self) -> bool:
+        if self.left == 0:
+            self.runs.append(float(self.rows))
+            return False
+        self.left -= 1
+        self.log.append(self.mode)
+        return True
+
+
+def test_cells_take_turns_one_row_each_and_the_first_turn_rotates():
+    log: list[str] = []
+    cells = [TurnCell("a", 3, log), TurnCell("b", 2, log), TurnCell("c", 3, log)]
+    run_rounds(cells, 2)
+    first, second = log[:8], log[8:]
+    assert first == ["a", "b", "c", "a", "b", "c", "a", "c"]
+    assert second == ["b", "c", "a", "b", "c", "a", "c", "a"]
+    assert [c.runs for c in cells] == [[3.0, 3.0], [2.0, 2.0], [3.0, 3.0]]

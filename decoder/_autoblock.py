@@ -9,17 +9,21 @@ Seconds per step are measured at warmup for every candidate L at the engine's ow
 batch size (L = 1 is plain AR through the same state), because the ratio of an L-token
 target pass to a 1-token pass depends on hardware and batch: near 1 on an accelerator,
 2-3x at L = 8-16 on a small CPU. Warmup times the lengths round-robin, and each L's cost
-relative to AR is the median of its same-round ratios (``set_warmup_costs``). A warmup
-measurement is a few steps long, so every decode call's own wall time (host round trip
-included) refines the cost of the L it ran, and the drift of all calls from their warmup
-costs scales every L's warmup cost alike (see ``cost``). q_k is counted from the steps
-actually run.
+relative to AR is the median of its same-round ratios (``set_warmup_costs``). Those ratios
+are properties of the compiled passes (their shapes are static), and they are the only
+per-L costs the choice uses: decode calls at different L run at different moments, so
+their own wall times would compare one moment of a shared machine with another (measured:
+a job's AR calls, run in its drain and its probes, looked 20% dearer per step than AR
+steps timed beside L=2 steps, and L=2 then looked like a gain where it was a loss). The
+calls' wall times only scale every L alike, by the machine's drift since warmup (``cost``).
+q_k is counted from the steps actually run.
 
 Within a call, each step may still fall back to AR: the decoder's gate (``gate``; see
 decoder/_speculative.py) verifies the L-token block only where the batch's proposals promise
 more tokens per second than an AR step, so a call at L commits 1 + (1 - g_L) sum q_k tokens
 per step, g_L being the share of its steps gated (counted per call; q_k comes from the
-verified steps alone).
+verified steps alone), at a cost per step that mixes the L-token pass and the gated step
+(an AR pass, plus the proposal the gate weighed), both timed at warmup.
 
 Exploring is a short call (a few steps). Each L has an *optimistic* throughput: unobserved
 q_k are taken as high as the last observed one allows (q_k never grows with k; 1 before
@@ -29,12 +33,9 @@ and the q_k it measures bound every larger L, so where large passes are dear (a 
 batch 16) the walk stops after one or two cheap calls, and where they are nearly free (an
 accelerator) it climbs to the largest L in a few. Every ``explore_every`` calls the
 runner-up (the best other L by optimistic throughput, AR included) runs once, so improving
-acceptance, or a cost that has moved, is noticed; while a speculative L leads, every other
-such call runs AR, whose cost is the bar every L must clear; and before any speculative L
-runs in earnest, AR runs one full call, so that bar is a real measurement, not only a warmup
-one. Otherwise the policy runs the argmax, except that a speculative L must beat AR by
-``margin`` (estimates are noisy, and near a tie AR is the safe side). AR is a candidate, so
-the choice is never expected to be slower than AR.
+acceptance is noticed. Otherwise the policy runs the argmax, except that a speculative L
+must beat AR by ``margin`` (estimates are noisy, and near a tie AR is the safe side). AR is
+a candidate, so the choice is never expected to be slower than AR.
 
 The drain is different. Once no request waits, the batch's remaining time is that of its
 slowest row, and a speculative row's step count is random where AR's is not: a row with r
@@ -60,11 +61,11 @@ import numpy as np
 class BlockPolicy:
     candidates: tuple[int, ...]
     explore_every: int = 16
-    step_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+    step_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # by L, from warmup
+    gated_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # a gated step's, by L
     trials: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that could accept >= k
     successes: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that accepted >= k
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
-    warmup_weight: int = 8
     margin: float = 0.10  # a speculative L must promise this much more than AR to be chosen
     run_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # decode calls' wall time, by L
     run_steps: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -84,9 +85,10 @@ class BlockPolicy:
     def largest(self) -> int:
         return self.candidates[-1]
 
-    def set_warmup_costs(self, per_step: dict[int, list[float]]) -> None:
+    def set_warmup_costs(self, per_step: dict[int, list[float]], gated: dict[int, list[float]] | None = None) -> None:
         """Seconds per step by block length from warmup's timed calls, taken round-robin
-        (``per_step[L][r]``: round r's call at L).
+        (``per_step[L][r]``: round r's call at L; ``gated[L][r]``: the same with every step
+        gated, where L has a gate).
 
         Each L's cost relative to AR is the median of its same-round ratios to AR's call,
         times AR's best call: on a shared machine a slow spell inflates one round of every
@@ -94,13 +96,18 @@ class BlockPolicy:
         survive it. Without AR among them, or with rounds missing, each L's best call.
         """
         ar = per_step.get(1) or []
+
+        def relative(times: list[float]) -> float:
+            if len(times) != len(ar):
+                return min(times)
+            return min(ar) * float(np.median([t / a for t, a in zip(times, ar)]))
+
         for block, times in per_step.items():
-            if not times:
-                continue
-            if block == 1 or len(times) != len(ar):
-                self.step_seconds[block] = min(times)
-            else:
-                self.step_seconds[block] = min(ar) * float(np.median([t / a for t, a in zip(times, ar)]))
+            if times:
+                self.step_seconds[block] = min(times) if block == 1 else relative(times)
+        for block, times in (gated or {}).items():
+            if times:
+                self.gated_seconds[block] = relative(times)
 
     def observe(self, block: int, hist_delta: np.ndarray, gated: int = 0) -> None:
         """Adds the steps of one decode call. hist_delta [Lmax]: row-steps that committed i+1
@@ -124,11 +131,11 @@ class BlockPolicy:
 
     def gate(self, block: int) -> float:
         """What the per-step gate of a call at this L weighs proposals against: the L-token
-        pass's warmup cost relative to AR's (0 = always verify: no AR to fall back on, or no
-        cost measured yet)."""
+        pass's warmup cost relative to a gated step's (0 = always verify: no AR to fall back
+        on, or no cost measured yet)."""
         if block < 2 or 1 not in self.candidates or block not in self.step_seconds or 1 not in self.step_seconds:
             return 0.0
-        return self.step_seconds[block] / self.step_seconds[1]
+        return self.step_seconds[block] / self.gated_seconds.get(block, self.step_seconds[1])
 
     def observe_cost(self, block: int, seconds: float, steps: int) -> None:
         """Adds one decode call's wall time and step count at block length ``block``."""
@@ -136,25 +143,28 @@ class BlockPolicy:
             self.run_seconds[block] = self.run_seconds.get(block, 0.0) + seconds
             self.run_steps[block] = self.run_steps.get(block, 0) + steps
 
+    def warmup_cost(self, block: int) -> float:
+        """Warmup seconds per step of a call at this L: the L-token pass's, mixed with a gated
+        step's in the share of steps the gate has run as AR so far."""
+        g = self.gated_fraction(block)
+        gated = self.gated_seconds.get(block, self.step_seconds.get(1, self.step_seconds[block]))
+        return (1.0 - g) * self.step_seconds[block] + g * gated
+
     def slowdown(self) -> float:
         """How much slower decode calls have run than warmup measured, over every block length
-        run (1.0 before any): the machine's own drift (a busy neighbour, a longer cache), which
-        every length shares."""
+        run (1.0 before any): the machine's own drift (a busy neighbour, host round trips),
+        which every length shares."""
         warm = [b for b in self.run_steps if b in self.step_seconds]
-        expected = sum(self.run_steps[b] * self.step_seconds[b] for b in warm)
+        expected = sum(self.run_steps[b] * self.warmup_cost(b) for b in warm)
         return sum(self.run_seconds[b] for b in warm) / expected if expected > 0 else 1.0
 
     def cost(self, block: int) -> float:
-        """Seconds per step at ``block``: the warmup measurement scaled by the machine's drift
-        since, counting as ``warmup_weight`` steps, pooled with the calls run at this length.
-
-        Scaling every length by the same drift keeps a rarely run length comparable with a
-        often run one: without it, a slow spell would be charged only to the length that
-        happened to run during it.
-        """
-        w = self.warmup_weight if block in self.step_seconds else 0
-        total = w * self.step_seconds.get(block, 0.0) * self.slowdown() + self.run_seconds.get(block, 0.0)
-        return total / (w + self.run_steps.get(block, 0))
+        """Seconds per step at ``block``: its warmup cost scaled by the machine's drift since,
+        the same drift for every length (see the module docstring). A length warmup did not
+        time costs what its own calls took."""
+        if block in self.step_seconds:
+            return self.warmup_cost(block) * self.slowdown()
+        return self.run_seconds.get(block, 0.0) / max(self.run_steps.get(block, 0), 1)
 
     def acceptance(self) -> np.ndarray:
         """q_k for k = 1..Lmax-1 (index k); unobserved k count as 0."""
@@ -231,20 +241,11 @@ class BlockPolicy:
             # Walk upward: the smallest unmeasured L that could still pay. It is the cheapest
             # call, and what it measures (q_1..q_{L-1}) bounds every larger L's optimism.
             unmeasured = [b for b in beats_best if self._unobserved(b)]
-            # Periodically, the runner-up runs once: its acceptance or its cost may have changed
-            # since it was last measured. While a speculative L leads, every other such call
-            # runs AR instead: AR's cost is what every L must beat, so it is kept measured.
+            # Periodically, the runner-up runs once: its acceptance may have changed since it
+            # was last measured.
             runner_up = max((b for b in self.candidates if b != best), key=self.optimistic_throughput)
-            period, phase = divmod(self._n_calls, self.explore_every)
-            if phase == 0 and period % 2 == 1 and best != 1 and 1 in self.candidates:
-                runner_up = 1
-            self.exploring = bool(unmeasured) or phase == 0
+            self.exploring = bool(unmeasured) or self._n_calls % self.explore_every == 0
             block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
-            ar_unmeasured = 1 in self.candidates and self.run_steps.get(1, 0) < self.warmup_weight
-            if not self.exploring and ar_unmeasured:
-                # Before a speculative L is run in earnest, AR runs a full call: a warmup
-                # measurement taken during a slow spell must not decide the bar every L is held to.
-                block = 1
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 
@@ -254,6 +255,7 @@ class BlockPolicy:
         return {
             "candidates": list(self.candidates),
             "step_ms": {str(b): round(s * 1e3, 3) for b, s in sorted(self.step_seconds.items())},
+            "gated_step_ms": {str(b): round(s * 1e3, 3) for b, s in sorted(self.gated_seconds.items())},
             "step_ms_refined": {str(b): round(self.cost(b) * 1e3, 3) for b in costed},
             "acceptance_q": [round(float(x), 4) for x in self.acceptance()[1:]],
             "expected_tokens_per_step": {str(b): round(self.expected_tokens(b), 3) for b in self.candidates},

@@ -26,6 +26,7 @@ DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
 WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
+GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
 # the slots stay full until the last batch_size rows, which drain with nothing to refill them.
 ROWS_PER_SLOT = 4
@@ -84,27 +85,35 @@ class SlotEngine:
                                     np.int32(2), np.float32(0), np.float32(1), row_key(slot))
         blocks = self.phases.blocks
 
-        def timed(s: Slots, block: int, n_steps: int) -> tuple[Slots, float | None]:
+        def timed(s: Slots, block: int, n_steps: int, gate: float = 0.0) -> tuple[Slots, float | None]:
             budget = min(self.capacity, 1 + WARMUP_STEPS * block)
             s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
                           budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
             jax.block_until_ready(s.pos)
             t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(n_steps), 0.0)
+            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(n_steps), gate)
             steps = int(steps)
             return s, (time.perf_counter() - t1) / steps if steps else None
 
         for block in blocks:  # compile
             s, _ = timed(s, block, 1)
         # Then short timed calls, round-robin over the block lengths, so that a slow spell of a
-        # shared machine falls on every length alike (see BlockPolicy.set_warmup_costs).
+        # shared machine falls on every length alike (see BlockPolicy.set_warmup_costs). Where
+        # a step may fall back to AR (an automatic length), a call whose every step falls back
+        # is timed too: such a step still makes the proposal it weighed.
+        gated = len(blocks) > 1 and 1 in blocks
         per_step: dict[int, list[float]] = {block: [] for block in blocks}
+        per_gated: dict[int, list[float]] = {block: [] for block in blocks if gated and block > 1}
         for _ in range(WARMUP_ROUNDS if len(blocks) > 1 else 1):
             for block in blocks:
                 s, seconds = timed(s, block, WARMUP_STEPS)
                 if seconds is not None:
                     per_step[block].append(seconds)
-        self.policy.set_warmup_costs(per_step)
+                if block in per_gated:
+                    s, seconds = timed(s, block, WARMUP_STEPS, GATE_NEVER_PAYS)
+                    if seconds is not None:
+                        per_gated[block].append(seconds)
+        self.policy.set_warmup_costs(per_step, per_gated)
         self.state = self.phases.init_state()
         dt = time.perf_counter() - t0
         self.compile_seconds += dt

@@ -34,9 +34,9 @@ class DecoderCell:
 
     def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int,
                  mode: str = "ar", drafter=None, block_size: int | str = "auto",
-                 prompt_buckets: Sequence[int] | None = None):
+                 prompt_buckets: Sequence[int] | None = None, label: str | None = None):
         kw = {"prompt_buckets": tuple(prompt_buckets)} if prompt_buckets else {}
-        self.mode, self.block_size, self.requests = mode, block_size, requests
+        self.mode, self.block_size, self.requests = label or mode, block_size, requests
         self.decoder = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                drafter=drafter, block_size=block_size, **kw)
         self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
@@ -160,8 +160,12 @@ def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambd
 def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequence[int], max_new_tokens: int, *,
           repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram", "hybrid"),
           with_hf: bool = False, prompt_buckets: Sequence[int] | None = None, num_prompts: int | None = None,
-          learning_rounds: int = 1, progress: Callable[[str], None] | None = None) -> list[dict]:
+          learning_rounds: int = 1, ar_control: bool = False,
+          progress: Callable[[str], None] | None = None) -> list[dict]:
     """One row per (batch size, mode, block size), each with AR's numbers beside it.
+
+    With ``ar_control``, a second AR decoder runs in the same rounds as mode "ar-control": its
+    ratios to AR are the bench's own noise, the yardstick for a speedup near 1.
 
     Each batch size decodes the first ``num_prompts`` requests, by default ``ROWS_PER_SLOT``
     per slot: what one decoder call of a job gets by default (its ``rows_per_batch``), so the
@@ -174,6 +178,9 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
         say(f"batch {b}: compiling")
         ar = DecoderCell(target, reqs, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
         cells: list = [ar]
+        if ar_control:
+            cells.append(DecoderCell(target, reqs, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets,
+                                     label="ar-control"))
         for mode in modes:
             if mode in DRAFTER_MODES and drafter is None:
                 continue

@@ -99,12 +99,14 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
 @click.option("--learning-rounds", default=1, show_default=True, type=click.IntRange(0),
               help="Rounds run first and not counted, where the automatic block choice learns acceptance "
                    "(as over a job's first rows).")
+@click.option("--ar-control", is_flag=True,
+              help="Also run a second AR decoder in the same rounds: its ratio to AR is the bench's own noise.")
 @click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate (greedy) on the same prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None,
           num_prompts: int | None,
           batch_sizes: list[int], block_sizes: list[int], modes: str, max_new_tokens: int | None, repeats: int,
-          learning_rounds: int, with_hf: bool, as_json: bool) -> None:
+          learning_rounds: int, ar_control: bool, with_hf: bool, as_json: bool) -> None:
     """AR vs DFlash vs n-gram vs hybrid (and transformers) on the same prompts, in one run.
 
     With JOB_FILE, the prompts are the job's own input rows, rendered by its template, with its
@@ -152,7 +154,8 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
                      block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
                      prompt_buckets=config.prompt_buckets if config is not None else None, num_prompts=num_prompts,
-                     learning_rounds=learning_rounds, progress=lambda m: click.echo(m, err=True))
+                     learning_rounds=learning_rounds, ar_control=ar_control,
+                     progress=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

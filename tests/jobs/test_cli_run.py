@@ -121,10 +121,14 @@ def test_bench_max_new_tokens_overrides_the_jobs(job_file):
 
 def test_bench_decodes_four_rows_per_slot_by_default_and_auto_only(job_file):
     result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "1", "--block-sizes", "",
-                                       "--modes", "ngram", "--repeats", "1", "--json"])
+                                       "--modes", "ngram", "--repeats", "1", "--ar-control", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output[result.output.index("["):])
-    assert [(r["mode"], r["block_size"], r["num_prompts"]) for r in rows] == [("ar", 1, 4), ("ngram", "auto", 4)]
+    assert [(r["mode"], r["block_size"], r["num_prompts"]) for r in rows] == [
+        ("ar", 1, 4), ("ar-control", 1, 4), ("ngram", "auto", 4)]
+    control = rows[1]  # a second AR decoder in the same rounds: the bench's own noise
+    assert control["identical_fraction"] == 1.0 and len(control["speedup_runs"]) == 1
+    assert control["speedup_runs"][0] > 0 and control["tau_mean"] == 1.0
 
 
 def test_bench_hf_generate_gives_the_same_tokens_as_ar(job_file):

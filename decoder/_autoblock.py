@@ -14,7 +14,7 @@ are properties of the compiled passes (their shapes are static), and they are th
 per-L costs the choice uses: decode calls at different L run at different moments, so
 their own wall times would compare one moment of a shared machine with another (measured:
 a job's AR calls, run in its drain and its probes, looked 20% dearer per step than AR
-steps timed beside L=2 steps, and L=2 then looked like a gain where it was a loss). The
+steps timed beside L=2 steps, and L=2 then looked 8% faster than AR where it broke even). The
 calls' wall times only scale every L alike, by the machine's drift since warmup (``cost``).
 q_k is counted from the steps actually run.
 

@@ -23,22 +23,13 @@ from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
 
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
-EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance, at least...
-EXPLORE_ROW_STEPS = 32  # ...and enough for this many row-steps of evidence (a batch of 1 needs 32 steps)
+EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
 WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
 GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
 # the slots stay full until the last batch_size rows, which drain with nothing to refill them.
 ROWS_PER_SLOT = 4
-
-
-def explore_steps(batch: int) -> int:
-    """Decode steps of an exploring call: few (it may run a dear block length), but enough rows'
-    steps that one unlucky stretch of a single row cannot rule a block length out (at batch 1,
-    four steps once measured q_1 = 0.25 for an n-gram proposer whose q_1 is 0.44-0.46 at batch
-    4 and 16)."""
-    return max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // batch))
 
 
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
@@ -188,7 +179,7 @@ class SlotEngine:
                 left = [r[0].max_new_tokens - produced[i] for i, r in enumerate(rows) if r is not None]
                 block = self.policy.choose_drain(len(left), max(max(left), 1))
             # An exploring call runs only a few steps: it is there to measure acceptance.
-            steps = explore_steps(b) if self.policy.exploring else self.chunk_steps
+            steps = EXPLORE_STEPS if self.policy.exploring else self.chunk_steps
             # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time
             # (which refines the policy's cost of this block length) would include it.
             jax.block_until_ready(self.state)

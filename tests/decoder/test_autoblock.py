@@ -7,7 +7,6 @@ import pytest
 
 from dflash_batch.decoder import Decoder
 from dflash_batch.decoder._autoblock import BlockPolicy
-from dflash_batch.decoder._engine import explore_steps
 from oracle_proposer import propose_oracle
 
 
@@ -216,8 +215,3 @@ def test_the_per_step_gate_runs_steps_as_ar_where_proposals_cannot_pay(tiny_llam
     else:
         assert set(gated.values()) == {0.0}
         assert sum(r.draft_tokens_accepted for r in out) > 0
-
-
-def test_an_exploring_call_gathers_evidence_from_enough_row_steps():
-    assert [explore_steps(b) for b in (1, 3, 4, 8, 16, 64)] == [32, 11, 8, 4, 4, 4]
-    assert all(b * explore_steps(b) >= 32 for b in range(1, 65))

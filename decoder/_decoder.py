@@ -9,7 +9,7 @@ import numpy as np
 
 from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
-from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for
+from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for, falls_back_to_ar
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
@@ -102,7 +102,7 @@ class Decoder:
             )
         dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
         static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
-        gated = len(self.blocks) > 1 and 1 in self.blocks  # automatic: each step may fall back to AR
+        gated = falls_back_to_ar(self.blocks)
         return Phases(
             prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
             decode=lambda s, stop_first, block, n, gate: spec_decode(

@@ -32,6 +32,12 @@ GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs 
 ROWS_PER_SLOT = 4
 
 
+def falls_back_to_ar(blocks: Sequence[int]) -> bool:
+    """Whether decode calls over these block lengths gate each step (an automatic length, AR
+    among the candidates): a step whose proposals cannot pay runs as an AR step."""
+    return len(blocks) > 1 and 1 in blocks
+
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds ``length`` tokens."""
     for b in buckets:
@@ -101,7 +107,7 @@ class SlotEngine:
         # shared machine falls on every length alike (see BlockPolicy.set_warmup_costs). Where
         # a step may fall back to AR (an automatic length), a call whose every step falls back
         # is timed too: such a step still makes the proposal it weighed.
-        gated = len(blocks) > 1 and 1 in blocks
+        gated = falls_back_to_ar(blocks)
         per_step: dict[int, list[float]] = {block: [] for block in blocks}
         per_gated: dict[int, list[float]] = {block: [] for block in blocks if gated and block > 1}
         for _ in range(WARMUP_ROUNDS if len(blocks) > 1 else 1):

@@ -140,6 +140,23 @@ def test_draft_block_matches_numpy_reference(extra, tiny_llama, tiny_llama_dir, 
     np.testing.assert_allclose(ours, _reference(folder, tiny_llama_dir, *args), atol=1e-4, rtol=1e-4)
 
 
+def test_a_compacted_context_with_a_gap_matches_the_reference(tiny_llama, tiny_llama_dir, tmp_path):
+    """The decoder stores context rows one after another, each at its token's own position
+    (tokens an AR call committed have no row): the drafter sees exactly those tokens."""
+    folder, dcfg, dparams = _make_drafter(tmp_path, tiny_llama.config)
+    feats, _, ctx_len, tokens, _ = _inputs(dcfg)
+    ctx_pos = np.array([[0, 1, 2, 7, 8, 9, 0, 0, 0], [0, 1, 2, 3, 4, 11, 12, 13, 14]], np.int32)  # gaps 3-6, 5-10
+    start = np.array([10, 15], np.int32)  # each anchor after its row's newest token
+    ours = _ours(dparams, dcfg, tiny_llama, feats, ctx_pos, ctx_len, tokens, start)
+    np.testing.assert_allclose(ours, _reference(folder, tiny_llama_dir, feats, ctx_pos, ctx_len, tokens, start),
+                               atol=1e-4, rtol=1e-4)
+    # Positions, not storage order, are what the drafter sees: reversing the valid rows of
+    # row 1 changes nothing.
+    order = np.r_[8:-1:-1]
+    again = _ours(dparams, dcfg, tiny_llama, feats[:, order], ctx_pos[:, order], ctx_len, tokens, start)
+    np.testing.assert_allclose(again[1], ours[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("extra", [{}, {"mask_embedding": True}, {"draft_vocab_size": 40}],
                          ids=["zlab", "mask_embedding", "reduced_vocab"])
 def test_save_load_round_trips_in_zlab_format(extra, tiny_llama, tmp_path):

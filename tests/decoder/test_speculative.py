@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -190,3 +193,41 @@ def test_every_mode_reads_as_much_cache_per_step_as_ar(tiny_llama, drafter):
                       prompt_buckets=BUCKETS, prefill_chunk=16)
         lengths[mode] = dec.engine(64).phases.init_state().cache.k.shape[3]
     assert lengths == {"ar": 64 + 24, "ngram": 64 + 24, "dflash": 64 + 24, "hybrid": 64 + 24}
+
+
+@pytest.mark.parametrize("mode", ["dflash", "hybrid"])
+def test_ar_calls_skip_the_drafter_and_later_drafts_stay_lossless(tiny_llama, drafter, ar_reference, mode,
+                                                                 monkeypatch):
+    """An L = 1 call of a drafting mode leaves the drafter's context alone (its upkeep is
+    what made such a call dearer than AR); the next speculative call drafts from a context
+    with a gap, extends it by exactly what it commits, and the output is still AR's."""
+    reqs, ar = ar_reference
+    dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size="auto", batch_size=3, max_new_tokens=24,
+                  prompt_buckets=BUCKETS, prefill_chunk=16)
+    engine = dec.engine(64)
+    engine.warmup()
+    script = itertools.cycle([1, 8, 1, 1, 4])
+    monkeypatch.setattr(engine.policy, "choose", lambda: next(script))
+    monkeypatch.setattr(engine.policy, "choose_drain", lambda rows, remaining: next(script))
+    calls = []
+    decode = engine.phases.decode
+
+    def spy(s, stop_first, block, n, gate):
+        before = jax.device_get((s.pos, s.extra.ctx_len, s.extra.ctx_k))
+        s, ran = decode(s, stop_first, block, n, gate)
+        calls.append((block, before, jax.device_get((s.pos, s.extra.ctx_len, s.extra.ctx_k))))
+        return s, ran
+
+    monkeypatch.setattr(engine.phases, "decode", spy)
+    out = {r.id: r.token_ids for r in dec.generate(reqs)}
+    assert out == {k: r.token_ids for k, r in ar.items()}
+    assert {b for b, _, _ in calls} == {1, 4, 8}
+    for block, (pos0, len0, k0), (pos1, len1, k1) in calls:
+        assert (len0 <= pos0).all() and (len1 <= pos1).all()
+        if block == 1:
+            assert (pos1 > pos0).any()
+            np.testing.assert_array_equal(len1, len0)
+            np.testing.assert_array_equal(k1, k0)
+        else:
+            np.testing.assert_array_equal(len1 - len0, pos1 - pos0)
+    assert any(b > 1 and (len0 < pos0).any() for b, (pos0, len0, _), _ in calls)  # drafted across a gap

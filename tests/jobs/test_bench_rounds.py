@@ -29,3 +29,12 @@ def test_cells_take_turns_one_row_each_and_the_first_turn_rotates():
     assert first == ["a", "b", "c", "a", "b", "c", "a", "c"]
     assert second == ["b", "c", "a", "b", "c", "a", "c", "a"]
     assert [c.runs for c in cells] == [[3.0, 3.0], [2.0, 2.0], [3.0, 3.0]]
+
+
+def test_paired_ratios_compare_the_same_row_of_the_same_round():
+    from dflash_batch.jobs._bench import paired_ratios
+
+    ar = [[("a", 10, 1.0), ("b", 20, 4.0)], [("a", 10, 3.0), ("b", 20, 2.0)]]  # round 2's first turn was slow
+    cell = [[("a", 10, 0.5), ("b", 20, 8.0)], [("a", 10, 3.0), ("b", 20, 1.0)]]
+    assert paired_ratios(cell, ar) == [2.0, 0.5, 1.0, 2.0]
+    assert paired_ratios([[("b", 20, 1.0), ("a", 10, 1.0)], cell[1]], ar) is None  # another order: no pairs

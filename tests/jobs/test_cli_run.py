@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -99,7 +100,12 @@ def test_bench_takes_the_jobs_prompts_and_settings(job_file):
         assert len(r["runs"]) == len(r["speedup_runs"]) == 2 and r["ar_tokens_per_s"] > 0
         assert len(r["learning_runs"]) == 1  # a first round, where auto learns acceptance, is not counted
         assert r["num_prompts"] == 3
-        assert r["speedup"] == pytest.approx(sum(r["speedup_runs"]) / 2)  # the median of two same-round ratios
+        if r["batch_size"] == 1:  # one row per turn: the median of 2 rounds x 3 rows' paired ratios
+            assert r["speedup_from"] == "paired rows" and len(r["speedup_rows"]) == 6
+            assert r["speedup"] == pytest.approx(statistics.median(r["speedup_rows"]))
+        else:
+            assert r["speedup_from"] == "rounds" and r["speedup_rows"] is None
+            assert r["speedup"] == pytest.approx(sum(r["speedup_runs"]) / 2)  # the median of two same-round ratios
         assert r["tau_mean"] >= 1.0
     assert all(r["speedup"] == 1.0 for r in rows if r["mode"] == "ar")
     assert "auto" in rows[2] and rows[2]["auto"]  # the automatic block choice and why

@@ -126,6 +126,7 @@ class HFCell:
     """
 
     mode, block_size, compile_seconds, learning_runs = "hf-generate", 1, 0.0, []
+    turns: list = []  # its runs are not taken in turns beside AR's: never paired (``paired_ratios``)
 
     def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int):
         pad = target.tokenizer.pad_token_id
@@ -226,7 +227,7 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
         base = {"batch_size": b, "num_prompts": len(reqs), "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
         for cell in cells:
             ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
-            paired = paired_ratios(cell.turns, ar.turns) if b == 1 and hasattr(cell, "turns") else None
+            paired = paired_ratios(cell.turns, ar.turns) if b == 1 else None
             row = {**base, "mode": cell.mode, "block_size": cell.block_size,
                    "tokens_per_s": statistics.median(cell.runs), "runs": cell.runs,
                    "learning_runs": cell.learning_runs, "tau_mean": cell.tau(),

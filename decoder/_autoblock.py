@@ -9,7 +9,7 @@ Seconds per step are measured at warmup for every candidate L at the engine's ow
 batch size (L = 1 is plain AR through the same state), because the ratio of an L-token
 target pass to a 1-token pass depends on hardware and batch: near 1 on an accelerator,
 2-3x at L = 8-16 on a small CPU. Warmup times the lengths round-robin, and each L's cost
-relative to AR is the median of its same-round ratios (``set_warmup_costs``). Those ratios
+relative to AR is the upper quartile of its same-round ratios (``set_warmup_costs``). Those ratios
 are properties of the compiled passes (their shapes are static), and they are the only
 per-L costs the choice uses: decode calls at different L run at different moments, so
 their own wall times would compare one moment of a shared machine with another (measured:
@@ -31,7 +31,7 @@ anything is seen). Exploration walks upward: it runs the smallest L with an unob
 whose optimistic throughput beats the best estimate. The smallest L is the cheapest call,
 and the q_k it measures bound every larger L, so where large passes are dear (a CPU at
 batch 16) the walk stops after one or two cheap calls, and where they are nearly free (an
-accelerator) it climbs to the largest L in a few. Every ``explore_every`` calls the
+accelerator) it climbs to the largest L in a few. Every ``explore_every`` decode steps the
 runner-up (the best other L by optimistic throughput, AR included) runs once, so improving
 acceptance is noticed. Otherwise the policy runs the argmax, except that a speculative L
 must beat AR by ``margin`` (estimates are noisy, and near a tie AR is the safe side). AR is
@@ -60,7 +60,7 @@ import numpy as np
 @dataclasses.dataclass
 class BlockPolicy:
     candidates: tuple[int, ...]
-    explore_every: int = 16
+    explore_every: int = 1024  # decode steps between runs of the runner-up (a call is at most 16)
     step_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # by L, from warmup
     gated_seconds: dict[int, float] = dataclasses.field(default_factory=dict)  # a gated step's, by L
     trials: np.ndarray = dataclasses.field(init=False)  # [Lmax]: steps that could accept >= k
@@ -73,7 +73,7 @@ class BlockPolicy:
     drain_calls: dict[int, int] = dataclasses.field(default_factory=dict)
     row_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # row-steps run at L, by L
     gated_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # of those, run as AR by the gate
-    _n_calls: int = 0
+    _steps_since_explore: int = 0
 
     def __post_init__(self):
         self.candidates = tuple(sorted(set(self.candidates)))
@@ -90,17 +90,21 @@ class BlockPolicy:
         (``per_step[L][r]``: round r's call at L; ``gated[L][r]``: the same with every step
         gated, where L has a gate).
 
-        Each L's cost relative to AR is the median of its same-round ratios to AR's call,
-        times AR's best call: on a shared machine a slow spell inflates one round of every
-        length, not every round of one length, so the ratios (what the choice rests on)
-        survive it. Without AR among them, or with rounds missing, each L's best call.
+        Each L's cost relative to AR is the upper quartile of its same-round ratios to AR's
+        call, times AR's best call: on a shared machine a slow spell inflates one round of every
+        length, not every round of one length, so the ratios (what the choice rests on) survive
+        it. The upper quartile, not the median, because the choice should err towards AR by as
+        much as the ratios are uncertain: where they agree (an accelerator) it is their median,
+        and on a 2-core CPU, where five rounds put L=2 at batch 8 anywhere from 1.29x to 1.46x
+        AR (two jobs, measured) against 1.40x timed over 10 rounds of 8 steps, it leans to the
+        dear side. Without AR among them, or with rounds missing, each L's best call.
         """
         ar = per_step.get(1) or []
 
         def relative(times: list[float]) -> float:
             if len(times) != len(ar):
                 return min(times)
-            return min(ar) * float(np.median([t / a for t, a in zip(times, ar)]))
+            return min(ar) * float(np.percentile([t / a for t, a in zip(times, ar)], 75))
 
         for block, times in per_step.items():
             if times:
@@ -139,6 +143,8 @@ class BlockPolicy:
 
     def observe_cost(self, block: int, seconds: float, steps: int) -> None:
         """Adds one decode call's wall time and step count at block length ``block``."""
+        if not self.exploring:  # an exploring call's steps (the last choice's) do not count
+            self._steps_since_explore += steps
         if steps > 0:
             self.run_seconds[block] = self.run_seconds.get(block, 0.0) + seconds
             self.run_steps[block] = self.run_steps.get(block, 0) + steps
@@ -228,7 +234,6 @@ class BlockPolicy:
         return bool(np.any(self.trials[1:block] == 0))
 
     def choose(self) -> int:
-        self._n_calls += 1
         self.exploring = False
         if len(self.candidates) == 1:
             block = self.largest
@@ -244,7 +249,9 @@ class BlockPolicy:
             # Periodically, the runner-up runs once: its acceptance may have changed since it
             # was last measured.
             runner_up = max((b for b in self.candidates if b != best), key=self.optimistic_throughput)
-            self.exploring = bool(unmeasured) or self._n_calls % self.explore_every == 0
+            self.exploring = bool(unmeasured) or self._steps_since_explore >= self.explore_every
+            if self.exploring:
+                self._steps_since_explore = 0
             block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
         self.calls[block] = self.calls.get(block, 0) + 1
         return block

@@ -9,7 +9,8 @@ import numpy as np
 
 from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
-from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for, falls_back_to_ar
+from dflash_batch.decoder._engine import (CHUNK_STEPS, DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for,
+                                          falls_back_to_ar)
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
@@ -28,7 +29,7 @@ class Decoder:
     """
 
     def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
-                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = 64,
+                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = CHUNK_STEPS,
                  prefill_chunk: int = 64, drafter=None, block_size: int | str = "auto"):
         """``drafter`` is (DrafterConfig, params), required by ``dflash`` and ``hybrid``. ``block_size`` is the
         verified block length L (drafts per step + 1) of the speculative modes, or "auto":
@@ -135,20 +136,22 @@ class Decoder:
         """Compiles the engine of one bucket; returns the seconds it took."""
         return self.engine(bucket).warmup()
 
-    def generate(self, requests: Iterable[Request], bucket: int | None = None) -> Iterator[Result]:
+    def generate(self, requests: Iterable[Request], bucket: int | None = None,
+                 ticks: bool = False) -> Iterator[Result | None]:
         """Decodes requests, yielding results as rows finish (not in input order).
 
         With ``bucket`` given, every request must fit it; otherwise the requests are
         read first and all share the static batch of the largest bucket they need,
         so a small job keeps its batch full. (The pipeline buckets large jobs by
-        length, which keeps each batch's cache short.)
+        length, which keeps each batch's cache short.) With ``ticks``, None is yielded
+        too, after every prompt prefilled and every decode call (``SlotEngine.run``).
         """
         if bucket is None:
             requests = list(requests)
             if not requests:
                 return
             bucket = max(self.bucket(len(r.token_ids)) for r in requests)
-        yield from self.engine(bucket).run(requests)
+        yield from self.engine(bucket).run(requests, ticks)
 
 
 def hybrid_report(st) -> dict:

@@ -26,6 +26,9 @@ DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
 WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
+# Decode steps of a call when no row finishes sooner: the host sees the batch this often (a
+# round trip of about a millisecond against 16 steps of 30-100 ms on a CPU).
+CHUNK_STEPS = 16
 GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
 # the slots stay full until the last batch_size rows, which drain with nothing to refill them.
@@ -67,7 +70,7 @@ class SlotEngine:
     """Runs requests through one static batch (B slots, cache length S)."""
 
     def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int,
-                 chunk_steps: int = 64):
+                 chunk_steps: int = CHUNK_STEPS):
         self.phases = phases
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
@@ -139,8 +142,10 @@ class SlotEngine:
                 self.state, padded[None, start : start + c], np.int32(start), np.int32(n), np.int32(slot),
                 np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key)
 
-    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Decodes every request, yielding each result as soon as its row finishes."""
+    def run(self, requests: Iterable[Request], ticks: bool = False) -> Iterator[Result | None]:
+        """Decodes every request, yielding each result as soon as its row finishes; with
+        ``ticks``, also None after every prompt prefilled and every decode call (the bench's
+        turns: configurations run side by side then take turns of about a second)."""
         if self.state is None:
             self.warmup()
         assert self.state is not None
@@ -176,6 +181,9 @@ class SlotEngine:
                     seen_hist[i] = 0
                     produced[i] = 1  # prefill samples the first completion token
                     rows[i] = (req, t0, self.max_prompt_len)
+                    if ticks:
+                        jax.block_until_ready(self.state)  # a turn ends when its work has run
+                        yield None
             if all(r is None for r in rows):
                 return
             waiting = more()
@@ -212,6 +220,8 @@ class SlotEngine:
                     self.state = self.state.replace(done=jnp.asarray(done))
                 yield self._result(i, req, t0, bucket, tokens, stopped)
                 rows[i] = None
+            if ticks:
+                yield None
 
     def _result(self, i: int, req: Request, t0: float, bucket: int, tokens: list[int],
                 stopped: tuple[list[int], str] | None) -> Result:

@@ -4,7 +4,8 @@ For each batch size it builds and warms up every decoder configuration first: pl
 (the lossless reference and the speedup denominator), and every speculative mode at every
 block length asked for plus the automatic block choice. Then it runs them ``repeats``
 rounds, every configuration in every round, all at once: their decoders take turns of one
-finished row each, each timed on its own clock, so a shared machine's slow spells fall on
+prompt's prefill or one decode call each (about a second; ``Decoder.generate`` with ticks),
+each timed on its own clock, so a shared machine's slow spells fall on
 every configuration alike rather than on whichever ran during them. The first
 ``learning_rounds`` rounds are run but not counted: there the automatic block choice learns
 its acceptance, as it does over a job's first rows and then never again (over a job of a
@@ -13,13 +14,13 @@ third of the result). Their tokens/s are reported apart (``learning_runs``). Hug
 ``generate``, when asked for, runs after those rounds in a child process: PyTorch's threads
 slow the XLA cells that follow them on a small machine. A cell's tokens/s is the
 median of its runs. Its speedup is the median of its per-round ratios to AR's run in the
-same round, except at batch 1: there a turn is one row's prefill and decode, so a cell's
-turn and AR's turn for the same row of the same round did the same work moments apart, and
-the speedup is the median of those per-row ratios (``paired_ratios``). A round there
-lasts a few seconds per configuration, about as long as a slow spell of a shared machine,
-and its per-round ratios of AR to itself spread from 0.91 to 1.17 (measured); a median over
-every row of every round is not thrown by the spells that hit one configuration's turns
-and not the other's. Outputs are compared with AR's token for token.
+same round, except at batch 1: there a cell's row and AR's same row of the same round did
+the same work moments apart, and the speedup is the median of those per-row ratios
+(``paired_ratios``). A round there lasts a few seconds per configuration, about as long as
+a slow spell of a shared machine, and its per-round ratios of AR to itself spread from 0.91
+to 1.17 (measured); a median over every row of every round is not thrown by the spells that
+hit one configuration's turns and not the other's. Outputs are compared with AR's token for
+token.
 """
 
 from __future__ import annotations
@@ -53,22 +54,34 @@ class DecoderCell:
 
     def start(self) -> None:
         """Begins one run over the bench's prompts; ``advance`` drives it."""
-        self._gen, self._seconds, self.results = self.decoder.generate(self.requests), 0.0, []
+        self._gen = self.decoder.generate(self.requests, ticks=True)
+        self._seconds, self._row_seconds, self.results = 0.0, 0.0, []
         self.turns.append([])
 
     def advance(self) -> bool:
-        """Decodes until the next row finishes (timed, on this cell's clock); False once the run
-        is over, its tokens/s then appended to ``runs``."""
+        """Runs one turn, timed on this cell's clock: one prompt's prefill or one decode call
+        (about a second), and hands out the rows it finished. False once the run is over, its
+        tokens/s then appended to ``runs``."""
         t0 = time.perf_counter()
-        result = next(self._gen, None)
+        result = next(self._gen, StopIteration)
+        while result is not None and result is not StopIteration:  # rows the turn finished
+            self._book(result, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            result = next(self._gen, StopIteration)
         seconds = time.perf_counter() - t0
         self._seconds += seconds
-        if result is None:
+        self._row_seconds += seconds
+        if result is StopIteration:
             self.runs.append(sum(r.completion_tokens for r in self.results) / self._seconds)
             return False
-        self.results.append(result)
-        self.turns[-1].append((result.id, result.completion_tokens, seconds))
         return True
+
+    def _book(self, result, seconds: float) -> None:
+        """Records a finished row; at batch 1 its seconds are all the turns since the last row."""
+        self._seconds += seconds
+        self.results.append(result)
+        self.turns[-1].append((result.id, result.completion_tokens, self._row_seconds + seconds))
+        self._row_seconds = 0.0
 
     @property
     def tokens(self) -> dict[str, list[int]]:
@@ -165,10 +178,13 @@ def identical_fraction(a: dict[str, list[int]], b: dict[str, list[int]]) -> floa
 
 
 def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambda _m: None) -> None:
-    """Runs every cell once per round, all of them at once: their decoders take turns, one
-    finished row each, the first turn rotating from round to round, and each is timed on its
-    own clock. A slow spell of a shared machine (seconds to minutes) then falls on every
-    configuration alike, not on whichever ran through it."""
+    """Runs every cell once per round, all of them at once: their decoders take turns (one
+    prompt's prefill or one decode call each, about a second), the first turn rotating from
+    round to round, and each is timed on its own clock. A slow spell of a shared machine
+    (seconds to minutes) then falls on every configuration alike, not on whichever ran
+    through it. (Turns of one finished row each were too coarse where rows finish in waves:
+    at batch 8 a turn of AR's was 8 prefills and 64 steps, about 9 s, and two identical AR
+    steps of one round measured 13% apart.)"""
     for rnd in range(repeats):
         k = rnd % len(cells)
         running = [*cells[k:], *cells[:k]]

@@ -61,6 +61,31 @@ def test_rows_do_not_depend_on_batch_or_refill(tiny_llama, decoder3):
         assert 1 <= len(batched[str(i)]) <= m
 
 
+def test_ticks_mark_every_prefill_and_decode_call_and_change_nothing(tiny_llama, decoder3):
+    """``generate(ticks=True)`` also yields None after each prompt's prefill and each decode
+    call (the bench's turns): one per prompt, then one per call, and the same results."""
+    prompts = _prompts(5, tiny_llama.config.vocab_size, seed=4)
+    reqs = [Request(id=str(i), token_ids=p, max_new_tokens=m)
+            for i, (p, m) in enumerate(zip(prompts, [24, 3, 20, 9, 1]))]
+    plain = {r.id: r.token_ids for r in decoder3.generate(reqs)}
+    engine = decoder3.engine(64)
+    calls = [0]
+    decode = engine.phases.decode
+
+    def counted(*args):
+        calls[0] += 1
+        return decode(*args)
+
+    engine.phases.decode = counted
+    try:
+        items = list(decoder3.generate(reqs, ticks=True))
+    finally:
+        engine.phases.decode = decode
+    results = [x for x in items if x is not None]
+    assert {r.id: r.token_ids for r in results} == plain
+    assert items.count(None) == len(reqs) + calls[0] and calls[0] >= 2
+
+
 def test_no_recompilation_after_warmup(tiny_llama, decoder3):
     decoder3.warmup(16)
     decoder3.warmup(64)

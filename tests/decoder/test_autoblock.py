@@ -38,14 +38,20 @@ def test_explores_upward_from_the_smallest_block_then_picks_best_throughput():
     assert report["decode_calls_by_block"] == {"1": 1, "2": 1} and set(report["step_ms"]) == {"1", "2", "4"}
 
 
-def test_re_explores_the_runner_up_periodically():
-    policy = BlockPolicy((1, 4), explore_every=3, step_seconds={1: 1.0, 4: 3.0})
+def test_re_explores_the_runner_up_every_so_many_decode_steps():
+    def calls(policy: BlockPolicy, n: int) -> list[int]:
+        chosen = []
+        for _ in range(n):
+            chosen.append(policy.choose())
+            policy.observe_cost(chosen[-1], seconds=8 * policy.step_seconds[chosen[-1]], steps=8)
+        return chosen
+
+    policy = BlockPolicy((1, 4), explore_every=24, step_seconds={1: 1.0, 4: 3.0})
     policy.observe(4, np.array([5, 0, 0, 0]))
-    assert [policy.choose() for _ in range(6)] == [1, 1, 4, 1, 1, 4]
-    good = BlockPolicy((1, 4), explore_every=3, step_seconds={1: 1.0, 4: 1.5})
+    assert calls(policy, 8) == [1, 1, 1, 4, 1, 1, 1, 4]  # 24 steps at AR, then the runner-up once
+    good = BlockPolicy((1, 4), explore_every=24, step_seconds={1: 1.0, 4: 1.5})
     good.observe(4, np.array([0, 0, 0, 5]))
-    ar_ran(good)
-    assert [good.choose() for _ in range(3)] == [4, 4, 1]  # AR's cost is re-measured too
+    assert calls(good, 4) == [4, 4, 4, 1]  # AR is the runner-up here: its cost is re-measured too
 
 
 def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypatch):
@@ -153,6 +159,10 @@ def test_warmup_costs_are_same_round_ratios_to_ar():
                             gated={2: [1.1, 2.2, 1.1], 4: [1.3, 2.6, 1.3]})
     assert policy.step_seconds == {1: 1.0, 2: pytest.approx(1.2), 4: pytest.approx(1.5)}
     assert policy.gated_seconds == {2: pytest.approx(1.1), 4: pytest.approx(1.3)}
+    # Ratios that disagree: the choice takes the dear side (the upper quartile), not the median.
+    spread = BlockPolicy((1, 2))
+    spread.set_warmup_costs({1: [1.0] * 5, 2: [1.3, 1.5, 1.2, 1.4, 1.6]})
+    assert spread.step_seconds[2] == pytest.approx(1.5)
     # A length without AR beside it, or with a call that ran no step, keeps its best call.
     lone = BlockPolicy((2, 4))
     lone.set_warmup_costs({2: [3.0, 2.0], 4: []})

@@ -171,6 +171,7 @@ class SlotEngine:
         seen_gated = int(_gated(self.state))  # row-steps the per-step gate ran as AR, already observed
         produced = np.zeros((b,), np.int64)  # completion tokens per slot so far
         while True:
+            t_fill = time.perf_counter()  # prefill (and the host) until the decode call starts
             for i in range(b):
                 if rows[i] is None:
                     req = pop()
@@ -183,7 +184,9 @@ class SlotEngine:
                     rows[i] = (req, t0, self.max_prompt_len)
                     if ticks:
                         jax.block_until_ready(self.state)  # a turn ends when its work has run
+                        self.policy.observe_prefill(time.perf_counter() - t_fill)
                         yield None
+                        t_fill = time.perf_counter()
             if all(r is None for r in rows):
                 return
             waiting = more()
@@ -198,6 +201,7 @@ class SlotEngine:
             # (which refines the policy's cost of this block length) would include it.
             jax.block_until_ready(self.state)
             t_call = time.perf_counter()
+            self.policy.observe_prefill(t_call - t_fill)  # the decode gain's share of a job: see BlockPolicy
             self.state, ran = self.phases.decode(self.state, jnp.asarray(waiting), block, np.int32(steps),
                                                  self.policy.gate(block))
             done, n_out, hist, ran, gated = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran,

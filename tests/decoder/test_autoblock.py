@@ -72,6 +72,7 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
     # the step short (counted as a rejection, which only makes the policy conservative).
     assert report["acceptance_q"][0] > 0.8
     assert sum(report["decode_calls_by_block"].values()) >= 1
+    assert 0 < report["decode_share"] < 1  # the engine timed its prefills, and the margin weighs them
     # The last rows drain with no request waiting: those calls weigh the slowest row's spread.
     assert sum(report["drain_calls_by_block"].values()) >= 1
 
@@ -132,6 +133,24 @@ def test_a_near_tie_goes_to_ar():
     assert policy.choose() == 2
 
 
+def test_the_margin_is_the_jobs_so_prefill_time_raises_the_bar():
+    """Prefill runs at AR's speed in every mode: a 10% faster decode is a 10% faster job only
+    where decode is all the job does, and a 5% faster one where it is half."""
+    policy = BlockPolicy((1, 2), explore_every=1000, step_seconds={1: 1.0, 2: 1.2})
+    policy.observe(2, np.array([68, 32]))  # E = 1.32 tokens per step: 1.10x AR's decode throughput
+    ar_ran(policy, steps=100)
+    assert policy.decode_share() == 1.0 and policy.required_gain() == pytest.approx(1.05)
+    assert policy.choose() == 2
+    policy.observe_prefill(100.0)  # as long as the decode calls so far
+    assert policy.decode_share() == pytest.approx(0.5)
+    assert policy.required_gain() == pytest.approx(0.5 / (0.5 - 0.05 / 1.05))  # 1.105: a 5% job gain
+    assert policy.choose() == 1
+    report = policy.report()
+    assert report["decode_share"] == 0.5 and report["required_gain_over_ar"] == pytest.approx(1.105, abs=1e-3)
+    policy.observe_prefill(1e6)  # decode is a sliver of the job: no block length can pay
+    assert policy.required_gain() == float("inf") and policy.choose() == 1
+
+
 def test_the_drain_weighs_the_slowest_rows_spread():
     policy = BlockPolicy((1, 4), explore_every=1000, step_seconds={1: 1.0, 4: 1.6})
     policy.observe(4, np.array([5, 2, 1, 2]))  # q = 0.5, 0.3, 0.2: E[T] = 2, Var[T] = 5.4 - 4
@@ -178,6 +197,7 @@ def test_ar_calls_at_a_slow_moment_do_not_make_a_near_tie_look_like_a_gain():
     policy.observe(2, np.array([56, 44]))
     policy.observe_cost(1, seconds=80 * 0.120, steps=80)
     policy.observe_cost(2, seconds=400 * 0.155, steps=400)
+    policy.observe_prefill(80 * 0.120 + 400 * 0.155)  # a batch-16 job prefills about half the time
     assert policy.cost(2) / policy.cost(1) == pytest.approx(1.37)
     assert [policy.choose() for _ in range(3)] == [1, 1, 1]
 

@@ -23,7 +23,12 @@ from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
 
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
-EXPLORE_STEPS = 4  # decode steps of a call that tries a block only to measure acceptance
+# A call that tries a block length only to measure acceptance runs EXPLORE_STEPS steps, or
+# more at small batches, so that it sees at least EXPLORE_ROW_STEPS row-steps: at batch 1 four
+# steps judge q_1 on four tokens: probes that measured q_1 = 0.30 on about eight kept n-gram
+# drafting at AR for a whole bench, where runs that drafted have measured q_1 = 0.48.
+EXPLORE_STEPS = 4
+EXPLORE_ROW_STEPS = 16
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
 WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
 # Decode steps of a call when no row finishes sooner: the host sees the batch this often (a
@@ -196,7 +201,7 @@ class SlotEngine:
                 left = [r[0].max_new_tokens - produced[i] for i, r in enumerate(rows) if r is not None]
                 block = self.policy.choose_drain(len(left), max(max(left), 1))
             # An exploring call runs only a few steps: it is there to measure acceptance.
-            steps = EXPLORE_STEPS if self.policy.exploring else self.chunk_steps
+            steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b)) if self.policy.exploring else self.chunk_steps
             # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time
             # (which refines the policy's cost of this block length) would include it.
             jax.block_until_ready(self.state)

@@ -65,7 +65,19 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
     ar = {r.id: r.token_ids for r in Decoder(tiny_llama, **kw).generate(reqs)}
     auto = Decoder(tiny_llama, mode="oracle", block_size="auto", **kw)
     assert auto.blocks == (1, 2, 4, 8, 16)
+    engine = auto.engine(64)
+    engine.warmup()
+    decode, probes = engine.phases.decode, []
+
+    def logged(s, waiting, block, n_steps, gate):
+        if engine.policy.exploring:
+            probes.append(int(n_steps))
+        return decode(s, waiting, block, n_steps, gate)
+
+    engine.phases.decode = logged
     assert {r.id: r.token_ids for r in auto.generate(reqs)} == ar
+    # A probe sees at least 16 row-steps: 6 steps at batch 3 (at batch 1, 4 steps judged q_1 on 4 tokens).
+    assert probes and set(probes) == {6}
     report = auto.block_report()["64"]
     assert set(report["step_ms"]) == {"1", "2", "4", "8", "16"}
     # A perfect drafter: every draft is accepted, except where a row's budget or EOS cut

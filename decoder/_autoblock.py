@@ -37,10 +37,12 @@ acceptance is noticed. Otherwise the policy runs the argmax, except that a specu
 must promise the *job* ``margin`` more tokens/s than AR (estimates are noisy, and near a tie
 AR is the safe side). The job, not the decode calls: prefill runs at the same speed in every
 mode, so a decode gain shrinks by the share of time spent outside decode calls, which the
-engine measures as it goes (``required_gain``). On a 2-core CPU that share is about 20% at
-batch 1 and about half at batch 8-16 (measured), where a 10% decode gain is a 5% job gain,
+engine measures as it goes (``required_gain``). On a 2-core CPU that share is 22% at batch 1,
+51% at batch 8 and 59% at batch 16 (measured), where a 10% decode gain is a 4-5% job gain,
 within what the estimates miss: speculating there at a predicted 10.7% lost 4-6% in the
-bench. AR is a candidate, so the choice is never expected to be slower than AR.
+bench. AR is a candidate, so the choice is never expected to be slower than AR, except by
+what a drafting mode pays outside it: ``dflash`` and ``hybrid`` feed every prompt to the
+drafter at prefill, about 2% of a batch-16 job on a 2-core CPU (measured), whatever L runs.
 
 The drain is different. Once no request waits, the batch's remaining time is that of its
 slowest row, and a speculative row's step count is random where AR's is not: a row with r

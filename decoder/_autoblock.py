@@ -42,7 +42,7 @@ engine measures as it goes (``required_gain``). On a 2-core CPU that share is 22
 within what the estimates miss: speculating there at a predicted 10.7% lost 4-6% in the
 bench. AR is a candidate, so the choice is never expected to be slower than AR, except by
 what a drafting mode pays outside it: ``dflash`` and ``hybrid`` feed every prompt to the
-drafter at prefill, about 2% of a batch-16 job on a 2-core CPU (measured), whatever L runs.
+drafter at prefill, whatever L runs (0.97-1.02x AR's prefill at batch 16, measured).
 
 The drain is different. Once no request waits, the batch's remaining time is that of its
 slowest row, and a speculative row's step count is random where AR's is not: a row with r

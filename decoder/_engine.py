@@ -24,8 +24,8 @@ from dflash_batch.decoder._slots import Slots
 
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 # A call that tries a block length only to measure acceptance runs EXPLORE_STEPS steps, or
-# more at small batches, so that it sees at least EXPLORE_ROW_STEPS row-steps: at batch 1 four
-# steps judge q_1 on four tokens: probes that measured q_1 = 0.30 on about eight kept n-gram
+# more at small batches, so that it sees at least EXPLORE_ROW_STEPS row-steps. At batch 1, four
+# steps judge q_1 on four tokens; probes that measured q_1 = 0.30 on about eight kept n-gram
 # drafting at AR for a whole bench, where runs that drafted have measured q_1 = 0.48.
 EXPLORE_STEPS = 4
 EXPLORE_ROW_STEPS = 16
@@ -175,6 +175,7 @@ class SlotEngine:
         seen_hist = np.zeros(self.state.hist.shape, np.int64)  # per-slot histogram already observed
         seen_gated = int(_gated(self.state))  # row-steps the per-step gate ran as AR, already observed
         produced = np.zeros((b,), np.int64)  # completion tokens per slot so far
+        explore_steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b))
         while True:
             t_fill = time.perf_counter()  # prefill (and the host) until the decode call starts
             for i in range(b):
@@ -201,7 +202,7 @@ class SlotEngine:
                 left = [r[0].max_new_tokens - produced[i] for i, r in enumerate(rows) if r is not None]
                 block = self.policy.choose_drain(len(left), max(max(left), 1))
             # An exploring call runs only a few steps: it is there to measure acceptance.
-            steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b)) if self.policy.exploring else self.chunk_steps
+            steps = explore_steps if self.policy.exploring else self.chunk_steps
             # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time
             # (which refines the policy's cost of this block length) would include it.
             jax.block_until_ready(self.state)

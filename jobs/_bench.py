@@ -61,27 +61,22 @@ class DecoderCell:
     def advance(self) -> bool:
         """Runs one turn, timed on this cell's clock: one prompt's prefill or one decode call
         (about a second), and hands out the rows it finished. False once the run is over, its
-        tokens/s then appended to ``runs``."""
-        t0 = time.perf_counter()
-        result = next(self._gen, StopIteration)
-        while result is not None and result is not StopIteration:  # rows the turn finished
-            self._book(result, time.perf_counter() - t0)
+        tokens/s then appended to ``runs``. A finished row books every second since the row
+        before (at batch 1: its own prefill and decode calls, as ``paired_ratios`` needs)."""
+        while True:
             t0 = time.perf_counter()
-            result = next(self._gen, StopIteration)
-        seconds = time.perf_counter() - t0
-        self._seconds += seconds
-        self._row_seconds += seconds
-        if result is StopIteration:
-            self.runs.append(sum(r.completion_tokens for r in self.results) / self._seconds)
-            return False
-        return True
-
-    def _book(self, result, seconds: float) -> None:
-        """Records a finished row; at batch 1 its seconds are all the turns since the last row."""
-        self._seconds += seconds
-        self.results.append(result)
-        self.turns[-1].append((result.id, result.completion_tokens, self._row_seconds + seconds))
-        self._row_seconds = 0.0
+            item = next(self._gen, StopIteration)
+            seconds = time.perf_counter() - t0
+            self._seconds += seconds
+            self._row_seconds += seconds
+            if item is StopIteration:
+                self.runs.append(sum(r.completion_tokens for r in self.results) / self._seconds)
+                return False
+            if item is None:  # the turn is over
+                return True
+            self.results.append(item)
+            self.turns[-1].append((item.id, item.completion_tokens, self._row_seconds))
+            self._row_seconds = 0.0
 
     @property
     def tokens(self) -> dict[str, list[int]]:

@@ -82,6 +82,9 @@ class BlockPolicy:
     drain_calls: dict[int, int] = dataclasses.field(default_factory=dict)
     row_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # row-steps run at L, by L
     gated_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # of those, run as AR by the gate
+    # Prompts prefilled with and without feeding the drafter's context (``needs_context``), where
+    # the mode has a drafter: {"fed": n, "skipped": n}.
+    context_prefills: dict[str, int] | None = None
     _steps_since_explore: int = 0
 
     def __post_init__(self):
@@ -242,14 +245,16 @@ class BlockPolicy:
         steps = remaining / mean + z * math.sqrt(remaining * self.tokens_variance(block) / mean**3)
         return steps * self.cost(block)
 
-    def choose_drain(self, rows: int, remaining: int) -> int:
-        """The block length for a call with no request waiting (see the module docstring)."""
+    def choose_drain(self, rows: int, remaining: int, ready: bool = True) -> int:
+        """The block length for a call with no request waiting (see the module docstring);
+        ``ready`` as for ``choose``."""
         self.exploring = False
         costed = [b for b in self.candidates if b in self.step_seconds or b in self.run_steps]
         if len(costed) < 2 or 1 not in costed or self.trials[1] == 0:
-            return self.choose()  # nothing to weigh yet (a call of no more rows than slots): explore
+            return self.choose(ready)  # nothing to weigh yet (a call of no more rows than slots): explore
         best = min(costed, key=lambda b: self.drain_seconds(b, rows, remaining))
-        if (1 + self.drain_margin) * self.drain_seconds(best, rows, remaining) > self.drain_seconds(1, rows, remaining):
+        margin = 1 + self.drain_margin
+        if not ready or margin * self.drain_seconds(best, rows, remaining) > self.drain_seconds(1, rows, remaining):
             best = 1
         self.drain_calls[best] = self.drain_calls.get(best, 0) + 1
         self.calls[best] = self.calls.get(best, 0) + 1
@@ -258,26 +263,50 @@ class BlockPolicy:
     def _unobserved(self, block: int) -> bool:
         return bool(np.any(self.trials[1:block] == 0))
 
-    def choose(self) -> int:
+    def _best(self) -> int:
+        """The L of the best expected throughput, AR unless a speculative L clears the margin."""
+        best = max(self.candidates, key=self.throughput)
+        if 1 in self.candidates and self.throughput(best) < self.required_gain() * self.throughput(1):
+            best = 1
+        return best
+
+    def _unmeasured(self, best: int) -> list[int]:
+        """Speculative lengths with an unobserved q_k whose optimistic throughput beats ``best``'s."""
+        return [b for b in self.candidates
+                if b > 1 and self._unobserved(b) and self.optimistic_throughput(b) > self.throughput(best)]
+
+    def needs_context(self, lead: int) -> bool:
+        """Whether a prompt prefilled now should feed the drafter's context: yes, unless AR rules
+        and the next probe is more than ``lead`` decode steps away (``lead``: the most steps a
+        row prefilled now can stay in the batch), so that nothing will draft for it. The
+        drafter's prompt upkeep (``fc`` and every draft layer's K/V over the prompt) is about
+        2% of a prefill, and prefill is most of a job at large batches (see the module
+        docstring). A fixed L = 1 never drafts."""
+        if len(self.candidates) == 1 or 1 not in self.candidates:
+            return self.largest > 1
+        best = self._best()
+        return best > 1 or bool(self._unmeasured(best)) or self._steps_since_explore + lead >= self.explore_every
+
+    def choose(self, ready: bool = True) -> int:
+        """The block length of the next decode call. ``ready``: whether every row in the batch
+        has its prompt in the drafter's context (``needs_context``); until then the call is an
+        AR call, and a due probe waits, so that acceptance is measured, and drafting done, only
+        where the drafter sees what it was trained to see."""
         self.exploring = False
         if len(self.candidates) == 1:
             block = self.largest
         else:
-            best = max(self.candidates, key=self.throughput)
-            if 1 in self.candidates and self.throughput(best) < self.required_gain() * self.throughput(1):
-                best = 1
-            spec = [b for b in self.candidates if b > 1]
-            beats_best = [b for b in spec if self.optimistic_throughput(b) > self.throughput(best)]
+            best = self._best()
             # Walk upward: the smallest unmeasured L that could still pay. It is the cheapest
             # call, and what it measures (q_1..q_{L-1}) bounds every larger L's optimism.
-            unmeasured = [b for b in beats_best if self._unobserved(b)]
+            unmeasured = self._unmeasured(best)
             # Periodically, the runner-up runs once: its acceptance may have changed since it
             # was last measured.
             runner_up = max((b for b in self.candidates if b != best), key=self.optimistic_throughput)
-            self.exploring = bool(unmeasured) or self._steps_since_explore >= self.explore_every
+            self.exploring = ready and (bool(unmeasured) or self._steps_since_explore >= self.explore_every)
             if self.exploring:
                 self._steps_since_explore = 0
-            block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best
+            block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best if ready else 1
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 
@@ -297,4 +326,5 @@ class BlockPolicy:
             "decode_calls_by_block": {str(b): n for b, n in sorted(self.calls.items())},
             "drain_calls_by_block": {str(b): n for b, n in sorted(self.drain_calls.items())},
             "gated_fraction_by_block": {str(b): round(self.gated_fraction(b), 3) for b in sorted(self.row_steps)},
+            **({"drafter_context_prefills": dict(self.context_prefills)} if self.context_prefills is not None else {}),
         }

@@ -105,12 +105,13 @@ class Decoder:
         static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
         gated = falls_back_to_ar(self.blocks)
         return Phases(
-            prefill=lambda s, *args: spec_prefill(params, dparams, s, *args, **static),
+            prefill=lambda s, *args, feed=True: spec_prefill(params, dparams, s, *args, feed=feed, **static),
             decode=lambda s, stop_first, block, n, gate: spec_decode(
                 params, dparams, s, stop_first, n, np.float32(gate), block=block, gated=gated, **static),
             init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk,
                                           extra=init_spec_state(b, cache_len, dcfg, blk)),
             blocks=self.blocks,
+            drafter_context=dcfg is not None,
         )
 
     def reset(self, bucket: int | None = None) -> None:

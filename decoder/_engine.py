@@ -58,8 +58,9 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 class Phases:
     """The jitted functions of one decode mode, bound to their static arguments.
 
-    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
-        (one fixed-size chunk of a prompt; the last chunk opens the slot)
+    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key[, feed]) -> state
+        (one fixed-size chunk of a prompt; the last chunk opens the slot; ``feed``, where the
+        mode has a drafter (``drafter_context``): whether the drafter's context takes the prompt)
     decode(state, stop_on_first_done, block, max_steps, gate) -> (state, steps_run)
         (gate: the block's pass cost relative to a 1-token pass, for the per-step fallback to
         AR of an automatic block length; 0 = always verify)
@@ -69,6 +70,7 @@ class Phases:
     decode: Callable
     init_state: Callable[[], Slots]
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
+    drafter_context: bool = False  # prefill takes ``feed`` (a drafter's context can be left unfed)
 
 
 class SlotEngine:
@@ -85,6 +87,8 @@ class SlotEngine:
         self.state: Slots | None = None
         self.compile_seconds = 0.0
         self.policy = BlockPolicy(phases.blocks)
+        if phases.drafter_context:
+            self.policy.context_prefills = {"fed": 0, "skipped": 0}
 
     def warmup(self) -> float:
         """Compiles prefill and every decode block length (once), and when the block length is
@@ -97,6 +101,11 @@ class SlotEngine:
         for slot in range(b if len(self.phases.blocks) > 1 else 1):
             s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
                                     np.int32(2), np.float32(0), np.float32(1), row_key(slot))
+        if self.phases.drafter_context:  # the variant that leaves the drafter unfed
+            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(0),
+                                    np.int32(2), np.float32(0), np.float32(1), row_key(0), feed=False)
+            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(0),
+                                    np.int32(2), np.float32(0), np.float32(1), row_key(0))
         blocks = self.phases.blocks
 
         def timed(s: Slots, block: int, n_steps: int, gate: float = 0.0) -> tuple[Slots, float | None]:
@@ -133,8 +142,9 @@ class SlotEngine:
         self.compile_seconds += dt
         return dt
 
-    def _prefill(self, slot: int, req: Request) -> None:
+    def _prefill(self, slot: int, req: Request, feed: bool = True) -> None:
         n, c = len(req.token_ids), self.prefill_chunk
+        kw = {"feed": feed} if self.phases.drafter_context else {}
         if n > self.max_prompt_len:
             raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed this batch's limit {self.max_prompt_len}")
         if req.max_new_tokens > self.capacity:
@@ -145,7 +155,7 @@ class SlotEngine:
         for start in range(0, n, c):
             self.state = self.phases.prefill(
                 self.state, padded[None, start : start + c], np.int32(start), np.int32(n), np.int32(slot),
-                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key)
+                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key, **kw)
 
     def run(self, requests: Iterable[Request], ticks: bool = False) -> Iterator[Result | None]:
         """Decodes every request, yielding each result as soon as its row finishes; with
@@ -175,6 +185,7 @@ class SlotEngine:
         seen_hist = np.zeros(self.state.hist.shape, np.int64)  # per-slot histogram already observed
         seen_gated = int(_gated(self.state))  # row-steps the per-step gate ran as AR, already observed
         produced = np.zeros((b,), np.int64)  # completion tokens per slot so far
+        fed = np.ones((b,), bool)  # whether the slot's prompt is in the drafter's context
         explore_steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b))
         while True:
             t_fill = time.perf_counter()  # prefill (and the host) until the decode call starts
@@ -184,7 +195,10 @@ class SlotEngine:
                     if req is None:
                         break
                     t0 = time.perf_counter()
-                    self._prefill(i, req)
+                    if self.phases.drafter_context:
+                        fed[i] = self.policy.needs_context(lead=self.capacity)
+                        self.policy.context_prefills["fed" if fed[i] else "skipped"] += 1
+                    self._prefill(i, req, bool(fed[i]))
                     seen_hist[i] = 0
                     produced[i] = 1  # prefill samples the first completion token
                     rows[i] = (req, t0, self.max_prompt_len)
@@ -196,11 +210,13 @@ class SlotEngine:
             if all(r is None for r in rows):
                 return
             waiting = more()
+            # Drafting only where every row's prompt is in the drafter's context (see BlockPolicy.choose).
+            ready = all(fed[i] for i, r in enumerate(rows) if r is not None)
             if waiting:
-                block = self.policy.choose()
+                block = self.policy.choose(ready)
             else:  # the drain: the batch now waits on its slowest row
                 left = [r[0].max_new_tokens - produced[i] for i, r in enumerate(rows) if r is not None]
-                block = self.policy.choose_drain(len(left), max(max(left), 1))
+                block = self.policy.choose_drain(len(left), max(max(left), 1), ready)
             # An exploring call runs only a few steps: it is there to measure acceptance.
             steps = explore_steps if self.policy.exploring else self.chunk_steps
             # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time

@@ -381,17 +381,25 @@ def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...],
 
 def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, mode: str, s: Slots,
                        tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array, budget: jax.Array,
-                       temperature: jax.Array, top_p: jax.Array, key: jax.Array) -> Slots:
-    """``prefill_chunk``, plus the prompt's tokens and (DFlash) its context K/V for the slot."""
+                       temperature: jax.Array, top_p: jax.Array, key: jax.Array, feed: bool = True) -> Slots:
+    """``prefill_chunk``, plus the prompt's tokens and (DFlash) its context K/V for the slot.
+
+    Without ``feed``, the drafter's context of the slot is left empty (``ctx_len`` 0): where
+    the automatic block length has settled on AR, nothing drafts for the row, and the
+    drafter's upkeep over the prompt would be paid for nothing (``BlockPolicy.needs_context``).
+    """
     ex: SpecState = s.extra
-    layers = drafter[1].target_layer_ids if ex.ctx_k is not None else ()
+    feed = feed and ex.ctx_k is not None
+    layers = drafter[1].target_layer_ids if feed else ()
     s, feats = prefill_chunk(params, cfg, eos_ids, s.replace(extra=None), tokens, start, length, slot, budget,
                              temperature, top_p, key, collect_layers=layers)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [P]
     hist = ex.tokens.at[slot, positions].set(tokens[0], mode="drop")
     hist = jnp.where(start + tokens.shape[1] >= length, hist.at[slot, length].set(s.last[slot]), hist)
     ctx_k, ctx_v, ctx_len = ex.ctx_k, ex.ctx_v, ex.ctx_len
-    if ex.ctx_k is not None:
+    if ex.ctx_k is not None and not feed:
+        ctx_len = ctx_len.at[slot].set(0)
+    elif ex.ctx_k is not None:
         # A prompt has no gaps: its context rows sit at their positions.
         k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions[None])  # [Ld, 1, P, K, H]
         ctx_k = write_rows(ctx_k, k_new, positions[None], slot)
@@ -417,8 +425,9 @@ def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array
                      stop_on_first_done)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("s",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("feed",), donate_argnames=("s",))
 def spec_prefill(params: Params, dparams, s: Slots, tokens, start, length, slot, budget, temperature, top_p, key, *,
-                 cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, mode: str) -> Slots:
+                 cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, mode: str,
+                 feed: bool = True) -> Slots:
     return spec_prefill_chunk(params, cfg, eos_ids, (dparams, dcfg), mode, s, tokens, start, length, slot, budget,
-                              temperature, top_p, key)
+                              temperature, top_p, key, feed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dflash_batch.decoder import Decoder
+from dflash_batch.decoder import Decoder, Request
 from dflash_batch.decoder._autoblock import BlockPolicy
 from oracle_proposer import propose_oracle
 
@@ -87,6 +87,57 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
     assert 0 < report["decode_share"] < 1  # the engine timed its prefills, and the margin weighs them
     # The last rows drain with no request waiting: those calls weigh the slowest row's spread.
     assert sum(report["drain_calls_by_block"].values()) >= 1
+
+
+def test_settled_on_ar_the_drafter_is_fed_only_ahead_of_a_probe():
+    """Where AR rules, nothing reads the drafter's context until the runner-up's next probe,
+    so prompts prefilled meanwhile skip feeding it; the probe waits until every row in the
+    batch was fed, and so does drafting of any kind."""
+    policy = BlockPolicy((1, 4), explore_every=100, step_seconds={1: 1.0, 4: 3.0})
+    assert policy.needs_context(lead=20)  # nothing measured: the first probe drafts
+    policy.observe(4, np.array([5, 0, 0, 0]))  # nothing accepted: AR rules
+    ar_ran(policy, steps=50)
+    assert policy.choose() == 1 and not policy.needs_context(lead=20)
+    ar_ran(policy, steps=30)  # the probe is due in 20 steps: a row prefilled now may still be there
+    assert policy.needs_context(lead=20) and not policy.needs_context(lead=10)
+    ar_ran(policy, steps=20)
+    assert policy.choose(ready=False) == 1 and not policy.exploring  # a row's prompt is not in the context
+    assert policy.choose_drain(rows=2, remaining=10, ready=False) == 1
+    assert policy.choose() == 4 and policy.exploring  # every row fed: the probe runs
+    good = BlockPolicy((1, 4), explore_every=100, step_seconds={1: 1.0, 4: 1.5})
+    good.observe(4, np.array([0, 0, 0, 5]))
+    ar_ran(good)
+    assert good.choose() == 4 and good.needs_context(lead=0)  # speculating: every prompt feeds it
+    assert good.choose(ready=False) == 1 and good.choose_drain(rows=2, remaining=10, ready=False) == 1
+    assert BlockPolicy((4,)).needs_context(lead=0) and not BlockPolicy((1,)).needs_context(lead=10**6)
+
+
+def test_an_ar_settled_drafting_mode_skips_the_drafters_prompt_upkeep_losslessly(tiny_llama, tiny_drafter):
+    """A random drafter never pays: its prompts go unfed between probes, output stays AR's, and
+    no row is ever drafted for without its prompt in the drafter's context."""
+    rng = np.random.default_rng(5)
+    reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=int(rng.integers(2, 40)))),
+                    max_new_tokens=int(rng.integers(4, 12))) for i in range(40)]
+    kw = dict(batch_size=3, max_new_tokens=12, prompt_buckets=(64,), prefill_chunk=16)
+    ar = {r.id: r.token_ids for r in Decoder(tiny_llama, **kw).generate(reqs)}
+    auto = Decoder(tiny_llama, mode="dflash", drafter=tiny_drafter, block_size="auto", **kw)
+    engine = auto.engine(64)
+    engine.warmup()
+    engine.policy.explore_every = 40
+    decode, drafted_for = engine.phases.decode, []
+
+    def logged(s, waiting, block, n_steps, gate):
+        if block > 1:  # every active row's context holds at least its prompt
+            active = ~np.asarray(s.done)
+            drafted_for.append(bool(np.all(np.asarray(s.extra.ctx_len)[active] > 0)))
+        return decode(s, waiting, block, n_steps, gate)
+
+    engine.phases.decode = logged
+    assert {r.id: r.token_ids for r in auto.generate(reqs)} == ar
+    report = auto.block_report()["64"]
+    assert report["decode_calls_by_block"]["1"] > 1 and drafted_for and all(drafted_for)
+    counts = report["drafter_context_prefills"]
+    assert counts["fed"] + counts["skipped"] == len(reqs) and counts["skipped"] > 0 and counts["fed"] > 3
 
 
 def test_decode_calls_scale_every_warmup_cost_alike():

@@ -207,8 +207,9 @@ def test_ar_calls_skip_the_drafter_and_later_drafts_stay_lossless(tiny_llama, dr
     engine = dec.engine(64)
     engine.warmup()
     script = itertools.cycle([1, 8, 1, 1, 4])
-    monkeypatch.setattr(engine.policy, "choose", lambda: next(script))
-    monkeypatch.setattr(engine.policy, "choose_drain", lambda rows, remaining: next(script))
+    monkeypatch.setattr(engine.policy, "choose", lambda ready: next(script))
+    monkeypatch.setattr(engine.policy, "choose_drain", lambda rows, remaining, ready: next(script))
+    monkeypatch.setattr(engine.policy, "needs_context", lambda lead: True)  # every prompt feeds it
     calls = []
     decode = engine.phases.decode
 

@@ -40,9 +40,16 @@ mode, so a decode gain shrinks by the share of time spent outside decode calls, 
 engine measures as it goes (``required_gain``). On a 2-core CPU that share is 22% at batch 1,
 51% at batch 8 and 59% at batch 16 (measured), where a 10% decode gain is a 4-5% job gain,
 within what the estimates miss: speculating there at a predicted 10.7% lost 4-6% in the
-bench. AR is a candidate, so the choice is never expected to be slower than AR, except by
-what a drafting mode pays outside it: ``dflash`` and ``hybrid`` feed every prompt to the
-drafter at prefill, whatever L runs (0.97-1.02x AR's prefill at batch 16, measured).
+bench. AR is a candidate, so the choice is never expected to be slower than AR.
+
+Nor is what a drafting mode pays outside the choice, where AR rules: ``dflash`` and
+``hybrid`` feed each prompt to the drafter at prefill (``fc`` and every draft layer's K/V
+over the prompt: about 2% of a prefill at batch 16, measured, and prefill is 59% of a
+batch-16 job here), but a prompt prefilled while AR rules, with no probe due before its row
+can finish, skips that (``needs_context``). Nothing drafts for a row whose prompt the drafter
+has not seen: until every row in the batch has been fed, calls run at L = 1 and a due probe
+waits (at most a row's lifetime, ``lead``), so acceptance is only ever measured, and drafts
+only ever made, from the context the drafter was trained on.
 
 The drain is different. Once no request waits, the batch's remaining time is that of its
 slowest row, and a speculative row's step count is random where AR's is not: a row with r

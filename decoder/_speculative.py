@@ -23,7 +23,9 @@ already applied at each token's true position, and tokens committed by an AR cal
 simply absent from it. Draft attention is non-causal and its keys carry their positions,
 so storage order is immaterial; a later speculative call drafts from the prompt and every
 token committed while speculating. The drafter only proposes, so this changes acceptance,
-never output.
+never output. Likewise a prompt prefilled while AR rules may skip the drafter altogether
+(``spec_prefill_chunk``'s ``feed``); the automatic block length then drafts for no row until
+every row in the batch has its prompt in the context (``BlockPolicy.needs_context``).
 
 With a gate (the automatic block length; ``run_gated_steps``), each step first weighs its proposals: every row
 promises an expected number of accepted drafts (from the n-gram match length, or from the

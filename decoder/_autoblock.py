@@ -313,7 +313,10 @@ class BlockPolicy:
             self.exploring = ready and (bool(unmeasured) or self._steps_since_explore >= self.explore_every)
             if self.exploring:
                 self._steps_since_explore = 0
-            block = (unmeasured[0] if unmeasured else runner_up) if self.exploring else best if ready else 1
+            if self.exploring:
+                block = unmeasured[0] if unmeasured else runner_up
+            else:
+                block = best if ready else 1
         self.calls[block] = self.calls.get(block, 0) + 1
         return block
 

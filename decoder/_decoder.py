@@ -96,7 +96,7 @@ class Decoder:
         b, cap, blk = self.batch_size, self.max_new_tokens, self.block_size
         if self.mode == "ar":
             return Phases(
-                prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
+                prefill=lambda s, *args, feed=True: ar_prefill(params, cfg, eos, s, *args)[0],  # no drafter
                 decode=lambda s, stop_first, block, n, gate: ar_decode(params, s, stop_first, n, cfg=cfg,
                                                                        eos_ids=eos),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),

@@ -58,9 +58,9 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 class Phases:
     """The jitted functions of one decode mode, bound to their static arguments.
 
-    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key[, feed]) -> state
-        (one fixed-size chunk of a prompt; the last chunk opens the slot; ``feed``, where the
-        mode has a drafter (``drafter_context``): whether the drafter's context takes the prompt)
+    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key, feed=True) -> state
+        (one fixed-size chunk of a prompt; the last chunk opens the slot; ``feed``: whether a
+        drafter's context takes the prompt, where the mode has one (``drafter_context``))
     decode(state, stop_on_first_done, block, max_steps, gate) -> (state, steps_run)
         (gate: the block's pass cost relative to a 1-token pass, for the per-step fallback to
         AR of an automatic block length; 0 = always verify)
@@ -70,7 +70,7 @@ class Phases:
     decode: Callable
     init_state: Callable[[], Slots]
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
-    drafter_context: bool = False  # prefill takes ``feed`` (a drafter's context can be left unfed)
+    drafter_context: bool = False  # the mode has a drafter, whose context prefill may leave unfed
 
 
 class SlotEngine:
@@ -98,14 +98,11 @@ class SlotEngine:
         t0 = time.perf_counter()
         s = self.phases.init_state()
         b, p = s.batch, self.prefill_chunk
-        for slot in range(b if len(self.phases.blocks) > 1 else 1):
+        # Slot 0 first without feeding a drafter (that variant compiles too), then fed like every slot.
+        variants = [(0, False)] if self.phases.drafter_context else []
+        for slot, feed in variants + [(i, True) for i in range(b if len(self.phases.blocks) > 1 else 1)]:
             s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
-                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot))
-        if self.phases.drafter_context:  # the variant that leaves the drafter unfed
-            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(0),
-                                    np.int32(2), np.float32(0), np.float32(1), row_key(0), feed=False)
-            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(0),
-                                    np.int32(2), np.float32(0), np.float32(1), row_key(0))
+                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot), feed=feed)
         blocks = self.phases.blocks
 
         def timed(s: Slots, block: int, n_steps: int, gate: float = 0.0) -> tuple[Slots, float | None]:
@@ -144,7 +141,6 @@ class SlotEngine:
 
     def _prefill(self, slot: int, req: Request, feed: bool = True) -> None:
         n, c = len(req.token_ids), self.prefill_chunk
-        kw = {"feed": feed} if self.phases.drafter_context else {}
         if n > self.max_prompt_len:
             raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed this batch's limit {self.max_prompt_len}")
         if req.max_new_tokens > self.capacity:
@@ -155,7 +151,7 @@ class SlotEngine:
         for start in range(0, n, c):
             self.state = self.phases.prefill(
                 self.state, padded[None, start : start + c], np.int32(start), np.int32(n), np.int32(slot),
-                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key, **kw)
+                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key, feed=feed)
 
     def run(self, requests: Iterable[Request], ticks: bool = False) -> Iterator[Result | None]:
         """Decodes every request, yielding each result as soon as its row finishes; with
@@ -189,16 +185,18 @@ class SlotEngine:
         explore_steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b))
         while True:
             t_fill = time.perf_counter()  # prefill (and the host) until the decode call starts
+            # The policy does not change while slots refill: one answer for every prompt prefilled now.
+            feed = not self.phases.drafter_context or self.policy.needs_context(lead=self.capacity)
             for i in range(b):
                 if rows[i] is None:
                     req = pop()
                     if req is None:
                         break
                     t0 = time.perf_counter()
+                    fed[i] = feed
                     if self.phases.drafter_context:
-                        fed[i] = self.policy.needs_context(lead=self.capacity)
-                        self.policy.context_prefills["fed" if fed[i] else "skipped"] += 1
-                    self._prefill(i, req, bool(fed[i]))
+                        self.policy.context_prefills["fed" if feed else "skipped"] += 1
+                    self._prefill(i, req, feed)
                     seen_hist[i] = 0
                     produced[i] = 1  # prefill samples the first completion token
                     rows[i] = (req, t0, self.max_prompt_len)

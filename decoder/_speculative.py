@@ -401,7 +401,7 @@ def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ..
     ctx_k, ctx_v, ctx_len = ex.ctx_k, ex.ctx_v, ex.ctx_len
     if ex.ctx_k is not None and not feed:
         ctx_len = ctx_len.at[slot].set(0)
-    elif ex.ctx_k is not None:
+    elif feed:
         # A prompt has no gaps: its context rows sit at their positions.
         k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions[None])  # [Ld, 1, P, K, H]
         ctx_k = write_rows(ctx_k, k_new, positions[None], slot)

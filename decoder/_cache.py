@@ -11,7 +11,7 @@ from dflash_batch.decoder._config import TargetConfig
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, [L, B, K, S, H] each.
+    """Keys and values of every layer, [layers, B, K, S, H] each.
 
     Heads lead the sequence axis so attention contracts each (batch, kv head) pair's
     [S, H] slab as is, with no per-layer transpose of the cache. Row s of a sequence

@@ -9,109 +9,99 @@ import numpy as np
 
 from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
-from dflash_batch.decoder._engine import (CHUNK_STEPS, DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for,
-                                          falls_back_to_ar)
+from dflash_batch.decoder._decode_config import DecodeConfig
+from dflash_batch.decoder._drafter import Drafter
+from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, bucket_for, falls_back_to_ar
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
-from dflash_batch.schemas import MODES  # the completions contract's ``mode`` column names them
 
 DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
 AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
 
 
 class Decoder:
-    """Decodes streams of requests with a target model in one of ``MODES``.
+    """Decodes streams of requests with a target model, as ``config`` says.
 
-    Requests are grouped by prompt-length bucket; each bucket runs on its own
-    static batch of ``batch_size`` slots whose cache holds the bucket plus
-    ``max_new_tokens``. Engines compile once, on first use or ``warmup``.
+    Requests are grouped by prompt-length bucket; each bucket runs on its own static batch of
+    ``config.batch_size`` slots whose cache holds the bucket plus ``config.max_new_tokens``.
+    Engines compile once, on first use or ``warmup``. ``drafter`` is required by the modes
+    in ``DRAFTER_MODES`` and unused by the others.
     """
 
-    def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
-                 prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = CHUNK_STEPS,
-                 prefill_chunk: int = 64, drafter=None, block_size: int | str = "auto"):
-        """``drafter`` is (DrafterConfig, params), required by ``dflash`` and ``hybrid``. ``block_size`` is the
-        verified block length L (drafts per step + 1) of the speculative modes, or "auto":
-        chosen per batch among AUTO_BLOCKS (1 = AR included) from measured step costs and
-        observed acceptance."""
-        uses_drafter = mode in DRAFTER_MODES
-        largest = drafter[0].block_size if (uses_drafter and drafter is not None) else 16
-        if block_size == "auto":
-            self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)
-        elif isinstance(block_size, int) and not isinstance(block_size, bool):
-            self.blocks = (block_size,)
-        else:
-            raise ValueError(f"{block_size=} must be an integer or 'auto'")
-        block_size = max(self.blocks)
-        if mode != "ar" and mode not in PROPOSERS:
-            raise ValueError(f"unknown decode {mode=}; choose one of {MODES}")
-        if uses_drafter:
+    def __init__(self, target: TargetModel, config: DecodeConfig = DecodeConfig(), drafter: Drafter | None = None):
+        mode = config.mode
+        if mode in DRAFTER_MODES:
             if drafter is None:
                 raise ValueError(f"mode {mode!r} needs a drafter")
-            drafter[0].check_target(target.config)
-            if not 1 <= min(self.blocks) <= block_size <= drafter[0].block_size:
-                raise ValueError(f"{block_size=} must be in [1, {drafter[0].block_size}] (the drafter's block size)")
-        elif mode != "ar" and min(self.blocks) < 1:
-            raise ValueError(f"{block_size=} must be >= 1 for mode {mode!r}")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError(f"{batch_size=} and {max_new_tokens=} must be >= 1")
-        self.target = target
-        self.mode = mode
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.prompt_buckets = tuple(sorted(prompt_buckets))
-        self.chunk_steps = chunk_steps
-        self.prefill_chunk = prefill_chunk
-        self.drafter = drafter if uses_drafter else None
+            drafter.config.check_target(target.config)
+            largest = drafter.config.block_size
+            if config.block_size != "auto" and config.block_size > largest:
+                raise ValueError(f"block_size={config.block_size} must be in [1, {largest}] (the drafter's block size)")
+        else:
+            drafter, largest = None, 16
         if mode == "ar":
-            self.blocks = (1,)
-        self.block_size = max(self.blocks)
+            self.blocks: tuple[int, ...] = (1,)
+        elif config.block_size == "auto":
+            self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)
+        else:
+            self.blocks = (config.block_size,)
+        self.target = target
+        self.config = config
+        self.drafter = drafter
         self._engines: dict[int, SlotEngine] = {}
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
 
     @property
     def compile_seconds(self) -> float:
         return sum(e.compile_seconds for e in self._engines.values())
 
     def bucket(self, prompt_len: int) -> int:
-        return bucket_for(prompt_len, self.prompt_buckets)
+        return bucket_for(prompt_len, self.config.prompt_buckets)
 
     def engine(self, bucket: int) -> SlotEngine:
         """The static batch for prompts of up to ``bucket`` tokens (built and compiled once)."""
         if bucket not in self._engines:
-            cfg = self.target.config
-            eos = self.target.eos_token_ids
+            c = self.config
             # Room for the prompt rounded up to whole prefill chunks, plus the completion; the same
             # in every mode, so each reads as much cache per step as AR. A verified block that runs
             # past the end is fine: its rows there are dropped, and only committed rows below a
             # slot's position are ever read.
-            cache_len = -(-bucket // self.prefill_chunk) * self.prefill_chunk + self.max_new_tokens
-            phases = self._phases(cache_len)
-            self._engines[bucket] = SlotEngine(phases, self.target.tokenizer, bucket, self.max_new_tokens,
-                                               self.prefill_chunk, self.chunk_steps)
+            cache_len = -(-bucket // c.prefill_chunk) * c.prefill_chunk + c.max_new_tokens
+            self._engines[bucket] = SlotEngine(self._phases(cache_len), self.target.tokenizer, bucket,
+                                               c.max_new_tokens, c.prefill_chunk, c.chunk_steps)
         return self._engines[bucket]
 
     def _phases(self, cache_len: int) -> Phases:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
-        b, cap, blk = self.batch_size, self.max_new_tokens, self.block_size
+        b, cap, blk = self.config.batch_size, self.config.max_new_tokens, max(self.blocks)
         if self.mode == "ar":
             return Phases(
-                prefill=lambda s, *args, feed=True: ar_prefill(params, cfg, eos, s, *args)[0],  # no drafter
+                prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
                 decode=lambda s, stop_first, block, n, gate: ar_decode(params, s, stop_first, n, cfg=cfg,
                                                                        eos_ids=eos),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
             )
-        dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
-        static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
+        drafter, static = self.drafter, dict(cfg=cfg, eos_ids=eos, mode=self.mode)
         gated = falls_back_to_ar(self.blocks)
+        dcfg = drafter.config if drafter is not None else None
         return Phases(
-            prefill=lambda s, *args, feed=True: spec_prefill(params, dparams, s, *args, feed=feed, **static),
+            prefill=lambda s, *args: spec_prefill(params, drafter, s, *args, **static),
             decode=lambda s, stop_first, block, n, gate: spec_decode(
-                params, dparams, s, stop_first, n, np.float32(gate), block=block, gated=gated, **static),
-            init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk,
-                                          extra=init_spec_state(b, cache_len, dcfg, blk)),
+                params, drafter, s, stop_first, n, np.float32(gate), block=block, gated=gated, **static),
+            init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg, blk)),
             blocks=self.blocks,
-            drafter_context=dcfg is not None,
         )
 
     def reset(self, bucket: int | None = None) -> None:
@@ -137,22 +127,25 @@ class Decoder:
         """Compiles the engine of one bucket; returns the seconds it took."""
         return self.engine(bucket).warmup()
 
-    def generate(self, requests: Iterable[Request], bucket: int | None = None,
-                 ticks: bool = False) -> Iterator[Result | None]:
-        """Decodes requests, yielding results as rows finish (not in input order).
+    def start(self, requests: Iterable[Request], bucket: int | None = None) -> BatchRun:
+        """A run of ``requests`` through one static batch, driven step by step (``BatchRun``).
 
-        With ``bucket`` given, every request must fit it; otherwise the requests are
-        read first and all share the static batch of the largest bucket they need,
-        so a small job keeps its batch full. (The pipeline buckets large jobs by
-        length, which keeps each batch's cache short.) With ``ticks``, None is yielded
-        too, after every prompt prefilled and every decode call (``SlotEngine.run``).
+        With ``bucket`` given, every request must fit it; otherwise the requests are read
+        first and all share the static batch of the largest bucket they need, so a small job
+        keeps its batch full. (The pipeline buckets large jobs by length, which keeps each
+        batch's cache short.)
         """
         if bucket is None:
             requests = list(requests)
-            if not requests:
-                return
-            bucket = max(self.bucket(len(r.token_ids)) for r in requests)
-        yield from self.engine(bucket).run(requests, ticks)
+            bucket = max((self.bucket(len(r.token_ids)) for r in requests), default=self.config.prompt_buckets[0])
+        return self.engine(bucket).start(requests)
+
+    def generate(self, requests: Iterable[Request], bucket: int | None = None) -> Iterator[Result]:
+        """Decodes requests, yielding results as rows finish (not in input order); ``bucket``
+        as for ``start``."""
+        requests = requests if bucket is not None else list(requests)
+        if bucket is not None or requests:
+            yield from self.start(requests, bucket).results()
 
 
 def hybrid_report(st) -> dict:

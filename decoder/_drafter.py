@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ class DrafterConfig:
     block_size: int  # L: anchor + L-1 masks
     mask_token_id: int
     target_layer_ids: tuple[int, ...]  # n_f layers whose outputs form the context features
-    num_layers: int  # Ld
+    num_layers: int
     hidden_size: int  # D (must equal the target's)
     intermediate_size: int  # F
     num_heads: int  # N
@@ -289,14 +290,22 @@ def tensors_from_params(cfg: DrafterConfig, params: Params) -> dict[str, np.ndar
     return out
 
 
-def load_drafter(folder: str | Path, dtype=jnp.float32) -> tuple[DrafterConfig, Params]:
+@flax.struct.dataclass
+class Drafter:
+    """A drafter ready to decode: its config (static under jit) and its parameters."""
+
+    config: DrafterConfig = flax.struct.field(pytree_node=False)
+    params: Params
+
+
+def load_drafter(folder: str | Path, dtype=jnp.float32) -> Drafter:
     """Loads a z-lab format drafter from a local folder or ``gs://`` prefix."""
     from dflash_batch.decoder._checkpoint import read_safetensors
     from dflash_batch.decoder._registry import resolve_model_dir
 
     path = resolve_model_dir(str(folder))
     cfg = DrafterConfig.from_hf(json.loads((path / "config.json").read_text()))
-    return cfg, params_from_tensors(cfg, read_safetensors(path), dtype)
+    return Drafter(cfg, params_from_tensors(cfg, read_safetensors(path), dtype))
 
 
 def save_drafter(folder: str | Path, cfg: DrafterConfig, params: Params, dtype=jnp.bfloat16) -> Path:
@@ -363,8 +372,8 @@ def context_kv(dparams: Params, dcfg: DrafterConfig, target_feats: jax.Array,
     """Context keys and values of every draft layer for newly committed tokens.
 
     target_feats [B, T, n_f, D]: outputs of target layers ``target_layer_ids``;
-    positions [B, T]: the tokens' absolute positions. Returns (k, v), each [Ld, B, T, K, H]
-    (append them to the [Ld, B, K, S, H] context cache with ``_target.write_rows``).
+    positions [B, T]: the tokens' absolute positions. Returns (k, v), each [draft_layers, B, T, K, H]
+    (append them to the [draft_layers, B, K, S, H] context cache with ``_target.write_rows``).
 
     Steps:
       1. Concatenate the n_f features per token, project with ``fc`` and RMSNorm
@@ -391,7 +400,7 @@ def context_kv(dparams: Params, dcfg: DrafterConfig, target_feats: jax.Array,
         return apply_rope(k, positions, inv_freq), v.reshape(b, t, k_heads, h)
 
     layers = dparams["layers"]
-    return jax.vmap(one_layer)(layers["qkv"], layers["k_norm"])  # [Ld, B, T, K, H] each
+    return jax.vmap(one_layer)(layers["qkv"], layers["k_norm"])  # [draft_layers, B, T, K, H] each
 
 
 def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, target_cfg: TargetConfig,
@@ -400,7 +409,7 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
     """Draft logits for block positions 1..L-1 of every row, from ONE drafter pass.
 
     block_tokens [B, L]: [anchor, MASK x (L-1)], the anchor being the last committed
-    token; block_start [B]: the anchor's absolute position; ctx_k, ctx_v [Ld, B, K, S, H]
+    token; block_start [B]: the anchor's absolute position; ctx_k, ctx_v [draft_layers, B, K, S, H]
     from ``context_kv``, of which rows < ctx_len [B] are valid (later rows may hold
     anything finite). Returns logits [B, L-1, V] fp32, or [B, L-1, V_d] for a
     reduced-vocabulary drafter (map ids with ``draft_to_target_ids``).

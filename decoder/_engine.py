@@ -1,8 +1,8 @@
 """The host loop that keeps a static batch of slots full.
 
-Requests stream in; each free slot is prefilled with the next one; the jitted
-decode phase runs until some row finishes (when more requests wait) or for a
-fixed number of steps; finished rows are emitted and their slots refilled.
+Requests stream in; each free slot is prefilled with the next one (``BatchRun.refill``); the
+jitted decode phase runs until some row finishes (when more requests wait) or for a fixed
+number of steps (``decode``); finished rows are emitted and their slots refilled (``harvest``).
 Shapes never change after warmup, so nothing recompiles.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
 from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -22,18 +21,12 @@ from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
 
-DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 # A call that tries a block length only to measure acceptance runs EXPLORE_STEPS steps, or
-# more at small batches, so that it sees at least EXPLORE_ROW_STEPS row-steps. At batch 1, four
-# steps judge q_1 on four tokens; probes that measured q_1 = 0.30 on about eight kept n-gram
-# drafting at AR for a whole bench, where runs that drafted have measured q_1 = 0.48.
+# more at small batches, so that it judges acceptance on at least EXPLORE_ROW_STEPS row-steps.
 EXPLORE_STEPS = 4
 EXPLORE_ROW_STEPS = 16
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
 WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
-# Decode steps of a call when no row finishes sooner: the host sees the batch this often (a
-# round trip of about a millisecond against 16 steps of 30-100 ms on a CPU).
-CHUNK_STEPS = 16
 GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
 # the slots stay full until the last batch_size rows, which drain with nothing to refill them.
@@ -58,26 +51,24 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 class Phases:
     """The jitted functions of one decode mode, bound to their static arguments.
 
-    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key, feed=True) -> state
-        (one fixed-size chunk of a prompt; the last chunk opens the slot; ``feed``: whether a
-        drafter's context takes the prompt, where the mode has one (``drafter_context``))
+    prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
+        (one fixed-size chunk of a prompt; the last chunk opens the slot)
     decode(state, stop_on_first_done, block, max_steps, gate) -> (state, steps_run)
-        (gate: the block's pass cost relative to a 1-token pass, for the per-step fallback to
-        AR of an automatic block length; 0 = always verify)
+        (gate: the block's pass cost in AR steps, for the per-step fallback to AR of an
+        automatic block length; 0 = always verify)
     """
 
     prefill: Callable
     decode: Callable
     init_state: Callable[[], Slots]
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
-    drafter_context: bool = False  # the mode has a drafter, whose context prefill may leave unfed
 
 
 class SlotEngine:
     """Runs requests through one static batch (B slots, cache length S)."""
 
     def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int,
-                 chunk_steps: int = CHUNK_STEPS):
+                 chunk_steps: int):
         self.phases = phases
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
@@ -87,22 +78,18 @@ class SlotEngine:
         self.state: Slots | None = None
         self.compile_seconds = 0.0
         self.policy = BlockPolicy(phases.blocks)
-        if phases.drafter_context:
-            self.policy.context_prefills = {"fed": 0, "skipped": 0}
 
     def warmup(self) -> float:
         """Compiles prefill and every decode block length (once), and when the block length is
-        chosen automatically, measures each one's seconds per step at this batch size."""
+        chosen automatically, times each one side by side at this batch size."""
         if self.state is not None:
             return 0.0
         t0 = time.perf_counter()
         s = self.phases.init_state()
         b, p = s.batch, self.prefill_chunk
-        # Slot 0 first without feeding a drafter (that variant compiles too), then fed like every slot.
-        variants = [(0, False)] if self.phases.drafter_context else []
-        for slot, feed in variants + [(i, True) for i in range(b if len(self.phases.blocks) > 1 else 1)]:
+        for slot in range(b if len(self.phases.blocks) > 1 else 1):
             s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
-                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot), feed=feed)
+                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot))
         blocks = self.phases.blocks
 
         def timed(s: Slots, block: int, n_steps: int, gate: float = 0.0) -> tuple[Slots, float | None]:
@@ -117,152 +104,137 @@ class SlotEngine:
 
         for block in blocks:  # compile
             s, _ = timed(s, block, 1)
-        # Then short timed calls, round-robin over the block lengths, so that a slow spell of a
-        # shared machine falls on every length alike (see BlockPolicy.set_warmup_costs). Where
-        # a step may fall back to AR (an automatic length), a call whose every step falls back
-        # is timed too: such a step still makes the proposal it weighed.
+        # Round-robin, so that a slow spell of a shared machine falls on every length alike; where
+        # a step may fall back to AR, a call whose every step does is timed too (it still proposes).
         gated = falls_back_to_ar(blocks)
         per_step: dict[int, list[float]] = {block: [] for block in blocks}
         per_gated: dict[int, list[float]] = {block: [] for block in blocks if gated and block > 1}
         for _ in range(WARMUP_ROUNDS if len(blocks) > 1 else 1):
             for block in blocks:
                 s, seconds = timed(s, block, WARMUP_STEPS)
-                if seconds is not None:
-                    per_step[block].append(seconds)
+                per_step[block] += [seconds] if seconds is not None else []
                 if block in per_gated:
                     s, seconds = timed(s, block, WARMUP_STEPS, GATE_NEVER_PAYS)
-                    if seconds is not None:
-                        per_gated[block].append(seconds)
-        self.policy.set_warmup_costs(per_step, per_gated)
+                    per_gated[block] += [seconds] if seconds is not None else []
+        self.policy.set_costs(per_step, per_gated)
         self.state = self.phases.init_state()
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
         return dt
 
-    def _prefill(self, slot: int, req: Request, feed: bool = True) -> None:
-        n, c = len(req.token_ids), self.prefill_chunk
-        if n > self.max_prompt_len:
-            raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed this batch's limit {self.max_prompt_len}")
-        if req.max_new_tokens > self.capacity:
-            raise ValueError(f"request {req.id!r}: {req.max_new_tokens=} exceeds the engine capacity {self.capacity}")
-        padded = np.zeros((-(-n // c)) * c, np.int32)
-        padded[:n] = req.token_ids
-        key = row_key(req.seed)
-        for start in range(0, n, c):
-            self.state = self.phases.prefill(
-                self.state, padded[None, start : start + c], np.int32(start), np.int32(n), np.int32(slot),
-                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), key, feed=feed)
-
-    def run(self, requests: Iterable[Request], ticks: bool = False) -> Iterator[Result | None]:
-        """Decodes every request, yielding each result as soon as its row finishes; with
-        ``ticks``, also None after every prompt prefilled and every decode call (the bench's
-        turns: configurations run side by side then take turns of about a second)."""
+    def start(self, requests: Iterable[Request]) -> "BatchRun":
+        """A run of these requests through the batch, driven step by step (``BatchRun``)."""
         if self.state is None:
             self.warmup()
-        assert self.state is not None
-        queue = iter(requests)
-        lookahead: deque[Request] = deque()
+        return BatchRun(self, requests)
 
-        def pop() -> Request | None:
-            if lookahead:
-                return lookahead.popleft()
-            return next(queue, None)
+    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Decodes every request, yielding each result as soon as its row finishes."""
+        return self.start(requests).results()
 
-        def more() -> bool:
-            if not lookahead:
-                nxt = next(queue, None)
-                if nxt is None:
-                    return False
-                lookahead.append(nxt)
-            return True
 
-        b = self.state.batch
-        rows: list[tuple[Request, float, int] | None] = [None] * b
-        seen_hist = np.zeros(self.state.hist.shape, np.int64)  # per-slot histogram already observed
-        seen_gated = int(_gated(self.state))  # row-steps the per-step gate ran as AR, already observed
-        produced = np.zeros((b,), np.int64)  # completion tokens per slot so far
-        fed = np.ones((b,), bool)  # whether the slot's prompt is in the drafter's context
-        explore_steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b))
-        while True:
-            t_fill = time.perf_counter()  # prefill (and the host) until the decode call starts
-            # The policy does not change while slots refill: one answer for every prompt prefilled now.
-            feed = not self.phases.drafter_context or self.policy.needs_context(lead=self.capacity)
-            for i in range(b):
-                if rows[i] is None:
-                    req = pop()
-                    if req is None:
-                        break
-                    t0 = time.perf_counter()
-                    fed[i] = feed
-                    if self.phases.drafter_context:
-                        self.policy.context_prefills["fed" if feed else "skipped"] += 1
-                    self._prefill(i, req, feed)
-                    seen_hist[i] = 0
-                    produced[i] = 1  # prefill samples the first completion token
-                    rows[i] = (req, t0, self.max_prompt_len)
-                    if ticks:
-                        jax.block_until_ready(self.state)  # a turn ends when its work has run
-                        self.policy.observe_prefill(time.perf_counter() - t_fill)
-                        yield None
-                        t_fill = time.perf_counter()
-            if all(r is None for r in rows):
-                return
-            waiting = more()
-            # Drafting only where every row's prompt is in the drafter's context (see BlockPolicy.choose).
-            ready = all(fed[i] for i, r in enumerate(rows) if r is not None)
-            if waiting:
-                block = self.policy.choose(ready)
-            else:  # the drain: the batch now waits on its slowest row
-                left = [r[0].max_new_tokens - produced[i] for i, r in enumerate(rows) if r is not None]
-                block = self.policy.choose_drain(len(left), max(max(left), 1), ready)
-            # An exploring call runs only a few steps: it is there to measure acceptance.
-            steps = explore_steps if self.policy.exploring else self.chunk_steps
-            # Prefill is dispatched asynchronously: wait for it, or the decode call's wall time
-            # (which refines the policy's cost of this block length) would include it.
-            jax.block_until_ready(self.state)
-            t_call = time.perf_counter()
-            self.policy.observe_prefill(t_call - t_fill)  # the decode gain's share of a job: see BlockPolicy
-            self.state, ran = self.phases.decode(self.state, jnp.asarray(waiting), block, np.int32(steps),
-                                                 self.policy.gate(block))
-            done, n_out, hist, ran, gated = jax.device_get((self.state.done, self.state.n_out, self.state.hist, ran,
-                                                           _gated(self.state)))
-            produced = np.array(n_out, np.int64)
-            self.policy.observe_cost(block, time.perf_counter() - t_call, int(ran))
-            self.policy.observe(block, (hist - seen_hist).sum(axis=0), int(gated) - seen_gated)
-            seen_hist, seen_gated = hist.astype(np.int64), int(gated)
-            need_out = [i for i, r in enumerate(rows) if r is not None and (done[i] or r[0].stop)]
-            out = jax.device_get(self.state.out) if need_out else None
-            for i in need_out:
-                req, t0, bucket = rows[i]
-                tokens = [int(t) for t in out[i, : n_out[i]]]
-                stopped = _truncate_at_stop(self.tokenizer, tokens, req.stop) if req.stop else None
-                if stopped is None and not done[i]:
-                    continue
-                if stopped is not None and not done[i]:
-                    done = done.copy()
-                    done[i] = True  # host-side edit: an eager .at[] update would compile a kernel
-                    self.state = self.state.replace(done=jnp.asarray(done))
-                yield self._result(i, req, t0, bucket, tokens, stopped)
-                rows[i] = None
-            if ticks:
-                yield None
+class BatchRun:
+    """One stream of requests through an engine's slots, in named steps:
 
-    def _result(self, i: int, req: Request, t0: float, bucket: int, tokens: list[int],
-                stopped: tuple[list[int], str] | None) -> Result:
-        # Whole small arrays to the host, then index there: no per-shape eager kernels.
-        hist, drafted, accepted, eos = (a[i] for a in jax.device_get(
-            (self.state.hist, self.state.drafted, self.state.accepted, self.state.eos)))
-        if stopped is not None:
-            tokens, text = stopped
-            reason = "stop"
-        else:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""
-            reason = "eos" if eos else "length"
-        return Result(
-            id=req.id, prompt_tokens=len(req.token_ids), token_ids=tokens, text=text, finish_reason=reason,
-            decode_steps=int(hist.sum()), accepted_per_step=np.asarray(hist, np.int64),
-            draft_tokens_proposed=int(drafted), draft_tokens_accepted=int(accepted),
-            decode_seconds=time.perf_counter() - t0, bucket=bucket)
+    1. ``refill``: prefill free slots with the next requests;
+    2. ``decode``: the policy picks the block length, and one decode call runs on the device
+       until a row finishes (while requests wait) or for ``chunk_steps`` steps;
+    3. ``harvest``: finished rows (EOS, budget, or a stop string) become results, freeing slots.
+    """
+
+    def __init__(self, engine: SlotEngine, requests: Iterable[Request]):
+        self.engine = engine
+        self._queue = iter(requests)
+        self._next: Request | None = next(self._queue, None)
+        b = engine.state.batch
+        self.rows: list[tuple[Request, float] | None] = [None] * b  # request and start time per slot
+        self._seen_hist = np.zeros(engine.state.hist.shape, np.int64)  # per slot, already given to the policy
+        self._seen_gated = int(_gated(engine.state))
+        self._probe_steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b))
+
+    def results(self) -> Iterator[Result]:
+        """Runs the steps until every request is decoded, yielding each result as its row finishes."""
+        while self.refill() or self.busy:
+            self.decode()
+            yield from self.harvest()
+
+    @property
+    def busy(self) -> bool:
+        """Whether any slot holds a row still decoding."""
+        return any(r is not None for r in self.rows)
+
+    def refill(self, limit: int | None = None) -> int:
+        """Prefills free slots (at most ``limit``) with waiting requests; returns how many."""
+        filled = 0
+        for i, row in enumerate(self.rows):
+            if self._next is None or (limit is not None and filled >= limit):
+                break
+            if row is None:
+                req, self._next = self._next, next(self._queue, None)
+                self.rows[i] = (req, time.perf_counter())
+                self._prefill(i, req)
+                self._seen_hist[i] = 0
+                filled += 1
+        return filled
+
+    def _prefill(self, slot: int, req: Request) -> None:
+        e, n = self.engine, len(req.token_ids)
+        if n > e.max_prompt_len:
+            raise ValueError(f"request {req.id!r}: {n} prompt tokens exceed this batch's limit {e.max_prompt_len}")
+        if req.max_new_tokens > e.capacity:
+            raise ValueError(f"request {req.id!r}: {req.max_new_tokens=} exceeds the engine capacity {e.capacity}")
+        c = e.prefill_chunk
+        padded = np.zeros((-(-n // c)) * c, np.int32)
+        padded[:n] = req.token_ids
+        for start in range(0, n, c):
+            e.state = e.phases.prefill(
+                e.state, padded[None, start : start + c], np.int32(start), np.int32(n), np.int32(slot),
+                np.int32(req.max_new_tokens), np.float32(req.temperature), np.float32(req.top_p), row_key(req.seed))
+
+    def decode(self) -> None:
+        """One decode call at the policy's block length; its outcome goes back to the policy."""
+        e = self.engine
+        block, trial = e.policy.choose()
+        steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
+        e.state, _ = e.phases.decode(e.state, jnp.asarray(self._next is not None), block, np.int32(steps),
+                                     e.policy.gate(block))
+        hist, gated = jax.device_get((e.state.hist, _gated(e.state)))
+        e.policy.observe(block, (hist - self._seen_hist).sum(axis=0), int(gated) - self._seen_gated)
+        self._seen_hist, self._seen_gated = hist.astype(np.int64), int(gated)
+
+    def harvest(self) -> list[Result]:
+        """The rows that finished in the last decode call, as results; their slots are free again."""
+        e = self.engine
+        done, n_out = jax.device_get((e.state.done, e.state.n_out))
+        ended = [i for i, r in enumerate(self.rows) if r is not None and (done[i] or r[0].stop)]
+        if not ended:
+            return []
+        out, hist, drafted, accepted, eos = jax.device_get(
+            (e.state.out, e.state.hist, e.state.drafted, e.state.accepted, e.state.eos))
+        results, stopped_rows = [], []
+        for i in ended:
+            req, t0 = self.rows[i]
+            tokens = [int(t) for t in out[i, : n_out[i]]]
+            stopped = _truncate_at_stop(e.tokenizer, tokens, req.stop) if req.stop else None
+            if stopped is None and not done[i]:
+                continue  # a stop string may still come
+            if stopped is not None:
+                tokens, text, reason = *stopped, "stop"
+                stopped_rows.append(i)
+            else:
+                text = e.tokenizer.decode(tokens, skip_special_tokens=True) if e.tokenizer else ""
+                reason = "eos" if eos[i] else "length"
+            results.append(Result(
+                id=req.id, prompt_tokens=len(req.token_ids), token_ids=tokens, text=text, finish_reason=reason,
+                decode_steps=int(hist[i].sum()), accepted_per_step=np.asarray(hist[i], np.int64),
+                draft_tokens_proposed=int(drafted[i]), draft_tokens_accepted=int(accepted[i]),
+                decode_seconds=time.perf_counter() - t0, bucket=e.max_prompt_len))
+            self.rows[i] = None
+        if stopped_rows:  # a host-side edit: an eager .at[] update would compile a kernel
+            done = done.copy()
+            done[stopped_rows] = True
+            e.state = e.state.replace(done=jnp.asarray(done))
+        return results
 
 
 def _gated(state: Slots) -> jax.Array:

@@ -14,18 +14,12 @@ One decode step, for every active row at once (the DFlash paper's loop):
   4. Append the committed rows' target features to the drafter's context cache.
      Context K/V depend only on committed tokens, so they never need rollback.
 
-A call at L = 1 (plain AR: the automatic block length settled on AR, or a job asked for
-L = 1) skips step 4: nothing drafts during that call, and the drafter's upkeep (the target
-features, ``fc``, every draft layer's K/V projections and their write) cost an AR step 4-6%
-at batch 1 (measured). The drafter's context is therefore compacted: each row keeps its
-own context length (``SpecState.ctx_len``), rows are stored one after another with RoPE
-already applied at each token's true position, and tokens committed by an AR call are
-simply absent from it. Draft attention is non-causal and its keys carry their positions,
-so storage order is immaterial; a later speculative call drafts from the prompt and every
-token committed while speculating. The drafter only proposes, so this changes acceptance,
-never output. Likewise a prompt prefilled while AR rules may skip the drafter altogether
-(``spec_prefill_chunk``'s ``feed``); the automatic block length then drafts for no row until
-every row in the batch has its prompt in the context (``BlockPolicy.needs_context``).
+A call at L = 1 (plain AR: the automatic block length chose AR, or a job asked for L = 1)
+skips step 4, so it costs what AR costs. The drafter's context is therefore compacted: each
+row keeps its own context length (``SpecState.ctx_len``), rows are stored one after another
+with RoPE already applied at each token's true position, and tokens committed by an AR call
+are simply absent. Draft attention is non-causal and its keys carry their positions, so
+storage order is immaterial. The drafter only proposes, so a gap changes acceptance, never output.
 
 With a gate (the automatic block length; ``run_gated_steps``), each step first weighs its proposals: every row
 promises an expected number of accepted drafts (from the n-gram match length, or from the
@@ -47,7 +41,7 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._ar import prefill_chunk, run_steps
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._drafter import DrafterConfig, context_kv, draft_block, draft_to_target_ids
+from dflash_batch.decoder._drafter import Drafter, DrafterConfig, context_kv, draft_block, draft_to_target_ids
 from dflash_batch.decoder._sampling import sample
 from dflash_batch.decoder._slots import Slots, commit
 from dflash_batch.decoder._target import Params, forward, write_rows
@@ -60,7 +54,7 @@ class SpecState:
     """Per-slot state the proposers need beyond the target's.
 
     tokens [B, S]: the token at each position (prompt, then completion), for n-gram lookup.
-    ctx_k, ctx_v [Ld, B, K, S, H]: the drafter's context K/V (None without a drafter), stored
+    ctx_k, ctx_v [draft_layers, B, K, S, H]: the drafter's context K/V (None without a drafter), stored
     compacted: rows below ``ctx_len`` [B] are valid, each with RoPE at its token's own position
     (``ctx_len`` <= ``pos``: tokens committed by L = 1 calls have no row; see the module docstring).
     """
@@ -153,19 +147,18 @@ def ngram_match(tokens: jax.Array, pos: jax.Array, n_draft: int) -> tuple[jax.Ar
     return jnp.take_along_axis(tokens, take, axis=1), length
 
 
-def _dflash_logits(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> jax.Array:
+def _dflash_logits(params: Params, cfg: TargetConfig, drafter: Drafter, s: Slots, block: int) -> jax.Array:
     """Draft-vocabulary logits [B, L-1] of ONE drafter pass over [anchor, MASK x (L-1)]."""
-    dparams, dcfg = drafter
     ex: SpecState = s.extra
-    masks = jnp.full((s.batch, block - 1), dcfg.mask_token_id, jnp.int32)
+    masks = jnp.full((s.batch, block - 1), drafter.config.mask_token_id, jnp.int32)
     block_in = jnp.concatenate([s.last[:, None], masks], axis=1)  # [B, L]
     # The anchor at ``pos`` has not been through the target yet: the context holds tokens < pos.
-    return draft_block(dparams, dcfg, params, cfg, block_in, s.pos, ex.ctx_k, ex.ctx_v, ex.ctx_len)
+    return draft_block(drafter.params, drafter.config, params, cfg, block_in, s.pos, ex.ctx_k, ex.ctx_v, ex.ctx_len)
 
 
-def _greedy_drafts(drafter, dlogits: jax.Array) -> jax.Array:
+def _greedy_drafts(drafter: Drafter, dlogits: jax.Array) -> jax.Array:
     """The drafter's top-1 tokens [B, L-1], as target ids."""
-    return draft_to_target_ids(drafter[0], jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)
+    return draft_to_target_ids(drafter.params, jnp.argmax(dlogits, axis=-1)).astype(jnp.int32)
 
 
 @flax.struct.dataclass
@@ -198,7 +191,7 @@ class Proposal:
         return jnp.where(self.use_ngram, pn, pd)
 
 
-def propose_dflash(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> Proposal:
+def propose_dflash(params: Params, cfg: TargetConfig, drafter: Drafter, s: Slots, block: int) -> Proposal:
     """L-1 drafts per row from ONE drafter pass over [anchor, MASK x (L-1)], greedy."""
     dlogits = _dflash_logits(params, cfg, drafter, s, block)
     return Proposal(dflash=_greedy_drafts(drafter, dlogits), p_top=jnp.max(jax.nn.softmax(dlogits, axis=-1), axis=-1))
@@ -210,7 +203,7 @@ def propose_ngram(params: Params, cfg: TargetConfig, drafter, s: Slots, block: i
     return Proposal(ngram=drafts, match=match)
 
 
-def propose_hybrid(params: Params, cfg: TargetConfig, drafter, s: Slots, block: int) -> Proposal:
+def propose_hybrid(params: Params, cfg: TargetConfig, drafter: Drafter, s: Slots, block: int) -> Proposal:
     """Both proposals, and per row the one that promises more accepted drafts.
 
     DFlash promises sum_i prod_(j<=i) p_j from its own top-1 probabilities, calibrated by
@@ -274,14 +267,11 @@ def _learn(st: ProposalStats, prop: Proposal, y: jax.Array, accepted: jax.Array,
     return st
 
 
-def accept_length(drafts: jax.Array, targets: jax.Array, logits: jax.Array) -> jax.Array:
+def accept_length(drafts: jax.Array, targets: jax.Array) -> jax.Array:
     """Accepted drafts per row: the longest prefix with d(i+1) == y_i.
 
-    drafts [B, L-1]; targets [B, L] (the target's own choices y); logits unused by
-    this exact rule, passed so a test can substitute a wrong rule and watch the
-    distribution test catch it.
+    drafts [B, L-1]; targets [B, L] (the target's own choices y, argmax or sampled).
     """
-    del logits
     return jnp.sum(jnp.cumprod(drafts == targets[:, :-1], axis=1), axis=1).astype(jnp.int32)
 
 
@@ -290,7 +280,7 @@ def accept_length(drafts: jax.Array, targets: jax.Array, logits: jax.Array) -> j
 PROPOSERS = {"dflash": propose_dflash, "ngram": propose_ngram, "hybrid": propose_hybrid}
 
 
-def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, s: Slots,
+def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None, s: Slots,
             prop: Proposal | None, k: int) -> Slots:
     """Steps 2-4 of the module docstring with a k-token pass over [anchor, first k-1 drafts].
 
@@ -301,13 +291,13 @@ def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter
     offs = jnp.arange(k, dtype=jnp.int32)[None, :]  # [1, k]
     drafts = prop.drafts()[:, : k - 1] if prop is not None else jnp.zeros((s.batch, 0), jnp.int32)
     uses_drafter = ex.ctx_k is not None and prop is not None
-    layers = drafter[1].target_layer_ids if uses_drafter else ()
+    layers = drafter.config.target_layer_ids if uses_drafter else ()
     # 2. Verify.
     verify_in = jnp.concatenate([s.last[:, None], drafts], axis=1)  # [B, k]
     logits, feats, cache = forward(params, cfg, verify_in, s.pos, s.cache, collect_layers=layers)
     y = sample(logits, s.temperature, s.top_p, s.key, s.pos[:, None] + 1 + offs)  # [B, k]
     # 3. Accept the longest matching prefix, plus the bonus token.
-    accepted = accept_length(drafts, y, logits)  # [B]
+    accepted = accept_length(drafts, y)  # [B]
     active = ~s.done
     new = commit(s.replace(cache=cache), y, accepted + 1, eos_ids)
     n = new.pos - s.pos  # tokens committed per row (0 for idle rows)
@@ -318,7 +308,7 @@ def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter
     if uses_drafter:
         # All k rows are written, after the row's context; those past the n committed are
         # dead until overwritten.
-        k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions)  # [Ld, B, k, K, H]
+        k_new, v_new = context_kv(drafter.params, drafter.config, feats, positions)  # [draft_layers, B, k, K, H]
         at = ctx_len[:, None] + offs
         ctx_k, ctx_v, ctx_len = write_rows(ctx_k, k_new, at), write_rows(ctx_v, v_new, at), ctx_len + n
     stats = ex.stats if prop is None else _learn(ex.stats, prop, y, accepted, active, verified=k > 1)
@@ -329,7 +319,7 @@ def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter
     )
 
 
-def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
+def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None, block: int, mode: str,
               s: Slots) -> Slots:
     """One speculative step (steps 1-4 of the module docstring) for the whole batch."""
     if block == 1:  # plain AR: nothing drafts, so the drafter's context is not fed
@@ -338,7 +328,7 @@ def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], draft
     return _verify(params, cfg, eos_ids, drafter, s, prop, block)
 
 
-def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, block: int, mode: str,
+def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None, block: int, mode: str,
                     s: Slots, n_steps: jax.Array, stop_on_first_done: jax.Array,
                     gate: jax.Array) -> tuple[Slots, jax.Array]:
     """``run_steps`` of speculative steps, each verified only where the batch's proposals
@@ -381,55 +371,46 @@ def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...],
     return s, ran
 
 
-def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter, mode: str, s: Slots,
-                       tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array, budget: jax.Array,
-                       temperature: jax.Array, top_p: jax.Array, key: jax.Array, feed: bool = True) -> Slots:
-    """``prefill_chunk``, plus the prompt's tokens and (DFlash) its context K/V for the slot.
-
-    Without ``feed``, the drafter's context of the slot is left empty (``ctx_len`` 0): where
-    the automatic block length has settled on AR, nothing drafts for the row, and the
-    drafter's upkeep over the prompt would be paid for nothing (``BlockPolicy.needs_context``).
-    """
+def spec_prefill_chunk(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None,
+                       s: Slots, tokens: jax.Array, start: jax.Array, length: jax.Array, slot: jax.Array,
+                       budget: jax.Array, temperature: jax.Array, top_p: jax.Array, key: jax.Array) -> Slots:
+    """``prefill_chunk``, plus the prompt's tokens and (DFlash) its context K/V for the slot."""
     ex: SpecState = s.extra
-    feed = feed and ex.ctx_k is not None
-    layers = drafter[1].target_layer_ids if feed else ()
+    layers = drafter.config.target_layer_ids if drafter is not None else ()
     s, feats = prefill_chunk(params, cfg, eos_ids, s.replace(extra=None), tokens, start, length, slot, budget,
                              temperature, top_p, key, collect_layers=layers)
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [P]
     hist = ex.tokens.at[slot, positions].set(tokens[0], mode="drop")
     hist = jnp.where(start + tokens.shape[1] >= length, hist.at[slot, length].set(s.last[slot]), hist)
     ctx_k, ctx_v, ctx_len = ex.ctx_k, ex.ctx_v, ex.ctx_len
-    if ex.ctx_k is not None and not feed:
-        ctx_len = ctx_len.at[slot].set(0)
-    elif feed:
+    if drafter is not None:
         # A prompt has no gaps: its context rows sit at their positions.
-        k_new, v_new = context_kv(drafter[0], drafter[1], feats, positions[None])  # [Ld, 1, P, K, H]
+        k_new, v_new = context_kv(drafter.params, drafter.config, feats, positions[None])  # [draft_layers, 1, P, K, H]
         ctx_k = write_rows(ctx_k, k_new, positions[None], slot)
         ctx_v = write_rows(ctx_v, v_new, positions[None], slot)
         ctx_len = ctx_len.at[slot].set(jnp.minimum(start + tokens.shape[1], length))
     return s.replace(extra=ex.replace(tokens=hist, ctx_k=ctx_k, ctx_v=ctx_v, ctx_len=ctx_len))
 
 
-_STATIC = ("cfg", "eos_ids", "dcfg", "mode")
+_STATIC = ("cfg", "eos_ids", "mode")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("block", "gated"), donate_argnames=("s",))
-def spec_decode(params: Params, dparams, s: Slots, stop_on_first_done: jax.Array, n_steps: jax.Array,
-                gate: jax.Array, *, cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None,
-                block: int, mode: str, gated: bool = False) -> tuple[Slots, jax.Array]:
+def spec_decode(params: Params, drafter: Drafter | None, s: Slots, stop_on_first_done: jax.Array,
+                n_steps: jax.Array, gate: jax.Array, *, cfg: TargetConfig, eos_ids: tuple[int, ...], block: int,
+                mode: str, gated: bool = False) -> tuple[Slots, jax.Array]:
     """Up to ``n_steps`` speculative steps at block length ``block``; with ``gated``, each step
     runs as an AR step unless its proposals promise to pay for the pass (``gate``: the
-    pass's cost relative to a 1-token pass, data, so a new cost estimate compiles nothing)."""
-    drafter = (dparams, dcfg)
+    pass's cost in AR steps, data, so a new cost estimate compiles nothing)."""
     if gated and block > 1:
         return run_gated_steps(params, cfg, eos_ids, drafter, block, mode, s, n_steps, stop_on_first_done, gate)
     return run_steps(lambda st: spec_step(params, cfg, eos_ids, drafter, block, mode, st), s, n_steps,
                      stop_on_first_done)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("feed",), donate_argnames=("s",))
-def spec_prefill(params: Params, dparams, s: Slots, tokens, start, length, slot, budget, temperature, top_p, key, *,
-                 cfg: TargetConfig, eos_ids: tuple[int, ...], dcfg: DrafterConfig | None, mode: str,
-                 feed: bool = True) -> Slots:
-    return spec_prefill_chunk(params, cfg, eos_ids, (dparams, dcfg), mode, s, tokens, start, length, slot, budget,
-                              temperature, top_p, key, feed)
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("s",))
+def spec_prefill(params: Params, drafter: Drafter | None, s: Slots, tokens, start, length, slot, budget,
+                 temperature, top_p, key, *, cfg: TargetConfig, eos_ids: tuple[int, ...], mode: str) -> Slots:
+    del mode  # static: one compiled prefill per mode
+    return spec_prefill_chunk(params, cfg, eos_ids, drafter, s, tokens, start, length, slot, budget,
+                              temperature, top_p, key)

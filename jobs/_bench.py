@@ -4,7 +4,7 @@ For each batch size it builds and warms up every decoder configuration first: pl
 (the lossless reference and the speedup denominator), and every speculative mode at every
 block length asked for plus the automatic block choice. Then it runs them ``repeats``
 rounds, every configuration in every round, all at once: their decoders take turns of one
-prompt's prefill or one decode call each (about a second; ``Decoder.generate`` with ticks),
+prompt's prefill or one decode call each (about a second; the steps of ``Decoder.start``),
 each timed on its own clock, so a shared machine's slow spells fall on
 every configuration alike rather than on whichever ran during them. The first
 ``learning_rounds`` rounds are run but not counted: there the automatic block choice learns
@@ -29,11 +29,13 @@ import concurrent.futures
 import multiprocessing
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
+
+import jax
 
 import numpy as np
 
-from dflash_batch.decoder import DRAFTER_MODES, ROWS_PER_SLOT, Decoder, Request, TargetModel
+from dflash_batch.decoder import DRAFTER_MODES, ROWS_PER_SLOT, DecodeConfig, Decoder, Request, Result, TargetModel
 
 
 class DecoderCell:
@@ -44,8 +46,8 @@ class DecoderCell:
                  prompt_buckets: Sequence[int] | None = None, label: str | None = None):
         kw = {"prompt_buckets": tuple(prompt_buckets)} if prompt_buckets else {}
         self.mode, self.block_size, self.requests = label or mode, block_size, requests
-        self.decoder = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               drafter=drafter, block_size=block_size, **kw)
+        config = DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size, **kw)
+        self.decoder = Decoder(target, config, drafter if mode in DRAFTER_MODES else None)
         self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
         self.runs: list[float] = []
         self.learning_runs: list[float] = []
@@ -54,36 +56,49 @@ class DecoderCell:
 
     def start(self) -> None:
         """Begins one run over the bench's prompts; ``advance`` drives it."""
-        self._gen = self.decoder.generate(self.requests, ticks=True)
+        self._gen = self._turns()
         self._seconds, self._row_seconds, self.results = 0.0, 0.0, []
         self.turns.append([])
+
+    def _turns(self) -> Iterator[list[Result]]:
+        """The run's steps, one turn each: one prompt's prefill, or one decode call and the
+        rows it finished. A turn ends when its work has run (prefill is dispatched
+        asynchronously), so that it does not run on into another configuration's turn."""
+        batch = self.decoder.start(self.requests)
+        while True:
+            while batch.refill(limit=1):
+                jax.block_until_ready(batch.engine.state)
+                yield []
+            if not batch.busy:
+                return
+            batch.decode()
+            yield batch.harvest()
 
     def advance(self) -> bool:
         """Runs one turn, timed on this cell's clock: one prompt's prefill or one decode call
         (about a second), and hands out the rows it finished. False once the run is over, its
         tokens/s then appended to ``runs``. A finished row books every second since the row
         before (at batch 1: its own prefill and decode calls, as ``paired_ratios`` needs)."""
-        while True:
-            t0 = time.perf_counter()
-            item = next(self._gen, StopIteration)
-            seconds = time.perf_counter() - t0
-            self._seconds += seconds
-            self._row_seconds += seconds
-            if item is StopIteration:
-                self.runs.append(sum(r.completion_tokens for r in self.results) / self._seconds)
-                return False
-            if item is None:  # the turn is over
-                return True
-            self.results.append(item)
-            self.turns[-1].append((item.id, item.completion_tokens, self._row_seconds))
+        t0 = time.perf_counter()
+        finished = next(self._gen, None)
+        seconds = time.perf_counter() - t0
+        self._seconds += seconds
+        self._row_seconds += seconds
+        if finished is None:
+            self.runs.append(sum(r.completion_tokens for r in self.results) / self._seconds)
+            return False
+        for row in finished:
+            self.results.append(row)
+            self.turns[-1].append((row.id, row.completion_tokens, self._row_seconds))
             self._row_seconds = 0.0
+        return True
 
     @property
     def tokens(self) -> dict[str, list[int]]:
         return {r.id: r.token_ids for r in self.results}
 
     def tau(self) -> float:
-        hist = sum((r.accepted_per_step for r in self.results), np.zeros(self.decoder.block_size, np.int64))
+        hist = sum((r.accepted_per_step for r in self.results), np.zeros(max(self.decoder.blocks), np.int64))
         steps = int(hist.sum())
         return float((hist * np.arange(1, len(hist) + 1)).sum() / steps) if steps else 1.0
 
@@ -219,7 +234,7 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
             if mode in DRAFTER_MODES and drafter is None:
                 continue
             for blk in [*block_sizes, "auto"]:
-                if mode in DRAFTER_MODES and blk != "auto" and blk > drafter[0].block_size:
+                if mode in DRAFTER_MODES and blk != "auto" and blk > drafter.config.block_size:
                     continue
                 cells.append(DecoderCell(target, reqs, b, max_new_tokens, mode=mode, drafter=drafter,
                                          block_size=blk, prompt_buckets=prompt_buckets))

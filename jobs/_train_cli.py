@@ -173,7 +173,7 @@ def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max
     drafter = load_drafter(drafter_dir)
     out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "source": str(prompts_path)}
     for name, mode, blk in TEST_RUNS:
-        if mode != "ngram" and blk > drafter[0].block_size:
+        if mode != "ngram" and blk > drafter.config.block_size:
             continue
         r = decode_tau(target, prompts, mode=mode, drafter=drafter if mode != "ngram" else None, block_size=blk,
                        max_new_tokens=max_new_tokens)

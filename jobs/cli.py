@@ -146,8 +146,7 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
         if folder is None:
             mode_list = [m for m in mode_list if m not in DRAFTER_MODES]
         else:
-            dcfg, dparams = load_drafter(folder)
-            dft = (dcfg, dparams)
+            dft = load_drafter(folder)
     if config is None:
         reqs = _requests(target, "test", most, max_new_tokens)
         source = "ACLSum test abstracts, greedy"

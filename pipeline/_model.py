@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from dflash_batch.decoder import DRAFTER_MODES, Decoder, DrafterConfig, enable_compilation_cache, load_drafter, \
+from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, enable_compilation_cache, load_drafter, \
     load_target, resolve_drafter_dir, resolve_model_dir
 
 # Loads per model in this process: what the tests read to prove "once per process".
@@ -68,8 +68,9 @@ def _load(key: ModelKey) -> LoadedModel:
     drafter = None
     if key.mode in DRAFTER_MODES:
         drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model))
-    decoder = Decoder(target, mode=key.mode, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens,
-                      prompt_buckets=key.prompt_buckets, drafter=drafter, block_size=key.block_size)
+    config = DecodeConfig(mode=key.mode, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens,
+                          prompt_buckets=key.prompt_buckets, block_size=key.block_size)
+    decoder = Decoder(target, config, drafter)
     return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, _hardware())
 
 

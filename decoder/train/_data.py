@@ -19,7 +19,8 @@ import numpy as np
 
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._decoder import Decoder
-from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS, bucket_for
+from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig
+from dflash_batch.decoder._engine import bucket_for
 from dflash_batch.decoder._requests import Request
 
 
@@ -83,11 +84,11 @@ def generate_responses(target: TargetModel, prompts: Sequence[tuple[str, Sequenc
         or (s.finish_reason != "length" and len(s.response_ids) < max_new_tokens))}
     todo = [Request(id=i, token_ids=t, max_new_tokens=max_new_tokens) for i, t in wanted.items() if i not in done]
     if todo:
-        dec = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                      prompt_buckets=prompt_buckets, drafter=drafter, block_size=block_size)
+        dec = Decoder(target, DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                           prompt_buckets=tuple(prompt_buckets), block_size=block_size), drafter)
         groups: dict[int, list[Request]] = {}
         for r in todo:
-            groups.setdefault(bucket_for(len(r.token_ids), dec.prompt_buckets), []).append(r)
+            groups.setdefault(bucket_for(len(r.token_ids), dec.config.prompt_buckets), []).append(r)
         by_id = {r.id: r for r in todo}
         n_tokens, t0 = 0, time.perf_counter()
         with path.open("a") as f:

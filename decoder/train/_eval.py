@@ -14,14 +14,13 @@ import numpy as np
 
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._decoder import Decoder
-from dflash_batch.decoder._drafter import DrafterConfig
-from dflash_batch.decoder._engine import DEFAULT_PROMPT_BUCKETS
+from dflash_batch.decoder._drafter import Drafter
+from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig
 from dflash_batch.decoder._requests import Request
-from dflash_batch.decoder._target import Params
 
 
 def decode_tau(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]], *, mode: str = "dflash",
-               drafter: tuple[DrafterConfig, Params] | None = None, block_size: int | None = None,
+               drafter: Drafter | None = None, block_size: int | None = None,
                max_new_tokens: int = 64, batch_size: int = 8,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS) -> dict:
     """Decodes ``prompts`` greedily in ``mode`` and returns acceptance statistics.
@@ -30,9 +29,9 @@ def decode_tau(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]]
     of per-request tau, steps, tokens, seconds, hist: steps that committed 1..L tokens}.
     """
     if block_size is None:
-        block_size = drafter[0].block_size if drafter is not None else 16
-    dec = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                  prompt_buckets=prompt_buckets, drafter=drafter, block_size=block_size)
+        block_size = drafter.config.block_size if drafter is not None else 16
+    dec = Decoder(target, DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       prompt_buckets=tuple(prompt_buckets), block_size=block_size), drafter)
     reqs = [Request(id=i, token_ids=list(map(int, t)), max_new_tokens=max_new_tokens) for i, t in prompts]
     t0 = time.perf_counter()
     results = list(dec.generate(reqs))

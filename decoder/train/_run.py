@@ -234,7 +234,7 @@ class BestDrafter:
         cur = self._current()
         if cur is None:
             return None
-        return cur["step"], load_drafter(self.folder)[1]
+        return cur["step"], load_drafter(self.folder).params
 
 
 def _bar(progress: bool, total: int, desc: str):

@@ -7,6 +7,7 @@ import pytest
 
 from compile_counter import count_compiles
 from dflash_batch.decoder import Decoder, Request
+from decoding import make_decoder
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +28,7 @@ def _prompts(n, vocab, seed=0, lo=3, hi=40):
 
 @pytest.fixture(scope="module")
 def decoder3(tiny_llama):
-    return Decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=(16, 64), prefill_chunk=16)
+    return make_decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=(16, 64), prefill_chunk=16)
 
 
 def _hf_greedy(folder, prompt, n):
@@ -54,36 +55,32 @@ def test_rows_do_not_depend_on_batch_or_refill(tiny_llama, decoder3):
     budgets = [24, 3, 17, 1, 9, 24, 5]
     reqs = [Request(id=str(i), token_ids=p, max_new_tokens=m) for i, (p, m) in enumerate(zip(prompts, budgets))]
     batched = {r.id: r.token_ids for r in decoder3.generate(reqs)}
-    single = Decoder(tiny_llama, batch_size=1, max_new_tokens=24, prompt_buckets=(16, 64))
+    single = make_decoder(tiny_llama, batch_size=1, max_new_tokens=24, prompt_buckets=(16, 64))
     alone = {r.id: r.token_ids for r in single.generate(reqs)}
     assert batched == alone
     for i, m in enumerate(budgets):
         assert 1 <= len(batched[str(i)]) <= m
 
 
-def test_ticks_mark_every_prefill_and_decode_call_and_change_nothing(tiny_llama, decoder3):
-    """``generate(ticks=True)`` also yields None after each prompt's prefill and each decode
-    call (the bench's turns): one per prompt, then one per call, and the same results."""
+def test_a_batch_run_driven_step_by_step_gives_generates_results(tiny_llama, decoder3):
+    """``start`` hands out the loop's named steps: ``refill`` (here one prompt at a time, as the
+    bench takes turns), ``decode`` and ``harvest`` give what ``generate`` gives."""
     prompts = _prompts(5, tiny_llama.config.vocab_size, seed=4)
     reqs = [Request(id=str(i), token_ids=p, max_new_tokens=m)
             for i, (p, m) in enumerate(zip(prompts, [24, 3, 20, 9, 1]))]
     plain = {r.id: r.token_ids for r in decoder3.generate(reqs)}
-    engine = decoder3.engine(64)
-    calls = [0]
-    decode = engine.phases.decode
-
-    def counted(*args):
-        calls[0] += 1
-        return decode(*args)
-
-    engine.phases.decode = counted
-    try:
-        items = list(decoder3.generate(reqs, ticks=True))
-    finally:
-        engine.phases.decode = decode
-    results = [x for x in items if x is not None]
-    assert {r.id: r.token_ids for r in results} == plain
-    assert items.count(None) == len(reqs) + calls[0] and calls[0] >= 2
+    batch, got, prefills, calls = decoder3.start(reqs), {}, 0, 0
+    while True:
+        while batch.refill(limit=1):
+            prefills += 1
+        if not batch.busy:
+            break
+        batch.decode()
+        calls += 1
+        got.update({r.id: r.token_ids for r in batch.harvest()})
+    assert got == plain
+    assert prefills == len(reqs) and calls >= 2
+    assert batch.refill() == 0 and not batch.busy
 
 
 def test_no_recompilation_after_warmup(tiny_llama, decoder3):
@@ -119,7 +116,7 @@ def test_first_token_sampling_follows_softmax(tiny_llama):
     p = _prompts(1, cfg.vocab_size, seed=4)[0]
     logits, _, _ = forward(tiny_llama.params, cfg, jnp.asarray([p]), jnp.zeros((1,), jnp.int32), KVCache.init(cfg, 1, 64))
     probs = jax_softmax(np.asarray(logits[0, -1], np.float64) / 1.5)
-    dec = Decoder(tiny_llama, batch_size=8, max_new_tokens=1, prompt_buckets=(64,))
+    dec = make_decoder(tiny_llama, batch_size=8, max_new_tokens=1, prompt_buckets=(64,))
     n = 2000
     reqs = [Request(id=str(s), token_ids=p, max_new_tokens=1, temperature=1.5, seed=s) for s in range(n)]
     counts = np.bincount([r.token_ids[0] for r in dec.generate(reqs)], minlength=cfg.vocab_size)
@@ -148,7 +145,7 @@ def test_top_p_never_samples_outside_the_nucleus(tiny_llama):
 
 
 def test_stop_string_ends_the_row_and_trims_text(tiny_llama):
-    dec = Decoder(tiny_llama, batch_size=2, max_new_tokens=24, prompt_buckets=(64,))
+    dec = make_decoder(tiny_llama, batch_size=2, max_new_tokens=24, prompt_buckets=(64,))
     dec.target = type(tiny_llama)(**{**tiny_llama.__dict__, "tokenizer": CharTokenizer()})
     prompts = _prompts(8, tiny_llama.config.vocab_size, seed=6)
     frees = {r.id: r for r in dec.generate([Request(id=str(i), token_ids=p, max_new_tokens=24)

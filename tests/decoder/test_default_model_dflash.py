@@ -12,10 +12,11 @@ import jax
 import pytest
 
 from dflash_batch.decoder import Decoder, Request, load_drafter, load_target, render_messages
-from dflash_batch.decoder._drafter import DrafterConfig, default_target_layer_ids, init_drafter_params
+from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, init_drafter_params
 from dflash_batch.decoder._registry import resolve_drafter_dir
 from dflash_batch.jobs._datasets import aclsum_abstracts
 from dflash_batch.pipeline._templates import summarize_messages
+from decoding import make_decoder
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
@@ -30,7 +31,7 @@ def _drafter(cfg):
                              num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                              rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, vocab_size=cfg.vocab_size,
                              mask_embedding=True)
-        return dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0))
+        return Drafter(dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0)))
 
 
 KW = dict(batch_size=3, max_new_tokens=96, prompt_buckets=(512,))
@@ -42,7 +43,7 @@ def ar_run():
     docs = aclsum_abstracts("test")[:4]
     reqs = [Request(id=d["id"], token_ids=render_messages(target.tokenizer, summarize_messages(d["document"])),
                     max_new_tokens=m) for d, m in zip(docs, (96, 40, 96, 17))]
-    ar = {r.id: r for r in Decoder(target, **KW).generate(reqs)}
+    ar = {r.id: r for r in make_decoder(target, **KW).generate(reqs)}
     assert any(r.finish_reason == "eos" for r in ar.values())
     return target, reqs, ar
 
@@ -50,7 +51,7 @@ def ar_run():
 @pytest.mark.parametrize("mode", ["dflash", "hybrid"])
 def test_speculative_greedy_equals_ar_on_the_default_model(ar_run, mode):
     target, reqs, ar = ar_run
-    spec = {r.id: r for r in Decoder(target, mode=mode, drafter=_drafter(target.config), block_size=8,
+    spec = {r.id: r for r in make_decoder(target, mode=mode, drafter=_drafter(target.config), block_size=8,
                                      **KW).generate(reqs)}
     for k, r in ar.items():
         assert spec[k].token_ids == r.token_ids, k

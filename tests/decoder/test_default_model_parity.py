@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from decoding import make_decoder
 
 torch = pytest.importorskip("torch")
 
@@ -80,7 +81,7 @@ def ours(target, prompts):
     """Our completions, all eight rows in one batch of 8 slots, keyed by row id."""
     from dflash_batch.decoder import Decoder, Request
 
-    decoder = Decoder(target, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    decoder = make_decoder(target, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
     bucket = decoder.bucket(max(len(p) for p in prompts.values()))
     requests = [Request(id=i, token_ids=p, max_new_tokens=MAX_NEW_TOKENS) for i, p in prompts.items()]
     results = {r.id: r for r in decoder.generate(requests, bucket=bucket)}

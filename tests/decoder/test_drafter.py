@@ -52,8 +52,8 @@ def _make_drafter(folder, target_cfg, seed=0, **dflash_extra):
     rng = np.random.default_rng(seed + 1)
     params = jax.tree.map(lambda a: a if a.dtype == jnp.int32 else a * rng.uniform(0.8, 1.2, a.shape).astype(np.float32), params)
     save_drafter(folder, cfg, params, dtype=jnp.float32)
-    loaded_cfg, loaded = load_drafter(folder)
-    return folder, loaded_cfg, loaded
+    loaded = load_drafter(folder)
+    return folder, loaded.config, loaded.params
 
 
 # --- independent reference: numpy, float64, explicit loops and masks ----------------------
@@ -162,7 +162,8 @@ def test_a_compacted_context_with_a_gap_matches_the_reference(tiny_llama, tiny_l
 def test_save_load_round_trips_in_zlab_format(extra, tiny_llama, tmp_path):
     _, cfg, params = _make_drafter(tmp_path / "a", tiny_llama.config, **extra)
     save_drafter(tmp_path / "b", cfg, params, dtype=jnp.float32)
-    cfg2, params2 = load_drafter(tmp_path / "b")
+    loaded = load_drafter(tmp_path / "b")
+    cfg2, params2 = loaded.config, loaded.params
     assert cfg2 == cfg
     jax.tree.map(np.testing.assert_array_equal, params, params2)
     names = set(load_file(str(tmp_path / "b" / "model.safetensors")))

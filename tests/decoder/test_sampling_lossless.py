@@ -16,6 +16,7 @@ from scipy import stats
 from dflash_batch.decoder import Decoder, Request
 from dflash_batch.decoder import _speculative
 from oracle_proposer import propose_oracle
+from decoding import make_decoder
 
 N = 1500
 TEMPERATURE = 0.5  # peaked enough that 3-token sequences repeat, so the test has power
@@ -23,7 +24,7 @@ TEMPERATURE = 0.5  # peaked enough that 3-token sequences repeat, so the test ha
 
 def _samples(target, mode, seeds, drafter=None):
     prompt = [5, 17, 33, 8, 91, 4, 60]
-    dec = Decoder(target, mode=mode, block_size=4, batch_size=16, max_new_tokens=4, prompt_buckets=(16,),
+    dec = make_decoder(target, mode=mode, block_size=4, batch_size=16, max_new_tokens=4, prompt_buckets=(16,),
                   prefill_chunk=16, chunk_steps=8, drafter=drafter)
     reqs = [Request(id=str(s), token_ids=prompt, max_new_tokens=4, temperature=TEMPERATURE, seed=int(s))
             for s in seeds]
@@ -41,10 +42,10 @@ def _pvalue(a, b):
     return stats.chi2_contingency(table).pvalue
 
 
-def wrong_accept(drafts, targets, logits):
-    """A plausible bug: verify drafts against the target's argmax even when sampling."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jnp.sum(jnp.cumprod(drafts == greedy[:, :-1], axis=1), axis=1).astype(jnp.int32)
+def wrong_accept(drafts, targets):
+    """A plausible bug: an off-by-one that accepts one draft past the first mismatch."""
+    matched = jnp.sum(jnp.cumprod(drafts == targets[:, :-1], axis=1), axis=1)
+    return jnp.minimum(matched + 1, drafts.shape[1]).astype(jnp.int32)
 
 
 @pytest.fixture(scope="module")

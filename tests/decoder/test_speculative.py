@@ -13,6 +13,7 @@ from compile_counter import count_compiles
 from oracle_proposer import propose_oracle
 from dflash_batch.decoder import Decoder, Request
 from dflash_batch.decoder import _speculative
+from decoding import make_decoder
 
 BUCKETS = (64,)
 
@@ -37,7 +38,7 @@ def _requests(n, vocab, seed, budgets=None, **kw):
 @pytest.fixture(scope="module")
 def ar_reference(tiny_llama):
     reqs = _requests(11, tiny_llama.config.vocab_size, seed=7, budgets=[24, 1, 5, 17, 2, 24, 9, 13])
-    dec = Decoder(tiny_llama, batch_size=4, max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
+    dec = make_decoder(tiny_llama, batch_size=4, max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
     return reqs, {r.id: r for r in dec.generate(reqs)}
 
 
@@ -45,7 +46,7 @@ def ar_reference(tiny_llama):
                                               ("hybrid", 3)])
 def test_speculative_greedy_is_token_identical_to_ar(tiny_llama, drafter, ar_reference, mode, batch_size):
     reqs, ar = ar_reference
-    dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size=8, batch_size=batch_size,
+    dec = make_decoder(tiny_llama, mode=mode, drafter=drafter, block_size=8, batch_size=batch_size,
                   max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
     out = {r.id: r for r in dec.generate(reqs)}
     assert {k: r.token_ids for k, r in out.items()} == {k: r.token_ids for k, r in ar.items()}
@@ -58,7 +59,7 @@ def test_speculative_greedy_is_token_identical_to_ar(tiny_llama, drafter, ar_ref
 
 def test_ngram_greedy_is_token_identical_to_ar(tiny_llama, ar_reference):
     reqs, ar = ar_reference
-    dec = Decoder(tiny_llama, mode="ngram", block_size=4, batch_size=3, max_new_tokens=24, prompt_buckets=BUCKETS,
+    dec = make_decoder(tiny_llama, mode="ngram", block_size=4, batch_size=3, max_new_tokens=24, prompt_buckets=BUCKETS,
                   prefill_chunk=16)
     assert {r.id: r.token_ids for r in dec.generate(reqs)} == {k: r.token_ids for k, r in ar.items()}
 
@@ -68,7 +69,7 @@ def test_perfect_drafter_reaches_tau_equal_block_size(tiny_llama, ar_reference, 
     inside a verified block cuts the row exactly where AR stops."""
     reqs, ar = ar_reference
     block = 5
-    dec = Decoder(tiny_llama, mode=oracle_mode, block_size=block, batch_size=3, max_new_tokens=24,
+    dec = make_decoder(tiny_llama, mode=oracle_mode, block_size=block, batch_size=3, max_new_tokens=24,
                   prompt_buckets=BUCKETS, prefill_chunk=16)
     out = {r.id: r for r in dec.generate(reqs)}
     assert {k: r.token_ids for k, r in out.items()} == {k: r.token_ids for k, r in ar.items()}
@@ -91,7 +92,7 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
 
 @pytest.mark.parametrize("mode, block_size", [("dflash", 6), ("hybrid", "auto")])
 def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
-    dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block_size, batch_size=3, max_new_tokens=24,
+    dec = make_decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block_size, batch_size=3, max_new_tokens=24,
                   prompt_buckets=BUCKETS, prefill_chunk=16)
     dec.warmup(64)
     reqs = _requests(7, tiny_llama.config.vocab_size, seed=3, budgets=[3, 24, 11], temperature=0.8)
@@ -102,7 +103,7 @@ def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
 
 def test_stats_count_drafted_and_accepted_tokens(tiny_llama, drafter, ar_reference):
     reqs, _ = ar_reference
-    dec = Decoder(tiny_llama, mode="dflash", drafter=drafter, block_size=8, batch_size=3, max_new_tokens=24,
+    dec = make_decoder(tiny_llama, mode="dflash", drafter=drafter, block_size=8, batch_size=3, max_new_tokens=24,
                   prompt_buckets=BUCKETS, prefill_chunk=16)
     for r in dec.generate(reqs):
         assert r.draft_tokens_proposed == 7 * r.decode_steps
@@ -120,7 +121,7 @@ def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monke
 
     monkeypatch.setattr(_speculative, "ngram_match", always_a_match)
     reqs = _requests(9, tiny_llama.config.vocab_size, seed=5, budgets=[24])
-    ar = {r.id: r.token_ids for r in Decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=BUCKETS,
+    ar = {r.id: r.token_ids for r in make_decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=BUCKETS,
                                              prefill_chunk=16).generate(reqs)}
 
     def perfect_choice(params, cfg, drafter_, s, block):
@@ -132,7 +133,7 @@ def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monke
     monkeypatch.setitem(_speculative.PROPOSERS, "hybrid", perfect_choice)
     _speculative.spec_decode.clear_cache()
     try:
-        dec = Decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=3, max_new_tokens=24,
+        dec = make_decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=3, max_new_tokens=24,
                       prompt_buckets=BUCKETS, prefill_chunk=16)
         out = list(dec.generate(reqs))
     finally:
@@ -189,7 +190,7 @@ def test_every_mode_reads_as_much_cache_per_step_as_ar(tiny_llama, drafter):
     completion): a verified block past the end drops its rows there, so no slack is kept."""
     lengths = {}
     for mode, block in [("ar", 1), ("ngram", "auto"), ("dflash", 8), ("hybrid", "auto")]:
-        dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block, batch_size=3, max_new_tokens=24,
+        dec = make_decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block, batch_size=3, max_new_tokens=24,
                       prompt_buckets=BUCKETS, prefill_chunk=16)
         lengths[mode] = dec.engine(64).phases.init_state().cache.k.shape[3]
     assert lengths == {"ar": 64 + 24, "ngram": 64 + 24, "dflash": 64 + 24, "hybrid": 64 + 24}
@@ -202,14 +203,12 @@ def test_ar_calls_skip_the_drafter_and_later_drafts_stay_lossless(tiny_llama, dr
     what made such a call dearer than AR); the next speculative call drafts from a context
     with a gap, extends it by exactly what it commits, and the output is still AR's."""
     reqs, ar = ar_reference
-    dec = Decoder(tiny_llama, mode=mode, drafter=drafter, block_size="auto", batch_size=3, max_new_tokens=24,
+    dec = make_decoder(tiny_llama, mode=mode, drafter=drafter, block_size="auto", batch_size=3, max_new_tokens=24,
                   prompt_buckets=BUCKETS, prefill_chunk=16)
     engine = dec.engine(64)
     engine.warmup()
     script = itertools.cycle([1, 8, 1, 1, 4])
-    monkeypatch.setattr(engine.policy, "choose", lambda ready: next(script))
-    monkeypatch.setattr(engine.policy, "choose_drain", lambda rows, remaining, ready: next(script))
-    monkeypatch.setattr(engine.policy, "needs_context", lambda lead: True)  # every prompt feeds it
+    monkeypatch.setattr(engine.policy, "choose", lambda: (next(script), False))
     calls = []
     decode = engine.phases.decode
 

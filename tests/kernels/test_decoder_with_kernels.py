@@ -16,6 +16,7 @@ import pytest
 from dflash_batch.decoder import Decoder, Request
 from dflash_batch.decoder import _drafter
 from dflash_batch.kernels import _block_attention, use_attention_impl
+from decoding import make_decoder
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def kernel_calls(monkeypatch):
 
 
 def _generate(model, drafter, reqs):
-    dec = Decoder(model, mode="dflash", drafter=drafter, block_size=8, batch_size=3, max_new_tokens=12,
+    dec = make_decoder(model, mode="dflash", drafter=drafter, block_size=8, batch_size=3, max_new_tokens=12,
                   prompt_buckets=(48,), prefill_chunk=16)
     return {r.id: (r.token_ids, r.accepted_per_step.tolist()) for r in dec.generate(reqs)}
 
@@ -63,7 +64,7 @@ def test_dflash_greedy_tokens_are_the_same_with_the_kernels(tiny_llama, drafter,
 
 
 def test_draft_logits_are_the_same_with_the_kernel(tiny_llama, drafter, kernel_calls):
-    dcfg, dparams = drafter
+    dcfg, dparams = drafter.config, drafter.params
     c = tiny_llama.config
     b, s, blk = 3, 21, dcfg.block_size
     keys = jax.random.split(jax.random.PRNGKey(1), 3)

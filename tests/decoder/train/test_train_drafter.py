@@ -27,12 +27,13 @@ def test_saved_drafter_is_zlab_format_with_its_extensions_and_decodes(tiny32, ti
     assert hf["architectures"] == ["DFlashDraftModel"] and hf["torch_dtype"] == "bfloat16"
     assert hf["dflash_config"]["mask_embedding"] is True
     assert hf["dflash_config"]["draft_vocab_size"] == SPEC.draft_vocab_size
-    dcfg, params = load_drafter(out)
+    drafter = load_drafter(out)
+    params = drafter.params
     eos = tiny32.eos_token_ids[0]
     assert eos in np.asarray(params["d2t"]).tolist()  # the drafter can always propose the end
     prompts = tiny_prompts()
     _, held = split_prompts([p[0] for p in prompts], N_HELD_OUT, seed=0)
-    r = decode_tau(tiny32, [prompts[i] for i in held], drafter=(dcfg, params), max_new_tokens=32)
+    r = decode_tau(tiny32, [prompts[i] for i in held], drafter=drafter, max_new_tokens=32)
     # bf16 weights on disk: close to the fp32 evaluation during training
     assert abs(r["tau"] - summary["evals"][-1]["decoder_tau"]) < 0.15
 
@@ -44,8 +45,8 @@ def test_shipped_drafter_is_the_evaluated_one_with_the_best_held_out_tau(tiny_ru
     assert summary["exported_step"] == best["step"]
     rec = json.loads((work / "drafter-best" / "best.json").read_text())
     assert (rec["step"], rec["decoder_tau"]) == (best["step"], best["decoder_tau"])
-    _, kept = load_drafter(work / "drafter-best")
-    _, shipped = load_drafter(out)
+    kept = load_drafter(work / "drafter-best").params
+    shipped = load_drafter(out).params
     np.testing.assert_allclose(np.asarray(shipped["fc"]), np.asarray(kept["fc"]).astype(np.float32), rtol=1e-2, atol=1e-6)
 
 
@@ -53,7 +54,8 @@ def test_best_drafter_keeps_the_higher_tau_and_ignores_another_runs(tiny_run, tm
     from dflash_batch.decoder.train._run import BestDrafter
 
     _, out, _ = tiny_run
-    dcfg, params = load_drafter(out)
+    loaded = load_drafter(out)
+    dcfg, params = loaded.config, loaded.params
     best = BestDrafter(tmp_path / "best", "run-a")
     assert best.load() is None
     assert best.offer(100, 2.0, dcfg, params)

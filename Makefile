@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast lint bench install clean
 
 install: $(STAMP)
 
@@ -28,7 +28,15 @@ demo: $(STAMP)
 	$(VENV)/bin/dflash-batch audit aclsum-output
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# Your own loop: everything but the end-to-end tests on the real default model.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(VENV)/bin/dflash-batch bench --hf --batch-sizes 1,4,16 --repeats 3

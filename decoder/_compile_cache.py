@@ -9,7 +9,7 @@ import jax
 
 def enable_compilation_cache(folder: Path | None = None) -> Path:
     """Points JAX's on-disk compilation cache at ``folder`` (default: the project cache)."""
-    from dflash_batch.decoder._registry import cache_dir
+    from dflash_batch.decoder._storage import cache_dir
 
     folder = Path(folder) if folder else cache_dir() / "jax"
     folder.mkdir(parents=True, exist_ok=True)

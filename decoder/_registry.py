@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from dflash_batch.decoder._gguf import import_gguf
+from dflash_batch.decoder._storage import cache_dir, localize  # the GCS client loads only when used
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -25,12 +26,6 @@ _ACCEPTED = (
     f"a registered name ({', '.join(sorted(_EMBEDDED))}), "
     "a local folder containing config.json, or gs://bucket/prefix"
 )
-
-
-def cache_dir() -> Path:
-    """Root of the project's caches: ``$DFLASH_BATCH_CACHE``, else ``~/.cache/dflash-batch``."""
-    env = os.environ.get("DFLASH_BATCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dflash-batch"
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -45,9 +40,6 @@ def resolve_model_dir(name_or_path: str) -> Path:
     if value in _EMBEDDED:
         return _embedded_model_dir(value)
     if value.startswith("gs://"):
-        # Imported here so local runs never pay for (or need) the GCS client.
-        from dflash_batch.decoder._storage import localize
-
         return _require_checkpoint(localize(value), shown=value)
     path = Path(value).expanduser()
     if path.is_dir():
@@ -118,8 +110,6 @@ def resolve_drafter_dir(drafter: str, target: str) -> Path | None:
                              "Train one with `dflash-batch train-drafter` and pass its folder.")
         return folder
     if drafter.startswith("gs://"):
-        from dflash_batch.decoder._storage import localize
-
         return _require_checkpoint(localize(drafter), shown=drafter)
     path = Path(drafter).expanduser()
     if not path.is_dir():

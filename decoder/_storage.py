@@ -1,4 +1,4 @@
-"""Copy checkpoint folders between Google Cloud Storage and the local disk.
+"""Where checkpoints live: the project's local cache, and copies from Google Cloud Storage.
 
 Set ``STORAGE_EMULATOR_HOST`` (e.g. ``http://127.0.0.1:9023``) to talk to an emulator: the
 client then uses anonymous credentials, so no credential lookup (metadata server, gcloud)
@@ -12,10 +12,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dflash_batch.decoder._registry import cache_dir
-
 if TYPE_CHECKING:
     from google.cloud import storage
+
+
+def cache_dir() -> Path:
+    """Root of the project's caches: ``$DFLASH_BATCH_CACHE``, else ``~/.cache/dflash-batch``."""
+    env = os.environ.get("DFLASH_BATCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dflash-batch"
 
 
 def split_gs_uri(uri: str) -> tuple[str, str]:

@@ -121,7 +121,7 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     z-lab format (bf16), with a README.md model card.
     """
     from dflash_batch.decoder import load_target
-    from dflash_batch.decoder._registry import cache_dir
+    from dflash_batch.decoder import cache_dir
     from dflash_batch.decoder.train import DrafterSpec, TrainConfig, train_drafter
 
     tgt = load_target(target)

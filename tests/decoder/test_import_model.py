@@ -16,6 +16,7 @@ import pytest
 from dflash_batch.decoder import _gguf, _registry
 from dflash_batch.decoder._gguf import import_gguf, unpermute_rotary
 from dflash_batch.decoder._registry import DEFAULT_MODEL, embedded_gguf_path, resolve_model_dir
+from dflash_batch.decoder._storage import cache_dir
 
 MESSAGES = [
     {"role": "user", "content": "Summarize: the cat sat on the mat."},
@@ -63,9 +64,9 @@ def test_hf_tensor_name_maps_blocks_and_rejects_unknown_tensors():
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DFLASH_BATCH_CACHE", str(tmp_path / "c"))
-    assert _registry.cache_dir() == tmp_path / "c"
+    assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("DFLASH_BATCH_CACHE")
-    assert _registry.cache_dir() == Path.home() / ".cache" / "dflash-batch"
+    assert cache_dir() == Path.home() / ".cache" / "dflash-batch"
 
 
 @pytest.mark.parametrize("value", ["no-such-model", "./missing/dir", "s3://bucket/model", ""])

@@ -19,14 +19,14 @@ from dflash_batch.decoder._drafter import Drafter, DrafterConfig, load_drafter
 from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder, timed_generate
 from dflash_batch.decoder._engine import ROWS_PER_SLOT, BatchRun, bucket_for
 from dflash_batch.schemas import MODES
-from dflash_batch.decoder._registry import DEFAULT_MODEL, resolve_drafter_dir, resolve_model_dir
+from dflash_batch.decoder._registry import DEFAULT_MODEL, registered_models, resolve_drafter_dir, resolve_model_dir
 from dflash_batch.decoder._storage import cache_dir
 from dflash_batch.decoder._prompts import render_messages, tokenize_prompt
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._target import forward
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_PROMPT_BUCKETS", "ROWS_PER_SLOT", "BatchRun", "DecodeConfig", "Drafter", "cache_dir", "resolve_drafter_dir", "resolve_model_dir", "DRAFTER_MODES", "MODES", "Decoder", "KVCache", "Request", "Result", "TargetConfig", "TargetModel", "DrafterConfig", "load_drafter",
+    "DEFAULT_MODEL", "DEFAULT_PROMPT_BUCKETS", "ROWS_PER_SLOT", "BatchRun", "DecodeConfig", "Drafter", "cache_dir", "registered_models", "resolve_drafter_dir", "resolve_model_dir", "DRAFTER_MODES", "MODES", "Decoder", "KVCache", "Request", "Result", "TargetConfig", "TargetModel", "DrafterConfig", "load_drafter",
     "bucket_for", "enable_compilation_cache", "forward", "load_target", "params_from_hf", "read_safetensors", "render_messages",
     "timed_generate", "tokenize_prompt",
 ]

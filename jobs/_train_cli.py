@@ -166,7 +166,7 @@ TEST_RUNS = (("dflash_b16", "dflash", 16), ("dflash_b8", "dflash", 8), ("ngram_b
 
 def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int) -> dict:
     """tau of the saved (bf16) drafter on evaluation prompts, with the n-gram peer beside it."""
-    from dflash_batch.decoder._drafter import load_drafter
+    from dflash_batch.decoder import load_drafter
     from dflash_batch.decoder.train import decode_tau
 
     prompts, _ = read_prompts(prompts_path, target.tokenizer, "auto", limit)

@@ -26,7 +26,9 @@ from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._target import forward
 
 __all__ = [
-    "DEFAULT_MODEL", "DEFAULT_PROMPT_BUCKETS", "ROWS_PER_SLOT", "BatchRun", "DecodeConfig", "Drafter", "cache_dir", "registered_models", "resolve_drafter_dir", "resolve_model_dir", "DRAFTER_MODES", "MODES", "Decoder", "KVCache", "Request", "Result", "TargetConfig", "TargetModel", "DrafterConfig", "load_drafter",
-    "bucket_for", "enable_compilation_cache", "forward", "load_target", "params_from_hf", "read_safetensors", "render_messages",
-    "timed_generate", "tokenize_prompt",
+    "BatchRun", "bucket_for", "cache_dir", "DecodeConfig", "Decoder", "DEFAULT_MODEL",
+    "DEFAULT_PROMPT_BUCKETS", "Drafter", "DRAFTER_MODES", "DrafterConfig", "enable_compilation_cache",
+    "forward", "KVCache", "load_drafter", "load_target", "MODES", "params_from_hf", "read_safetensors",
+    "registered_models", "render_messages", "Request", "resolve_drafter_dir", "resolve_model_dir", "Result",
+    "ROWS_PER_SLOT", "TargetConfig", "TargetModel", "timed_generate", "tokenize_prompt",
 ]

@@ -59,7 +59,8 @@ class DecodeConfig:
                 out.append((name, f"must be a positive integer, got {_show(v)}"))
         b = self.prompt_buckets
         if not (b and all(_int(x) and x > 0 for x in b) and all(x < y for x, y in zip(b, b[1:]))):
-            out.append(("prompt_buckets", f"must be a non-empty list of increasing positive integers, got {_show(list(b))}"))
+            out.append(("prompt_buckets",
+                        f"must be a non-empty list of increasing positive integers, got {_show(list(b))}"))
         return out
 
     def replace(self, **changes) -> "DecodeConfig":

@@ -14,7 +14,7 @@ from dflash_batch.decoder._drafter import Drafter
 from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, bucket_for, falls_back_to_ar
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
-from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
+from dflash_batch.decoder._speculative import init_spec_state, spec_decode, spec_prefill
 
 DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
 AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size

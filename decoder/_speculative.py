@@ -319,8 +319,8 @@ def _verify(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter
     )
 
 
-def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None, block: int, mode: str,
-              s: Slots) -> Slots:
+def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None, block: int,
+              mode: str, s: Slots) -> Slots:
     """One speculative step (steps 1-4 of the module docstring) for the whole batch."""
     if block == 1:  # plain AR: nothing drafts, so the drafter's context is not fed
         return _verify(params, cfg, eos_ids, drafter, s, None, 1)
@@ -328,8 +328,8 @@ def spec_step(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], draft
     return _verify(params, cfg, eos_ids, drafter, s, prop, block)
 
 
-def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None, block: int, mode: str,
-                    s: Slots, n_steps: jax.Array, stop_on_first_done: jax.Array,
+def run_gated_steps(params: Params, cfg: TargetConfig, eos_ids: tuple[int, ...], drafter: Drafter | None,
+                    block: int, mode: str, s: Slots, n_steps: jax.Array, stop_on_first_done: jax.Array,
                     gate: jax.Array) -> tuple[Slots, jax.Array]:
     """``run_steps`` of speculative steps, each verified only where the batch's proposals
     promise more tokens per second than an AR step (``gate``: the L-token pass's cost

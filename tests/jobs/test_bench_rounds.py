@@ -60,7 +60,7 @@ def test_a_decoder_cells_turn_is_one_prefill_or_one_decode_call(tiny_llama):
         turns += 1
     rows = cell.turns[-1]
     assert [r[0] for r in rows] == ["0", "1", "2"]
-    calls = sum(-(-(len(t) - 1) // cell.decoder.chunk_steps) for t in cell.tokens.values())  # 16 steps a call
+    calls = sum(-(-(len(t) - 1) // cell.decoder.config.chunk_steps) for t in cell.tokens.values())  # 16 steps a call
     assert turns == len(reqs) + calls + 1  # and the last, which ends the run
     # Every turn of the run is booked to a row, but the last (which finds nothing left to do).
     assert sum(r[2] for r in rows) == pytest.approx(sum(r[1] for r in rows) / cell.runs[-1], rel=0.02)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -10,6 +10,9 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
+
+if TYPE_CHECKING:
+    from dflash_batch.decoder._speculative import SpecState
 
 
 @flax.struct.dataclass
@@ -35,7 +38,7 @@ class Slots:
     hist: jax.Array  # [B, L] int32: steps that committed i+1 tokens
     drafted: jax.Array  # [B] int32
     accepted: jax.Array  # [B] int32
-    extra: Any = None  # mode-specific state (drafter context cache, ...)
+    extra: SpecState | None = None  # the speculative modes' state (proposal history, drafter context)
 
     @classmethod
     def init(cls, cfg: TargetConfig, batch: int, cache_len: int, capacity: int, max_block: int, extra=None) -> "Slots":

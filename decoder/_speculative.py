@@ -33,8 +33,6 @@ the speed. The steps a gate turned into AR steps are counted (``ProposalStats.ga
 from __future__ import annotations
 
 import functools
-from typing import Any
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -60,10 +58,10 @@ class SpecState:
     """
 
     tokens: jax.Array
-    ctx_k: Any = None
-    ctx_v: Any = None
-    stats: Any = None  # ProposalStats
-    ctx_len: Any = None
+    ctx_k: jax.Array | None = None
+    ctx_v: jax.Array | None = None
+    stats: ProposalStats | None = None
+    ctx_len: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -170,11 +168,11 @@ class Proposal:
     use_ngram [B]: which of the two each row verifies (``hybrid``; None: the one present).
     """
 
-    ngram: Any = None
-    match: Any = None
-    dflash: Any = None
-    p_top: Any = None
-    use_ngram: Any = None
+    ngram: jax.Array | None = None
+    match: jax.Array | None = None
+    dflash: jax.Array | None = None
+    p_top: jax.Array | None = None
+    use_ngram: jax.Array | None = None
 
     def drafts(self) -> jax.Array:
         """The drafts each row verifies [B, L-1]."""

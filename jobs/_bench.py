@@ -16,11 +16,10 @@ slow the XLA cells that follow them on a small machine. A cell's tokens/s is the
 median of its runs. Its speedup is the median of its per-round ratios to AR's run in the
 same round, except at batch 1: there a cell's row and AR's same row of the same round did
 the same work moments apart, and the speedup is the median of those per-row ratios
-(``paired_ratios``). A round there lasts a few seconds per configuration, about as long as
-a slow spell of a shared machine, and its per-round ratios of AR to itself spread from 0.91
-to 1.17 (measured); a median over every row of every round is not thrown by the spells that
-hit one configuration's turns and not the other's. Outputs are compared with AR's token for
-token.
+(``paired_ratios``): a round there lasts a few seconds per configuration, about as long as a
+slow spell of a shared machine, and a median over every row of every round is not thrown by
+the spells that hit one configuration's turns and not the other's. Outputs are compared with
+AR's token for token.
 """
 
 from __future__ import annotations
@@ -192,9 +191,8 @@ def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambd
     prompt's prefill or one decode call each, about a second), the first turn rotating from
     round to round, and each is timed on its own clock. A slow spell of a shared machine
     (seconds to minutes) then falls on every configuration alike, not on whichever ran
-    through it. (Turns of one finished row each were too coarse where rows finish in waves:
-    at batch 8 a turn of AR's was 8 prefills and 64 steps, about 9 s, and two identical AR
-    steps of one round measured 13% apart.)"""
+    through it. Turns are short because rows finish in waves: a turn of one finished row
+    would be a whole wave of prefills and decode steps."""
     for rnd in range(repeats):
         k = rnd % len(cells)
         running = [*cells[k:], *cells[:k]]

@@ -237,13 +237,15 @@ def format_text(a: dict[str, Any]) -> str:
         f"  rows: {a['rows_in']} in, {a['completions']} completions, {a['dead_letters']} dead letters",
         f"  tokens: {a['prompt_tokens']} prompt, {a['completion_tokens']} completion",
     ]
+    indent = "  "
     if len(runs) > 1:
         lines.append(f"  runs ({len(runs)}; a resume is a run of its own):")
         for r in runs:
             f = Figures.from_dict(r)
             lines += [f"    {r['job_id']}:", f"      time: {time_line(f)}", f"      tokens/s: {rate_line(f)}"]
         lines.append(f"  job, over its {len(runs)} runs:")
-    lines += [f"  time: {time_line(job)}", f"  tokens/s: {rate_line(job)}"]
+        indent = "    "
+    lines += [f"{indent}time: {time_line(job)}", f"{indent}tokens/s: {rate_line(job)}"]
     if a["rate_completion_tokens"] != a["completion_tokens"]:
         lines.append(f"  ({a['completion_tokens'] - a['rate_completion_tokens']} completion tokens come from runs "
                      "without a record, e.g. interrupted ones, and are not in these rates)")

@@ -93,6 +93,6 @@ def time_line(f: Figures) -> str:
 
 
 def rate_line(f: Figures) -> str:
-    """'10.2 tokens/s over wall time, 84.4 while decoding (1234 completion tokens)'."""
-    return (f"{format_rate(f.tokens_per_s)} tokens/s over wall time, {format_rate(f.decode_tokens_per_s)} while decoding "
+    """Completion tokens/s: '10.2 over wall time, 84.4 while decoding (1234 completion tokens)'."""
+    return (f"{format_rate(f.tokens_per_s)} over wall time, {format_rate(f.decode_tokens_per_s)} while decoding "
             f"({f.completion_tokens} completion tokens)")

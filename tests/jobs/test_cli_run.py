@@ -165,7 +165,7 @@ def test_run_summary_job_stats_and_audit_show_the_same_figures(job_file, tmp_pat
     audit = CliRunner().invoke(main, ["audit", str(tmp_path / "out")])
     assert audit.exit_code == 0, audit.output
     decode = r"decode (\d+\.\d+ s)"
-    rate = r"tokens/s over wall time, (\d+\.\d+) while decoding"
+    rate = r"tokens/s: \d+\.\d+ over wall time, (\d+\.\d+) while decoding"
     assert _figure(decode, run.output) == _figure(decode, audit.output)
     assert _figure(rate, run.output) == _figure(rate, audit.output)
     stats = job_stats(tmp_path / "out")
@@ -206,7 +206,7 @@ def test_a_resume_with_nothing_to_do_says_so_and_leaves_no_empty_files(job_file,
     audit = CliRunner().invoke(main, ["audit", str(job_file)])  # the job file names the output
     assert audit.exit_code == 0, audit.output
     assert "None" not in audit.output
-    assert _figure(r"job, over its 2 runs:\n  time: .*decode (\d+\.\d+ s)", audit.output) == \
+    assert _figure(r"job, over its 2 runs:\n    time: .*decode (\d+\.\d+ s)", audit.output) == \
         f"{stats['decode_seconds']:.2f} s"
 
 

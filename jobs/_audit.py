@@ -228,6 +228,12 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def observed_range(hist: list[int]) -> list[int]:
+    """The histogram up to its last step size that occurred (index i: steps committing i + 1 tokens)."""
+    nonzero = [i for i, n in enumerate(hist) if n]
+    return hist[: nonzero[-1] + 1] if nonzero else []
+
+
 def format_text(a: dict[str, Any]) -> str:
     runs = a["runs"]
     job = Figures.from_dict(a)
@@ -251,7 +257,7 @@ def format_text(a: dict[str, Any]) -> str:
                      "without a record, e.g. interrupted ones, and are not in these rates)")
     lines += [
         f"  tau: mean {_f(a['tau_mean'])} over {a['decode_steps']} steps; histogram (steps committing 1, 2, ... "
-        f"tokens): {a['tau_histogram']}",
+        f"tokens): {observed_range(a['tau_histogram'])}",
         "  bucket   rows  calls  fill   padding  tokens/s",
     ]
     for b in a["buckets"]:

@@ -18,7 +18,7 @@ import html
 import io
 from typing import Any
 
-from dflash_batch.jobs._audit import choice_line
+from dflash_batch.jobs._audit import choice_line, observed_range
 from dflash_batch.pipeline import Figures, format_rate, format_seconds
 
 CAPTIONS = {
@@ -41,12 +41,6 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def observed_range(hist: list[int]) -> list[int]:
-    """The histogram up to its last step size that occurred (index i: steps committing i + 1 tokens)."""
-    nonzero = [i for i, n in enumerate(hist) if n]
-    return hist[: nonzero[-1] + 1] if nonzero else []
 
 
 def plots(a: dict[str, Any]) -> dict[str, str]:

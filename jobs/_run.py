@@ -67,26 +67,26 @@ def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None)
     finish = ", ".join(f"{r} x{n}" for r, n in sorted((run.get("finish_reasons") or {}).items()))
     done_before, this_run = stats.get("skipped_completed") or 0, stats.get("completions_this_run") or 0
     dead = stats.get("dead_letters") or 0
-    if this_run == 0 and done_before:
-        head = (f"job {stats.get('job_id')}: nothing left to do: {done_before} of {done_before + this_run} ids "
-                f"already complete ({dead} dead letters)")
-    else:
-        head = f"job {stats.get('job_id')} finished in {format_seconds(this.wall_seconds)}"
     hist = run.get("tau_histogram") or []
     steps = sum(hist)
     tau = sum((k + 1) * n for k, n in enumerate(hist)) / steps if steps else None
-    lines = [
-        head,
-        f"  rows:     {stats.get('rows_in')} in -> {stats.get('completions_out')} completions "
-        f"({this_run} this run, {done_before} done earlier), {dead} dead letters",
-        f"  tokens:   {this.prompt_tokens} prompt, {this.completion_tokens} completion this run",
-        f"  decode:   mode {stats.get('mode')}, batch {stats.get('batch_size')}, block {stats.get('block_size')}, "
-        + (f"tau {tau:.2f} (tokens per target step, bonus token included)" if tau is not None
-           else "nothing decoded this run"),
-        f"  time:     {time_line(this)}",
-        f"  tokens/s: {rate_line(this)}",
-        f"  workers:  {_workers_line(run)}",
-    ]
+    rows = (f"  rows:     {stats.get('rows_in')} in -> {stats.get('completions_out')} completions "
+            f"({this_run} this run, {done_before} done earlier), {dead} dead letters")
+    if this_run == 0 and done_before:
+        lines = [f"job {stats.get('job_id')}: nothing left to do: {done_before} of {done_before} ids already complete",
+                 rows, f"  time:     wall {format_seconds(this.wall_seconds)}; {_workers_line(run)}"]
+    else:
+        lines = [
+            f"job {stats.get('job_id')} finished in {format_seconds(this.wall_seconds)}",
+            rows,
+            f"  tokens:   {this.prompt_tokens} prompt, {this.completion_tokens} completion this run",
+            f"  decode:   mode {stats.get('mode')}, batch {stats.get('batch_size')}, block {stats.get('block_size')}, "
+            + (f"tau {tau:.2f} (tokens per target step, bonus token included)" if tau is not None
+               else "nothing decoded this run"),
+            f"  time:     {time_line(this)}",
+            f"  tokens/s: {rate_line(this)}",
+            f"  workers:  {_workers_line(run)}",
+        ]
     if len(runs) > 1:
         job = Figures.from_dict(stats)
         lines += [f"  job, over its {len(runs)} runs:",
@@ -94,7 +94,7 @@ def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None)
                   f"    tokens/s: {rate_line(job)}"]
     if finish:
         lines.append(f"  finish:   {finish}")
-    if waste:
+    if waste and this_run:
         lines.append(f"  padding:  {waste} of padded prompt positions, by bucket")
     dead_files = files.get("dead_letters") or []
     if dead:

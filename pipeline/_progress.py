@@ -20,7 +20,7 @@ from pathlib import Path
 
 FIELDS = ("rows", "completion_tokens", "steps", "committed", "dead_letters", "skipped")
 PHASES = ("loading", "compiling", "decoding")
-RATE_WINDOW_S = 10.0
+RATE_WINDOW_S = 30.0  # long enough to span several rows finishing in a static batch
 
 
 class ProgressLog:
@@ -83,8 +83,9 @@ class Progress:
     def moving_rate(self, window: float = RATE_WINDOW_S) -> float | None:
         """Completion tokens/s over the last ``window`` seconds of reports, ending at the latest.
 
-        It holds still between reports (it is not tokens over the time since the start), and it
-        starts from the latest start of decoding, so loading and compiling never count.
+        Tokens are counted as rows finish (the decoder hands a row over when it is done). The
+        rate holds still between reports (it is not tokens over the time since the start), and
+        it starts from the latest start of decoding, so loading and compiling never count.
         """
         if not self.tokens:
             return None

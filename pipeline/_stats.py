@@ -124,7 +124,8 @@ def _bucket_record(sums: dict[str, Any]) -> dict[str, Any]:
 
 def run_record(config: JobConfig, run_id: str, started: float, finished: float, sums: dict[str, Any],
                dead_letters: int, skipped: int) -> dict[str, Any]:
-    """What one run did (``run_stats-<run>.json``): its figures, per bucket too, and its tau histogram."""
+    """What one run did (``run_stats-<run>.json``): its figures, per bucket too, its tau histogram,
+    and the automatic block choice per worker and bucket."""
     figures = Figures(wall_seconds=finished - started, **{k: sums[k] for k in _SUMS if k != "batches"})
     return {
         "run_id": run_id, "job_id": job_id(config.name, run_id),
@@ -134,6 +135,9 @@ def run_record(config: JobConfig, run_id: str, started: float, finished: float, 
         "tau_histogram": list(sums["tau_histogram"]),
         "buckets": {str(b): _bucket_record(s) for b, s in sorted(sums["buckets"].items())},
         "hardware": sums["hardware"], "workers": sums["workers"], "finish_reasons": sums["finish_reasons"],
+        # Per worker and bucket: the block lengths' measured step costs, the acceptance seen, the
+        # expected tokens/s of each, and how many decode calls ran at each (and hybrid's source choices).
+        "block_choice": dict(sorted(sums["decoder_reports"].items())),
     }
 
 
@@ -165,7 +169,7 @@ def job_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[dict[str, Any]], rows_in: int,
-                     decoder_reports: dict[str, Any], completion_files: list[str], dead_files: list[str]) -> dict:
+                     completion_files: list[str], dead_files: list[str]) -> dict:
     """The job-stats record of the job after ``run``: JOB_STATS_SCHEMA's fields first (the job's
     figures, over every run into this output), then the extras."""
     runs = sorted([*earlier_runs, run], key=lambda r: r["run_id"])
@@ -208,11 +212,9 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "finish_reasons": t["finish_reasons"],
         "buckets": t["buckets"],
         "this_run": run,
-        "runs": [{k: v for k, v in r.items() if k not in ("buckets", "tau_histogram")} for r in runs],
-        # Per worker and bucket of this run: the block lengths' measured step costs, the acceptance
-        # seen, the expected tokens/s of each, and how many decode calls ran at each (and hybrid's
-        # source choices).
-        "block_choice": dict(sorted(decoder_reports.items())),
+        "runs": [{k: v for k, v in r.items() if k not in ("buckets", "tau_histogram", "block_choice")} for r in runs],
+        # The automatic block choice of the latest run that decoded (see run_record).
+        "block_choice": next((r["block_choice"] for r in reversed(runs) if r.get("block_choice")), {}),
         "tau_note": TAU_NOTE,
         "files": {"completions": sorted(completion_files), "dead_letters": sorted(dead_files)},
     }
@@ -258,7 +260,6 @@ class WriteJobStats(beam.DoFn):
         earlier = [r for r in read_runs(self.config.output) if r["run_id"] != self.run_id]
         run = run_record(self.config, self.run_id, self.started, time.time(), sums, dead_letters, skipped)
         write_json(join(self.config.output, f"{RUN_STATS_PREFIX}{self.run_id}.json"), run)
-        record = job_stats_record(self.config, run, earlier, rows_in, sums["decoder_reports"], completion_files,
-                                  dead_files)
+        record = job_stats_record(self.config, run, earlier, rows_in, completion_files, dead_files)
         write_json(join(self.config.output, JOB_STATS_FILE), record)
         yield record

@@ -146,7 +146,7 @@ def test_html_report_plots_per_bucket_only_for_several_buckets_with_human_captio
 
 
 def test_the_tau_histogram_is_trimmed_to_the_step_sizes_that_occurred():
-    from dflash_batch.jobs._report import observed_range
+    from dflash_batch.jobs._audit import observed_range
 
     assert observed_range([5, 0, 3, 1] + [0] * 12) == [5, 0, 3, 1]
     assert observed_range([0] * 16) == []

@@ -40,3 +40,20 @@ def test_a_run_records_its_figures_and_the_job_sums_its_runs(chat_model_dir, tmp
     assert job["decode_seconds"] == round(sum(r["decode_seconds"] for r in job["runs"]), 3)
     assert job["decode_tokens_per_s"] == round(job["completion_tokens"] / job["decode_seconds"], 3)
     assert job["wall_seconds"] >= job["decode_seconds"]
+
+
+def test_a_resume_that_decoded_nothing_keeps_the_block_choice_of_the_run_that_did():
+    from dflash_batch.pipeline._options import JobConfig, parse_options
+    from dflash_batch.pipeline._stats import job_stats_record
+
+    config = JobConfig.from_options(parse_options(job_argv("m", "/in", "/out", decode_mode="ngram")))
+    choice = {"w:1 bucket 64": {"candidates": [1, 2], "decode_calls_by_block": {"1": 3}}}
+    first = {"run_id": "a", "job_id": "job-a", **Figures(wall_seconds=9.0, decode_seconds=4.0,
+                                                        completion_tokens=40, rows=4).as_dict(),
+             "tau_histogram": [40], "block_choice": choice}
+    resume = {"run_id": "b", "job_id": "job-b", "started_at": "", "finished_at": "", "skipped_completed": 4,
+              "dead_letters": 0, **Figures(wall_seconds=1.0).as_dict(), "tau_histogram": [], "block_choice": {}}
+    record = job_stats_record(config, resume, [first], 4, [], [])
+    assert record["block_choice"] == choice and record["job_id"] == "job-b"
+    assert (record["wall_seconds"], record["decode_seconds"], record["tau_mean"]) == (10.0, 4.0, 1.0)
+    assert record["tokens_per_s"] == 4.0 and record["decode_tokens_per_s"] == 10.0

@@ -31,10 +31,12 @@ CAPTIONS = {
 
 
 def baseline_hint(a: dict[str, Any]) -> str:
-    """How to get a speedup over AR for this job when there is none."""
-    return ("No AR baseline to compare with. Run the same job with plain autoregressive decoding into "
-            "another output (dflash-batch run JOB.toml --set decode.mode=ar --set output=OUTPUT-ar), then "
-            f"dflash-batch audit {a['output']} --baseline OUTPUT-ar.")
+    """How to get a speedup over AR for this job when there is none (HTML)."""
+    run = "dflash-batch run JOB.toml --set decode.mode=ar --set output=OUTPUT-ar"
+    audit = f"dflash-batch audit {a['output']} --baseline OUTPUT-ar"
+    return ("No speedup over AR: there is no AR baseline to compare with. Run the same job with plain "
+            f"autoregressive decoding into another output (<code>{html.escape(run)}</code>), then "
+            f"<code>{html.escape(audit)}</code>.")
 
 
 def _png(fig) -> str:
@@ -141,7 +143,7 @@ def format_html(a: dict[str, Any]) -> str:
         f"<td>{b['padding_waste']:.0%}</td><td>{_f(b['tokens_per_s'], '{:.1f}')}</td></tr>" for b in a["buckets"])
     imgs = "".join(f'<figure><img data-plot="{k}" alt="{esc(CAPTIONS[k])}" src="data:image/png;base64,{v}">'
                    f"<figcaption>{esc(CAPTIONS[k])}</figcaption></figure>" for k, v in images.items())
-    hint = "" if a["speedup_over_ar"] else f'<p class="hint">{esc(baseline_hint(a))}</p>'
+    hint = "" if a["speedup_over_ar"] else f'<p class="hint">{baseline_hint(a)}</p>'
     dead = "".join(f"<li>{n} x {esc(r)}</li>" for r, n in a["dead_letter_reasons"].items())
     choice = "".join(f"<li>{esc(choice_line(c))}</li>" for c in a["block_choice"])
     choice_html = f"<h2>Automatic block length</h2><ul>{choice}</ul>" if choice else ""

@@ -80,6 +80,7 @@ def plots(a: dict[str, Any]) -> dict[str, str]:
         bars = ax.bar(["AR", a["mode"] or "this job"], [s["ar_tokens_per_s"], s["tokens_per_s"]],
                       color=["#a5a5a5", "#4472c4"])
         ax.bar_label(bars, labels=["1.00x", f"{s['speedup']:.2f}x"])
+        ax.set_ylim(0, 1.15 * max(s["ar_tokens_per_s"], s["tokens_per_s"]))  # room for the labels
         ax.set(title=f"Speedup over AR: {s['speedup']:.2f}x", ylabel="tokens/s while decoding")
         out["speedup"] = _png(fig)
         plt.close(fig)

@@ -23,7 +23,8 @@ runs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 _SECONDS = ("wall_seconds", "load_seconds", "compile_seconds", "decode_seconds")
 _COUNTS = ("rows", "prompt_tokens", "completion_tokens", "model_loads")
@@ -56,7 +57,7 @@ class Figures:
         """Completion tokens over decode seconds."""
         return round(self.completion_tokens / self.decode_seconds, 3) if self.decode_seconds > 0 else None
 
-    def __add__(self, other: "Figures") -> "Figures":
+    def __add__(self, other: Figures) -> Figures:
         return Figures(**{f.name: getattr(self, f.name) + getattr(other, f.name)
                           for f in dataclasses.fields(self)})
 
@@ -66,7 +67,7 @@ class Figures:
                 "decode_tokens_per_s": self.decode_tokens_per_s}
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "Figures":
+    def from_dict(cls, record: dict[str, Any]) -> Figures:
         """The figures in a record written by ``as_dict`` (missing ones are 0; rates are recomputed)."""
         return cls(**{name: record.get(name) or 0 for name in (*_SECONDS, *_COUNTS)})
 

@@ -99,7 +99,7 @@ def test_after_a_resume_each_figure_sums_the_runs_and_each_rate_divides_the_same
     assert first["tokens_per_s"] == pytest.approx(first["completion_tokens"] / 4.0, abs=1e-3)
     text = CliRunner().invoke(main, ["audit", str(output)]).output
     assert "runs (2; a resume is a run of its own)" in text and "audit-test-a:" in text
-    assert f"job, over its 2 runs:\n    time: wall 7.00 s, model load 1.00 s, compile 2.00 s, decode 1.50 s" in text
+    assert "job, over its 2 runs:\n    time: wall 7.00 s, model load 1.00 s, compile 2.00 s, decode 1.50 s" in text
 
 
 def test_a_resume_that_decoded_nothing_adds_its_wall_time_and_no_tokens(output):

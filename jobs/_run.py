@@ -139,7 +139,8 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
             thread.join(0.5)
             p = read_progress(progress_dir)
             bar.n = p["rows"] + p["dead_letters"] + p["skipped"]
-            bar.set_description_str(f"{name}: {p.phase_text() if thread.is_alive() else 'done'}", refresh=False)
+            phase = p.phase_text() if bar.n < bar.total else "writing output"
+            bar.set_description_str(f"{name}: {phase if thread.is_alive() else 'done'}", refresh=False)
             bar.set_postfix_str(_bar_text(p), refresh=True)
     finally:
         bar.close()

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import click
 
+from dflash_batch.jobs._exit import Refused
+
 
 def _prepared(job) -> list:
     """The job's input rows as the pipeline would hand them to the decoder (dead letters dropped)."""
@@ -119,20 +121,20 @@ def bench_pipeline_command(job_file: Path, overrides: tuple[str, ...], limit: in
         spec = load_spec(job_file, overrides)
         argv = spec.pipeline_argv()
     except SpecError as e:
-        raise click.ClickException(str(e)) from None
+        raise Refused(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="dflash-bench-input-") as tmp:
         if limit is not None:
             from dflash_batch.pipeline._io import match_files
 
             tables = [pq.read_table(f) for f in match_files(spec.input)]
             if not tables:
-                raise click.ClickException(f"input: {spec.input!r} matches no files")
+                raise Refused(f"input: {spec.input!r} matches no files")
             pq.write_table(pa.concat_tables(tables, promote_options="default").slice(0, limit), f"{tmp}/input.parquet")
             argv = [a for a in argv if not a.startswith("--input=")] + [f"--input={tmp}/input.parquet"]
         try:
             report = bench_pipeline(argv, repeats, progress=None if as_json else lambda m: click.echo(m, err=True))
         except (JobRefused, ValueError) as e:
-            raise click.ClickException(str(e)) from None
+            raise Refused(str(e)) from None
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -29,11 +29,12 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
+
+from dflash_batch.jobs._exit import Refused
 
 # (tpu_type, topology) -> the only worker machine type with that slice (DESIGN section 5).
 TPU_MACHINE_TYPES: dict[tuple[str, str], str] = {
@@ -210,8 +211,7 @@ def _step_names(proto_pipeline) -> list[str]:
 # ---- the command --------------------------------------------------------------------------------
 
 def _refuse(message: str) -> None:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(2)
+    raise Refused(message)
 
 
 @click.command("submit")
@@ -257,12 +257,12 @@ def _submit(spec, argv: list[str]) -> None:
         job = build(argv)
     except JobRefused as e:
         _refuse(f"job {spec.name} refused before any work started: {e}")
-    with ledger_entry(spec, runner="dataflow", output=spec.output, wait=False) as entry:
+    with ledger_entry(spec, runner="dataflow", output=spec.output, wait=False, job_id=job.job_id) as entry:
         job.prepare_output()
         result = job.pipeline.run()
-        job_id = result.job_id() if hasattr(result, "job_id") else None
-        entry.set(dataflow_job_id=job_id)
+        dataflow_id = result.job_id() if hasattr(result, "job_id") else None
+        entry.set(dataflow_job_id=dataflow_id)
     region = spec.runner.region
-    click.echo(f"submitted {spec.name} as Dataflow job {job_id}: https://console.cloud.google.com/dataflow/jobs/"
-               f"{region}/{job_id}?project={spec.runner.project}")
+    click.echo(f"submitted {job.job_id} as Dataflow job {dataflow_id}: https://console.cloud.google.com/dataflow/"
+               f"jobs/{region}/{dataflow_id}?project={spec.runner.project}")
 

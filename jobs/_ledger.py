@@ -127,10 +127,14 @@ class LedgerEntry:
 
 @contextlib.contextmanager
 def ledger_entry(spec, runner: str, output: str | None = None, wait: bool = True,
-                 path: Path | None = None) -> Iterator[LedgerEntry]:
+                 path: Path | None = None, job_id: str | None = None) -> Iterator[LedgerEntry]:
     """Records the job's start, then its end: ``succeeded`` (``submitted`` when ``wait`` is False,
-    i.e. the job runs on elsewhere), or ``failed`` with the error when the block raises."""
-    job_id = record_start(spec.name, spec.to_json(), runner, output=output or spec.output, path=path)
+    i.e. the job runs on elsewhere), or ``failed`` with the error when the block raises.
+
+    ``job_id``: the run's id as its job stats name it (``BuiltJob.job_id``), so that the ledger,
+    ``job_stats.json`` and the report show one id for one run."""
+    job_id = record_start(spec.name, spec.to_json(), runner, output=output or spec.output, job_id=job_id,
+                          path=path)
     entry = LedgerEntry(job_id, path, "succeeded" if wait else "submitted")
     try:
         yield entry

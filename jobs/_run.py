@@ -1,8 +1,10 @@
 """``dflash-batch run JOB.toml [--set section.key=value ...]``: a job on this machine, with progress.
 
 The spec is validated and the job checked (input files, schemas, model, output) before anything
-runs; a refusal names the field to fix. While the job runs, a progress bar shows rows done out of
-rows in, completion tokens/s and tau; at the end a summary says where everything went.
+runs; a refusal names the field to fix and exits 2. While the job runs, a progress bar shows its
+phase (loading the model, compiling a bucket, decoding), rows done out of rows in, completion
+tokens/s over the last seconds of decoding, and tau; at the end a summary says what the run did
+and where everything went. A run that fails exits 1; running it again resumes it.
 """
 
 from __future__ import annotations
@@ -10,21 +12,17 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 
-
-def _human_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+from dflash_batch.jobs._exit import Refused
+from dflash_batch.pipeline import Figures, format_seconds, rate_line, time_line
 
 
-def _top_reasons(files: list[str], n: int = 3) -> list[tuple[str, int]]:
-    """The most common dead-letter reasons (read from the files just written)."""
+def dead_letter_reasons(files: list[str]) -> dict[str, int]:
+    """Every dead-letter reason in ``files`` with its count, most common first."""
     import collections
 
     import pyarrow.parquet as pq
@@ -37,38 +35,71 @@ def _top_reasons(files: list[str], n: int = 3) -> list[tuple[str, int]]:
                 counts.update(pq.read_table(f, columns=["error"]).column("error").to_pylist())
         except Exception:  # noqa: BLE001 - the summary must not fail over a listing
             continue
-    return counts.most_common(n)
+    return dict(counts.most_common())
 
 
-def format_summary(stats: dict[str, Any]) -> str:
-    """A human summary of a job-stats record."""
+def reason_lines(reasons: dict[str, int], limit: int = 5) -> list[str]:
+    """'dead letter x3: REASON' for the ``limit`` most common reasons, then what was left out."""
+    ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
+    lines = [f"dead letter x{n}: {reason}" for reason, n in ranked[:limit]]
+    rest = ranked[limit:]
+    if rest:
+        lines.append(f"and {sum(n for _, n in rest)} more dead letter(s) with {len(rest)} other reason(s) "
+                     "(see dead_letters-*.parquet)")
+    return lines
+
+
+def _workers_line(run: dict[str, Any]) -> str:
+    loads, workers = run.get("model_loads") or 0, len(run.get("workers") or [])
+    if not workers:
+        return "no model loaded: nothing to decode"
+    hardware = ", ".join(run.get("hardware") or []) or "unknown hardware"
+    return f"{loads} model load(s), {workers} worker process(es), on {hardware}"
+
+
+def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None) -> str:
+    """A human summary of a job-stats record: this run, then the job over all its runs."""
     files = stats.get("files", {})
-    tau = stats.get("tau_mean")
+    run = stats.get("this_run") or {}
+    this = Figures.from_dict(run)
+    runs = stats.get("runs") or []
     waste = ", ".join(f"{b}: {w:.0%}" for b, w in json.loads(stats.get("padding_waste_json") or "{}").items())
-    reasons = ", ".join(f"{r} x{n}" for r, n in sorted((stats.get("finish_reasons") or {}).items()))
-    lines = [
-        f"job {stats.get('name')} finished in {_human_seconds(stats.get('wall_seconds'))} (run {stats.get('run_id')})",
-        f"  rows:    {stats.get('rows_in')} in -> {stats.get('completions_out')} completions "
-        f"({stats.get('completions_this_run')} this run, {stats.get('skipped_completed')} done earlier), "
-        f"{stats.get('dead_letters')} dead letters",
-        f"  tokens:  {stats.get('prompt_tokens')} prompt, {stats.get('completion_tokens')} completion; "
-        f"{stats.get('tokens_per_s') or 0:.1f} tokens/s over the job, "
-        f"{stats.get('decode_tokens_per_s') or 0:.1f} while decoding",
-        f"  decode:  mode {stats.get('mode')}, batch {stats.get('batch_size')}, block {stats.get('block_size')}, "
-        f"tau {tau:.2f} (tokens per target step, bonus token included)" if tau is not None else
-        f"  decode:  mode {stats.get('mode')}, batch {stats.get('batch_size')}, nothing decoded this run",
-        f"  time:    compile {_human_seconds(stats.get('compile_seconds'))}, model load "
-        f"{_human_seconds(stats.get('load_seconds'))}, {stats.get('model_loads')} model load(s) in "
-        f"{len(stats.get('workers') or [])} worker process(es) on {stats.get('hardware')}",
-    ]
-    if reasons:
-        lines.append(f"  finish:  {reasons}")
-    if waste:
-        lines.append(f"  padding: {waste} of padded prompt positions, by bucket")
+    finish = ", ".join(f"{r} x{n}" for r, n in sorted((run.get("finish_reasons") or {}).items()))
+    done_before, this_run = stats.get("skipped_completed") or 0, stats.get("completions_this_run") or 0
+    dead = stats.get("dead_letters") or 0
+    hist = run.get("tau_histogram") or []
+    steps = sum(hist)
+    tau = sum((k + 1) * n for k, n in enumerate(hist)) / steps if steps else None
+    rows = (f"  rows:     {stats.get('rows_in')} in -> {stats.get('completions_out')} completions "
+            f"({this_run} this run, {done_before} done earlier), {dead} dead letters")
+    if this_run == 0 and done_before:
+        lines = [f"job {stats.get('job_id')}: nothing left to do: {done_before} of {done_before} ids already complete",
+                 rows, f"  time:     wall {format_seconds(this.wall_seconds)}; {_workers_line(run)}"]
+    else:
+        lines = [
+            f"job {stats.get('job_id')} finished in {format_seconds(this.wall_seconds)}",
+            rows,
+            f"  tokens:   {this.prompt_tokens} prompt, {this.completion_tokens} completion this run",
+            f"  decode:   mode {stats.get('mode')}, batch {stats.get('batch_size')}, block {stats.get('block_size')}, "
+            + (f"tau {tau:.2f} (tokens per target step, bonus token included)" if tau is not None
+               else "nothing decoded this run"),
+            f"  time:     {time_line(this)}",
+            f"  tokens/s: {rate_line(this)}",
+            f"  workers:  {_workers_line(run)}",
+        ]
+    if len(runs) > 1:
+        job = Figures.from_dict(stats)
+        lines += [f"  job, over its {len(runs)} runs:",
+                  f"    time:     {time_line(job)}",
+                  f"    tokens/s: {rate_line(job)}"]
+    if finish:
+        lines.append(f"  finish:   {finish}")
+    if waste and this_run:
+        lines.append(f"  padding:  {waste} of padded prompt positions, by bucket")
     dead_files = files.get("dead_letters") or []
-    if stats.get("dead_letters"):
-        for reason, n in _top_reasons(dead_files):
-            lines.append(f"  dead letter x{n}: {reason}")
+    if dead:
+        lines += [f"  {line}" for line in reason_lines(reasons if reasons is not None
+                                                        else dead_letter_reasons(dead_files))]
     lines.append(f"output: {stats.get('output')}")
     for f in files.get("completions") or []:
         lines.append(f"  completions:  {f}")
@@ -76,6 +107,12 @@ def format_summary(stats: dict[str, Any]) -> str:
         lines.append(f"  dead letters: {f}")
     lines.append(f"  job stats:    {stats.get('output')}/job_stats.json")
     return "\n".join(lines)
+
+
+def _bar_text(p) -> str:
+    rate = p.moving_rate()
+    tau = f"{p.tau:.2f}" if p.tau is not None else "-"
+    return f"{'-' if rate is None else f'{rate:.1f}'} tok/s, tau {tau}, {p['dead_letters']} dead"
 
 
 def run_with_progress(job, progress_dir: str, show: bool = True):
@@ -93,23 +130,29 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
             outcome["error"] = e
 
     thread = threading.Thread(target=target, name="dflash-batch-job", daemon=True)
-    t0 = time.perf_counter()
     thread.start()
-    bar = tqdm(total=job.preflight.rows_in, unit="row", desc=job.config.name, disable=not show, dynamic_ncols=True)
+    name = job.config.name
+    bar = tqdm(total=job.preflight.rows_in, unit="row", desc=f"{name}: starting", disable=not show,
+               dynamic_ncols=True)
     try:
         while thread.is_alive():
             thread.join(0.5)
             p = read_progress(progress_dir)
             bar.n = p["rows"] + p["dead_letters"] + p["skipped"]
-            elapsed = time.perf_counter() - t0
-            tau = f"{p['committed'] / p['steps']:.2f}" if p["steps"] else "-"
-            bar.set_postfix_str(f"{p['completion_tokens'] / elapsed:.1f} tok/s, tau {tau}, "
-                                f"{p['dead_letters']} dead", refresh=True)
+            phase = p.phase_text() if bar.n < bar.total else "writing output"
+            bar.set_description_str(f"{name}: {phase if thread.is_alive() else 'done'}", refresh=False)
+            bar.set_postfix_str(_bar_text(p), refresh=True)
     finally:
         bar.close()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def _completed_ids(files: Sequence[str]) -> int:
+    from dflash_batch.pipeline._io import parquet_footer
+
+    return sum(parquet_footer(f)[1] for f in files)
 
 
 @click.command("run")
@@ -118,10 +161,12 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
               help="Override a spec value, e.g. --set decode.batch_size=4 (repeatable).")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -> None:
-    """Run the job spec JOB_FILE (TOML) on this machine with Beam's DirectRunner.
+    """Run the job spec JOB_FILE (TOML) on this machine, on Beam's FnApiRunner (the local runner
+    behind Beam's DirectRunner).
 
     A rerun into the same output skips rows that already have completions, so an interrupted
-    job is resumed by running the same command again.
+    job is resumed by running the same command again. Exit status: 2 when the spec is refused
+    (nothing ran), 1 when the run failed.
     """
     from dflash_batch.jobs._spec import SpecError, load_spec
 
@@ -129,28 +174,31 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
         spec = load_spec(job_file, overrides)
         spec.pipeline_argv()  # refuses a runner that does not run on this machine
     except SpecError as e:
-        raise click.ClickException(str(e)) from None
+        raise Refused(str(e)) from None
     from dflash_batch.pipeline import JobRefused, build
 
     with tempfile.TemporaryDirectory(prefix="dflash-batch-progress-") as progress_dir:
         try:
             job = build(spec.pipeline_argv(progress_dir))
         except JobRefused as e:
-            raise click.ClickException(f"job {spec.name} refused before any work started: {e}") from None
+            raise Refused(f"job {spec.name} refused before any work started: {e}") from None
         pre = job.preflight
-        click.echo(f"job {spec.name}: {pre.rows_in} rows in {len(pre.files)} file(s) -> {spec.output}", err=True)
+        click.echo(f"job {job.job_id}: {pre.rows_in} rows in {len(pre.files)} file(s) -> {spec.output}", err=True)
         if pre.previous_completions:
-            click.echo(f"  resuming: {len(pre.previous_completions)} completion file(s) there already; "
-                       "their ids are skipped", err=True)
+            click.echo(f"  resuming: {_completed_ids(pre.previous_completions)} ids already complete in "
+                       f"{len(pre.previous_completions)} completion file(s) there; they are skipped", err=True)
         click.echo(f"  model {spec.model.target}, mode {spec.decode.mode}, batch {spec.decode.batch_size}, "
                    f"runner direct ({spec.runner.direct_running_mode}, {spec.runner.direct_num_workers} worker(s))",
                    err=True)
-        try:
-            from dflash_batch.jobs._ledger import ledger_entry
+        from dflash_batch.jobs._ledger import ledger_entry
 
-            with ledger_entry(spec, runner="direct", output=spec.output):
+        try:
+            with ledger_entry(spec, runner="direct", output=spec.output, job_id=job.job_id):
                 result = run_with_progress(job, progress_dir, show=not no_progress)
         except KeyboardInterrupt:
             raise click.ClickException("interrupted; run the same command again to resume "
                                        "(rows already completed are skipped)") from None
+        except Exception as e:  # noqa: BLE001 - a failed run: exit 1 with the reason, not a traceback
+            raise click.ClickException(f"job {job.job_id} failed: {type(e).__name__}: {e}\nrun the same command "
+                                       "again to resume (rows already completed are skipped)") from None
     click.echo(format_summary(result.stats))

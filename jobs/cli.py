@@ -11,6 +11,7 @@ from typing import Sequence
 import click
 
 from dflash_batch.decoder import DEFAULT_MODEL
+from dflash_batch.jobs._exit import Refused
 
 
 def _requests(target, split: str, limit: int, max_new_tokens: int):
@@ -36,7 +37,11 @@ def _int_list(_ctx, _param, value: str, allow_empty: bool = False) -> list[int]:
 @click.group()
 @click.version_option(package_name="dflash-batch")
 def main() -> None:
-    """Offline batch generation jobs with DFlash speculative decoding."""
+    """Offline batch generation jobs with DFlash speculative decoding.
+
+    Exit status, for every command: 0 done, 1 the work started and failed, 2 refused before
+    any work (a bad job spec or argument, or wrong usage).
+    """
     from dflash_batch.decoder import enable_compilation_cache
 
     enable_compilation_cache()
@@ -50,7 +55,9 @@ def import_model(name: str) -> None:
 
     try:
         folder = resolve_model_dir(name)
-    except (ValueError, ModuleNotFoundError, FileNotFoundError) as e:
+    except ValueError as e:
+        raise Refused(str(e)) from None
+    except (ModuleNotFoundError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(str(folder))
 
@@ -69,10 +76,10 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
         with tempfile.TemporaryDirectory(prefix="dflash-bench-") as tmp:
             job = build([*spec.pipeline_argv(), f"--output={tmp}/probe"])
     except (SpecError, JobRefused, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        raise Refused(str(e)) from None
     items = _prepared(job)[:limit]
     if not items:
-        raise click.ClickException(f"{job_file}: no row of the input can be decoded")
+        raise Refused(f"{job_file}: no row of the input can be decoded")
     return [it.request() for it in items], job.config, spec.model.drafter
 
 
@@ -140,7 +147,7 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
             folder = resolve_drafter_dir(drafter, model) if drafter != "none" else None
         except ValueError as e:
             if drafter != "default":
-                raise click.ClickException(str(e)) from None
+                raise Refused(str(e)) from None
             click.echo(f"skipping dflash and hybrid: {e}", err=True)
             folder = None
         if folder is None:

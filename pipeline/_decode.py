@@ -96,33 +96,42 @@ class Decode(beam.DoFn):
         (bucket, _shard), batch = element
         items = list(batch)
         # Loaded lazily, on the first batch: a process that never decodes never loads the model.
-        model, loaded_now = shared_model(self.key)
+        model, loaded_now = shared_model(self.key, before_load=lambda: self.progress.phase("loading"))
         if loaded_now:
             self.model_loads.inc()
         results: dict[str, Result] = {}
         error = None
-        t0 = time.perf_counter()
+        hist = np.zeros(0, np.int64)  # grows to the decoder's block size
         with model.lock:
+            t0 = time.perf_counter()
             compiled_before = model.decoder.compile_seconds
             try:
+                if bucket not in model.warm:  # the first batch of this bucket in this process
+                    self.progress.phase("compiling", bucket)
+                    model.decoder.warmup(bucket)
+                    model.warm.add(bucket)
+                self.progress.phase("decoding", bucket)
                 for r in model.decoder.generate([it.request() for it in items], bucket=bucket):
                     results[r.id] = r
+                    h = np.asarray(r.accepted_per_step, np.int64)
+                    self.progress.report(rows=1, completion_tokens=r.completion_tokens, steps=int(h.sum()),
+                                         committed=_committed(h))
             except Exception as e:  # noqa: BLE001 - rows become dead letters; the bundle goes on
                 error = f"decode failed: {type(e).__name__}: {e}"
                 try:  # the slots may hold half-finished rows: start the next batch from fresh slots
+                    model.warm.discard(bucket)
                     model.decoder.reset(bucket)
                 except Exception:  # noqa: BLE001
                     pass
             compile_seconds = model.decoder.compile_seconds - compiled_before
+            seconds = time.perf_counter() - t0
             # Cumulative for this worker's batch of this bucket: block lengths measured and chosen, and why.
             try:
                 decoder_report = model.decoder.block_report().get(str(bucket), {})
             except Exception:  # noqa: BLE001 - a report is never worth failing the bundle's rows
                 decoder_report = {}
-        seconds = time.perf_counter() - t0
         index = batch_index([it.id for it in items])
 
-        hist = np.zeros(0, np.int64)  # grows to the decoder's block size
         done = [(it, results[it.id]) for it in items if it.id in results]
         for it, r in done:
             h = np.asarray(r.accepted_per_step, np.int64)
@@ -143,15 +152,19 @@ class Decode(beam.DoFn):
         self.completion_tokens.inc(completion_tokens)
         self.latency.update(int(seconds * 1000))
         self.batch_rows.update(len(items))
-        self.progress.report(rows=len(done), completion_tokens=completion_tokens, steps=int(hist.sum()),
-                             committed=_committed(hist))
+        # Compiling happens before the first batch of a bucket decodes; it is reported apart from
+        # decoding (see _figures for what each figure holds).
+        decode_seconds = max(seconds - compile_seconds, 0.0)
+        load_seconds = model.load_seconds if loaded_now else 0.0
         yield beam.pvalue.TaggedOutput(STATS, {
             "batches": 1, "rows": len(done), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            # Compiling happens inside the first batch of a bucket; it is reported apart from decoding.
-            "tau_histogram": hist.tolist(), "decode_seconds": max(seconds - compile_seconds, 0.0),
-            "compile_seconds": compile_seconds,
-            "load_seconds": model.load_seconds if loaded_now else 0.0, "model_loads": int(loaded_now),
-            "bucket": bucket, "bucket_rows": len(items), "bucket_prompt_tokens": sum(len(it.token_ids) for it in items),
+            "tau_histogram": hist.tolist(), "decode_seconds": decode_seconds, "compile_seconds": compile_seconds,
+            "load_seconds": load_seconds, "model_loads": int(loaded_now),
+            "bucket": bucket,
+            "bucket_figures": {"rows": len(done), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "decode_seconds": decode_seconds, "compile_seconds": compile_seconds,
+                               "batched_rows": len(items),
+                               "batched_prompt_tokens": sum(len(it.token_ids) for it in items)},
             "worker": self.worker, "hardware": model.hardware,
             "finish_reasons": _count(r.finish_reason for _, r in done),
             "decoder_report": decoder_report,

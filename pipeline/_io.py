@@ -25,6 +25,7 @@ COMPLETIONS_PREFIX = "completions-"
 DEAD_LETTERS_PREFIX = "dead_letters-"
 PARQUET_SUFFIX = ".parquet"
 JOB_STATS_FILE = "job_stats.json"
+RUN_STATS_PREFIX = "run_stats-"  # OUTPUT/run_stats-<run>.json: what each run did (see _stats)
 MANIFEST_FILE = "job_manifest.json"
 UNREADABLE = "__dflash_batch_unreadable__"  # the key of a row whose values could not be read
 

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, enable_compilation_cache, load_drafter, \
     load_target, resolve_drafter_dir, resolve_model_dir
@@ -52,6 +52,7 @@ class LoadedModel:
     lock: threading.Lock
     load_seconds: float
     hardware: str
+    warm: set[int] = dataclasses.field(default_factory=set)  # buckets compiled (the decode step keeps it)
 
 
 def _hardware() -> str:
@@ -74,11 +75,14 @@ def _load(key: ModelKey) -> LoadedModel:
     return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, _hardware())
 
 
-def shared_model(key: ModelKey) -> tuple[LoadedModel, bool]:
-    """The process's decoder for ``key`` and whether this call loaded it."""
+def shared_model(key: ModelKey, before_load: Callable[[], None] | None = None) -> tuple[LoadedModel, bool]:
+    """The process's decoder for ``key`` and whether this call loaded it (``before_load`` is
+    called first when it does, e.g. to show progress)."""
     with _lock:  # held while loading: other threads need the same model and must wait for it
         if key in _models:
             return _models[key], False
+        if before_load is not None:
+            before_load()
         _models[key] = _load(key)
         load_counts[key.model] += 1
         return _models[key], True

@@ -8,7 +8,8 @@
 Output layout (OUTPUT is a folder or a gs:// prefix):
     OUTPUT/completions-<run>-SSSSS-of-NNNNN.parquet   completions schema + the input's own columns
     OUTPUT/dead_letters-<run>-SSSSS-of-NNNNN.parquet  dead-letters schema (id, error, row_json, source)
-    OUTPUT/job_stats.json                             one record; written last, so it marks a finished run
+    OUTPUT/run_stats-<run>.json                       what each run did: its figures (see ``_figures``)
+    OUTPUT/job_stats.json                             the job over all its runs; written last, so it marks a finished run
     OUTPUT/job_manifest.json                          the settings every completion here was made with
 
 Reruns: skip ids already completed. A rerun into the same output reads the ids of every
@@ -47,7 +48,7 @@ from dflash_batch.pipeline._options import JobConfig, parse_options
 from dflash_batch.pipeline._preflight import Preflight, preflight
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE, SKIPPED, CountDeadLetters, CountSkipped, KeyById, \
     OnePerId, ToRows, Validate
-from dflash_batch.pipeline._stats import BatchStatsFn, WriteJobStats
+from dflash_batch.pipeline._stats import BatchStatsFn, WriteJobStats, job_id
 from dflash_batch.pipeline._tokenize import Tokenize
 from dflash_batch.schemas import DEAD_LETTERS_SCHEMA
 
@@ -86,6 +87,11 @@ class BuiltJob:
     preflight: Preflight
     run_id: str
     outputs: dict[str, beam.PCollection]
+
+    @property
+    def job_id(self) -> str:
+        """This run's id, as the ledger, ``job_stats.json`` and the report name it."""
+        return job_id(self.config.name, self.run_id)
 
     def prepare_output(self) -> None:
         """Marks the output as in progress: the stale job_stats.json goes, the manifest is written."""

@@ -1,10 +1,17 @@
-"""Per-job statistics: the decode step's per-batch records summed, then one ``job_stats.json``.
+"""Per-job statistics: the decode step's per-batch records summed into a run record, then one
+``job_stats.json`` for the job.
 
-The record has every field of ``schemas.JOB_STATS_SCHEMA`` (what ``audit`` reads) plus a few
-more (run id, files written, rows skipped by a rerun, model loads). It is written by the last
-step of the pipeline, which waits for both Parquet writes to finish, so a ``job_stats.json``
-naming a run means that run's files are complete. That step also deletes dead-letter files of
-earlier runs: each run re-derives every dead letter from the whole input.
+Each run writes ``OUTPUT/run_stats-<run>.json``: its own figures (see ``_figures``: wall, load,
+compile and decode seconds, rows and tokens), per bucket too, and its tau histogram. Then
+``job_stats.json``: every field of ``schemas.JOB_STATS_SCHEMA`` (what ``audit`` reads) for the job
+as a whole, i.e. summed over every run into this output (a resume is a run of its own), plus
+``this_run`` and ``runs`` (each run's figures), the run id, files written, rows skipped by a rerun,
+model loads and the automatic block choice.
+
+Both are written by the last step of the pipeline, which waits for both Parquet writes to finish,
+so a ``job_stats.json`` naming a run means that run's files are complete. That step also deletes
+dead-letter files of earlier runs (each run re-derives every dead letter from the whole input),
+and the empty files a run that decoded nothing (or had no dead letter) would otherwise leave.
 
 tau is the mean number of tokens committed per target decode step, the bonus token included,
 as the DFlash paper counts it (so plain autoregressive decoding has tau = 1).
@@ -21,14 +28,23 @@ import apache_beam as beam
 import numpy as np
 
 from dflash_batch.pipeline._decode import drafter_id
-from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, delete, join, \
-    match_files, write_json
+from dflash_batch.pipeline._figures import Figures, total
+from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, RUN_STATS_PREFIX, \
+    delete, join, match_files, parquet_footer, read_json, write_json
 from dflash_batch.pipeline._options import JobConfig
 
 TAU_NOTE = "tau = tokens committed per target decode step, bonus token included (the DFlash paper's count)"
 
 _SUMS = ("batches", "rows", "prompt_tokens", "completion_tokens", "decode_seconds", "compile_seconds",
          "load_seconds", "model_loads")
+# Per bucket: the figures, plus every row handed to the decoder and its prompt tokens (padding waste).
+_BUCKET_SUMS = ("rows", "prompt_tokens", "completion_tokens", "decode_seconds", "compile_seconds", "batched_rows",
+                "batched_prompt_tokens")
+
+
+def job_id(name: str, run_id: str) -> str:
+    """The id of one run of a job: the ledger's, job_stats.json's and the report's."""
+    return f"{name}-{run_id}"
 
 
 def _calls(report: dict) -> int:
@@ -47,6 +63,11 @@ def _add_hist(a: list[int], b: list[int]) -> list[int]:
     return (padded[0] + padded[1]).tolist()
 
 
+def _add_counts(into: dict, more: dict) -> None:
+    for k, v in more.items():
+        into[k] = into.get(k, 0) + v
+
+
 class BatchStatsFn(beam.CombineFn):
     """Sums the decode step's per-batch records into one."""
 
@@ -59,12 +80,10 @@ class BatchStatsFn(beam.CombineFn):
         for k in _SUMS:
             acc[k] += rec[k]
         acc["tau_histogram"] = _add_hist(acc["tau_histogram"], rec["tau_histogram"])
-        rows, tokens = acc["buckets"].get(rec["bucket"], (0, 0))
-        acc["buckets"][rec["bucket"]] = (rows + rec["bucket_rows"], tokens + rec["bucket_prompt_tokens"])
+        _add_counts(acc["buckets"].setdefault(rec["bucket"], {}), {k: rec["bucket_figures"][k] for k in _BUCKET_SUMS})
         acc["workers"] = sorted(set(acc["workers"]) | {rec["worker"]})
         acc["hardware"] = sorted(set(acc["hardware"]) | {rec["hardware"]})
-        for reason, n in rec["finish_reasons"].items():
-            acc["finish_reasons"][reason] = acc["finish_reasons"].get(reason, 0) + n
+        _add_counts(acc["finish_reasons"], rec["finish_reasons"])
         _keep_latest(acc["decoder_reports"], f"{rec['worker']} bucket {rec['bucket']}", rec.get("decoder_report"))
         return acc
 
@@ -74,13 +93,11 @@ class BatchStatsFn(beam.CombineFn):
             for k in _SUMS:
                 out[k] += acc[k]
             out["tau_histogram"] = _add_hist(out["tau_histogram"], acc["tau_histogram"])
-            for bucket, (rows, tokens) in acc["buckets"].items():
-                r0, t0 = out["buckets"].get(bucket, (0, 0))
-                out["buckets"][bucket] = (r0 + rows, t0 + tokens)
+            for bucket, sums in acc["buckets"].items():
+                _add_counts(out["buckets"].setdefault(bucket, {}), sums)
             out["workers"] = sorted(set(out["workers"]) | set(acc["workers"]))
             out["hardware"] = sorted(set(out["hardware"]) | set(acc["hardware"]))
-            for reason, n in acc["finish_reasons"].items():
-                out["finish_reasons"][reason] = out["finish_reasons"].get(reason, 0) + n
+            _add_counts(out["finish_reasons"], acc["finish_reasons"])
             for key, report in acc["decoder_reports"].items():
                 _keep_latest(out["decoder_reports"], key, report)
         return out
@@ -89,59 +106,115 @@ class BatchStatsFn(beam.CombineFn):
         return acc
 
 
-def padding_waste(buckets: dict[int, tuple[int, int]]) -> dict[str, float]:
+def padding_waste(buckets: dict[str, dict[str, int]]) -> dict[str, float]:
     """Per bucket, the fraction of padded prompt positions (rows x bucket) that held padding."""
-    return {str(b): round(1.0 - tokens / (rows * b), 4) for b, (rows, tokens) in sorted(buckets.items()) if rows}
+    out = {}
+    for b, s in sorted(buckets.items(), key=lambda kv: int(kv[0])):
+        if s.get("batched_rows"):
+            out[str(b)] = round(1.0 - s["batched_prompt_tokens"] / (s["batched_rows"] * int(b)), 4)
+    return out
 
 
-def job_stats_record(config: JobConfig, run_id: str, started: float, sums: dict[str, Any], rows_in: int,
-                     dead_letters: int, skipped: int, completion_files: list[str], dead_files: list[str]) -> dict:
-    """The job-stats record (JOB_STATS_SCHEMA's fields first, then the extras)."""
-    wall = time.time() - started
-    hist = np.asarray(sums["tau_histogram"], np.int64)
-    steps = int(hist.sum())
-    committed = int((hist * np.arange(1, len(hist) + 1)).sum())
-    block = 1 if config.mode == "ar" else config.block_size  # "auto": chosen per batch by the decoder
+def _bucket_record(sums: dict[str, Any]) -> dict[str, Any]:
+    figures = Figures(**{k: sums.get(k, 0) for k in ("rows", "prompt_tokens", "completion_tokens", "decode_seconds",
+                                                      "compile_seconds")})
+    return {**figures.as_dict(), "batched_rows": sums.get("batched_rows", 0),
+            "batched_prompt_tokens": sums.get("batched_prompt_tokens", 0)}
+
+
+def run_record(config: JobConfig, run_id: str, started: float, finished: float, sums: dict[str, Any],
+               dead_letters: int, skipped: int) -> dict[str, Any]:
+    """What one run did (``run_stats-<run>.json``): its figures, per bucket too, its tau histogram,
+    and the automatic block choice per worker and bucket."""
+    figures = Figures(wall_seconds=finished - started, **{k: sums[k] for k in _SUMS if k != "batches"})
     return {
-        "job_id": f"{config.name}-{run_id}",
-        # The job spec as run; a job launched with flags alone records its flags' values instead.
-        "spec_json": config.spec_json if config.spec_json not in ("", "{}") else config.to_json(),
-        "rows_in": rows_in,
-        "completions_out": sums["rows"] + skipped,
-        "dead_letters": dead_letters,
-        "prompt_tokens": sums["prompt_tokens"],
-        "completion_tokens": sums["completion_tokens"],
-        "wall_seconds": round(wall, 3),
-        "decode_seconds": round(sums["decode_seconds"], 3),
-        "compile_seconds": round(sums["compile_seconds"], 3),
-        "tokens_per_s": round(sums["completion_tokens"] / wall, 3) if wall > 0 else None,
-        "tau_mean": round(committed / steps, 4) if steps else None,
-        "tau_histogram": hist.tolist(),
-        "padding_waste_json": json.dumps(padding_waste(sums["buckets"])),
-        "mode": config.mode,
-        "block_size": str(block),
-        "batch_size": config.batch_size,
-        "hardware": ", ".join(sums["hardware"]) or None,
-        "model": config.model,
-        "drafter": drafter_id(config),
-        # Beyond the schema:
-        "run_id": run_id,
-        "name": config.name,
-        "output": config.output,
-        "started_at": _iso(started),
-        "finished_at": _iso(time.time()),
-        "completions_this_run": sums["rows"],
-        "skipped_completed": skipped,
-        "decode_tokens_per_s": round(sums["completion_tokens"] / sums["decode_seconds"], 3)
-        if sums["decode_seconds"] else None,
-        "load_seconds": round(sums["load_seconds"], 3),
-        "model_loads": sums["model_loads"],
-        "batches": sums["batches"],
-        "workers": sums["workers"],
-        "finish_reasons": sums["finish_reasons"],
+        "run_id": run_id, "job_id": job_id(config.name, run_id),
+        "started_at": _iso(started), "finished_at": _iso(finished),
+        **figures.as_dict(),
+        "batches": sums["batches"], "skipped_completed": skipped, "dead_letters": dead_letters,
+        "tau_histogram": list(sums["tau_histogram"]),
+        "buckets": {str(b): _bucket_record(s) for b, s in sorted(sums["buckets"].items())},
+        "hardware": sums["hardware"], "workers": sums["workers"], "finish_reasons": sums["finish_reasons"],
         # Per worker and bucket: the block lengths' measured step costs, the acceptance seen, the
         # expected tokens/s of each, and how many decode calls ran at each (and hybrid's source choices).
         "block_choice": dict(sorted(sums["decoder_reports"].items())),
+    }
+
+
+def job_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's figures over its runs' records: sums, and rates over the same runs' sums."""
+    hist: list[int] = []
+    buckets: dict[str, dict[str, Any]] = {}
+    finish: dict[str, int] = {}
+    hardware: set[str] = set()
+    for r in runs:
+        hist = _add_hist(hist, r.get("tau_histogram") or [])
+        for b, s in (r.get("buckets") or {}).items():
+            _add_counts(buckets.setdefault(b, {}), {k: s.get(k, 0) for k in _BUCKET_SUMS})
+        _add_counts(finish, r.get("finish_reasons") or {})
+        hardware |= set(r.get("hardware") or [])
+    h = np.asarray(hist, np.int64)
+    steps = int(h.sum())
+    committed = int((h * np.arange(1, len(h) + 1)).sum())
+    return {
+        "figures": total(Figures.from_dict(r) for r in runs),
+        "tau_histogram": hist,
+        "tau_mean": round(committed / steps, 4) if steps else None,
+        "decode_steps": steps,
+        "buckets": {b: _bucket_record(s) for b, s in sorted(buckets.items(), key=lambda kv: int(kv[0]))},
+        "padding_waste": padding_waste(buckets),
+        "finish_reasons": finish,
+        "hardware": ", ".join(sorted(hardware)) or None,
+    }
+
+
+def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[dict[str, Any]], rows_in: int,
+                     completion_files: list[str], dead_files: list[str]) -> dict:
+    """The job-stats record of the job after ``run``: JOB_STATS_SCHEMA's fields first (the job's
+    figures, over every run into this output), then the extras."""
+    runs = sorted([*earlier_runs, run], key=lambda r: r["run_id"])
+    t = job_totals(runs)
+    fig: Figures = t["figures"]
+    block = 1 if config.mode == "ar" else config.block_size  # "auto": chosen per batch by the decoder
+    return {
+        "job_id": run["job_id"],
+        # The job spec as run; a job launched with flags alone records its flags' values instead.
+        "spec_json": config.spec_json if config.spec_json not in ("", "{}") else config.to_json(),
+        "rows_in": rows_in,
+        "completions_out": run["rows"] + run["skipped_completed"],
+        "dead_letters": run["dead_letters"],
+        "prompt_tokens": fig.prompt_tokens,
+        "completion_tokens": fig.completion_tokens,
+        "wall_seconds": fig.wall_seconds,
+        "decode_seconds": fig.decode_seconds,
+        "compile_seconds": fig.compile_seconds,
+        "tokens_per_s": fig.tokens_per_s,
+        "tau_mean": t["tau_mean"],
+        "tau_histogram": t["tau_histogram"],
+        "padding_waste_json": json.dumps(t["padding_waste"]),
+        "mode": config.mode,
+        "block_size": str(block),
+        "batch_size": config.batch_size,
+        "hardware": t["hardware"],
+        "model": config.model,
+        "drafter": drafter_id(config),
+        # Beyond the schema:
+        "run_id": run["run_id"],
+        "name": config.name,
+        "output": config.output,
+        "started_at": run["started_at"],
+        "finished_at": run["finished_at"],
+        "completions_this_run": run["rows"],
+        "skipped_completed": run["skipped_completed"],
+        "decode_tokens_per_s": fig.decode_tokens_per_s,
+        "load_seconds": fig.load_seconds,
+        "model_loads": fig.model_loads,
+        "finish_reasons": t["finish_reasons"],
+        "buckets": t["buckets"],
+        "this_run": run,
+        "runs": [{k: v for k, v in r.items() if k not in ("buckets", "tau_histogram", "block_choice")} for r in runs],
+        # The automatic block choice of the latest run that decoded (see run_record).
+        "block_choice": next((r["block_choice"] for r in reversed(runs) if r.get("block_choice")), {}),
         "tau_note": TAU_NOTE,
         "files": {"completions": sorted(completion_files), "dead_letters": sorted(dead_files)},
     }
@@ -151,8 +224,23 @@ def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def read_runs(output: str) -> list[dict[str, Any]]:
+    """The run records in ``output``, oldest first."""
+    runs = [read_json(p) for p in match_files(join(output, f"{RUN_STATS_PREFIX}*.json"))]
+    return sorted((r for r in runs if isinstance(r, dict) and r.get("run_id")), key=lambda r: r["run_id"])
+
+
+def _without_empty(paths: list[str]) -> list[str]:
+    """``paths`` less the Parquet files holding no row, which are deleted (Beam writes one even
+    when nothing came to the writer)."""
+    empty = [p for p in paths if parquet_footer(p)[1] == 0]
+    delete(empty)
+    return [p for p in paths if p not in set(empty)]
+
+
 class WriteJobStats(beam.DoFn):
-    """The last step: removes earlier runs' dead letters and writes ``OUTPUT/job_stats.json``."""
+    """The last step: removes earlier runs' dead letters and this run's empty files, then writes
+    ``OUTPUT/run_stats-<run>.json`` and ``OUTPUT/job_stats.json``."""
 
     def __init__(self, config: JobConfig, run_id: str, started: float):
         self.config = config
@@ -165,11 +253,13 @@ class WriteJobStats(beam.DoFn):
         use_anonymous_gcs_for_emulator()
 
     def process(self, _unused, sums, rows_in, dead_letters, skipped, completion_files, dead_files):
-        completion_files, dead_files = list(completion_files), list(dead_files)
+        completion_files, dead_files = _without_empty(list(completion_files)), _without_empty(list(dead_files))
         stale = [p for p in match_files(join(self.config.output, f"{DEAD_LETTERS_PREFIX}*{PARQUET_SUFFIX}"))
                  if p not in set(dead_files)]
         delete(stale)
-        record = job_stats_record(self.config, self.run_id, self.started, sums, rows_in, dead_letters, skipped,
-                                  completion_files, dead_files)
+        earlier = [r for r in read_runs(self.config.output) if r["run_id"] != self.run_id]
+        run = run_record(self.config, self.run_id, self.started, time.time(), sums, dead_letters, skipped)
+        write_json(join(self.config.output, f"{RUN_STATS_PREFIX}{self.run_id}.json"), run)
+        record = job_stats_record(self.config, run, earlier, rows_in, completion_files, dead_files)
         write_json(join(self.config.output, JOB_STATS_FILE), record)
         yield record

@@ -1,4 +1,5 @@
-"""``dflash-batch audit``: numbers recomputed from the completions, and an HTML report with plots."""
+"""``dflash-batch audit``: rows and tokens recomputed from the completions, time and throughput
+from the runs' records (per run and for the job), and an HTML report with informative plots."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from dflash_batch.jobs import _ledger
 from dflash_batch.jobs.cli import main
 from dflash_batch.schemas import COMPLETIONS_SCHEMA, DEAD_LETTERS_SCHEMA
 
@@ -24,18 +26,39 @@ def completion(i: int, bucket: int, batch: int, hist: list[int], seconds: float)
             "decode_seconds": seconds, "model": "m", "drafter": "d", "mode": "dflash"}
 
 
+def run_record(run_id: str, wall: float, compile_s: float, decode: float, rows: list[dict]) -> dict:
+    """A run's record as the pipeline writes it (run_stats-<run>.json)."""
+    buckets: dict[str, dict] = {}
+    for r in rows:
+        b = buckets.setdefault(str(r["bucket"]), {"rows": 0, "completion_tokens": 0, "decode_seconds": 0.0})
+        b["rows"] += 1
+        b["completion_tokens"] += r["completion_tokens"]
+    for b in buckets.values():  # the run's decode seconds shared by tokens (the pipeline measures them per batch)
+        b["decode_seconds"] = decode * b["completion_tokens"] / max(sum(r["completion_tokens"] for r in rows), 1)
+    return {"run_id": run_id, "job_id": f"audit-test-{run_id}", "started_at": "2026-01-01T00:00:00+00:00",
+            "wall_seconds": wall, "load_seconds": 0.5 if rows else 0.0, "compile_seconds": compile_s,
+            "decode_seconds": decode, "rows": len(rows), "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+            "completion_tokens": sum(r["completion_tokens"] for r in rows), "model_loads": 1 if rows else 0,
+            "buckets": buckets, "hardware": ["cpu:cpu x1"] if rows else [], "workers": ["w:1"] if rows else []}
+
+
+ROWS = [completion(0, 16, 1, [2, 1, 1], 0.5), completion(1, 16, 1, [0, 3, 0], 0.5),
+        completion(2, 64, 2, [1, 0, 2, 1], 0.25), completion(3, 64, 3, [4], 0.2)]
+
+
 @pytest.fixture
 def output(tmp_path):
+    """Two runs into one output: run a decoded rows 0-1, run b (a resume) rows 2-3."""
     out = tmp_path / "out"
     out.mkdir()
-    rows = [completion(0, 16, 1, [2, 1, 1], 0.5), completion(1, 16, 1, [0, 3, 0], 0.5),
-            completion(2, 64, 2, [1, 0, 2, 1], 0.25), completion(3, 64, 3, [4], 0.2)]
-    pq.write_table(pa.Table.from_pylist(rows[:2], schema=COMPLETIONS_SCHEMA), out / "completions-a-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist(rows[2:], schema=COMPLETIONS_SCHEMA), out / "completions-b-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS[:2], schema=COMPLETIONS_SCHEMA), out / "completions-a-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS[2:], schema=COMPLETIONS_SCHEMA), out / "completions-b-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist([{"id": "bad", "error": "duplicate id 'r0'", "row_json": "{}", "source": "x"}],
                                         schema=DEAD_LETTERS_SCHEMA), out / "dead_letters-b-00000-of-00001.parquet")
-    stats = {"job_id": "audit-test-b", "name": "audit-test", "rows_in": 5, "wall_seconds": 4.0,
-             "compile_seconds": 1.5, "mode": "dflash", "batch_size": 2, "block_size": "4", "hardware": "cpu",
+    (out / "run_stats-a.json").write_text(json.dumps(run_record("a", 4.0, 1.5, 1.0, ROWS[:2])))
+    (out / "run_stats-b.json").write_text(json.dumps(run_record("b", 3.0, 0.5, 0.5, ROWS[2:])))
+    stats = {"job_id": "audit-test-b", "name": "audit-test", "rows_in": 5, "mode": "dflash", "batch_size": 2,
+             "block_size": "4", "hardware": "cpu",
              "spec_json": json.dumps({"decode": {"batch_size": 2}, "pipeline": {"rows_per_batch": 0}})}
     (out / "job_stats.json").write_text(json.dumps(stats))
     return out
@@ -53,25 +76,96 @@ def test_audit_json_adds_up_what_the_completions_hold(output):
             for k in range(4)]
     assert a["tau_histogram"] == hist
     assert a["tau_mean"] == pytest.approx(sum((k + 1) * n for k, n in enumerate(hist)) / sum(hist), abs=1e-4)
-    assert a["tokens_per_s"] == pytest.approx(a["completion_tokens"] / 4.0, abs=1e-3)
-    assert a["compile_seconds"] == 1.5 and a["wall_seconds"] == 4.0
     b16, b64 = a["buckets"]
     assert (b16["bucket"], b16["rows"], b16["calls"]) == (16, 2, 1)
     assert b16["padding_waste"] == pytest.approx(1 - (8 + 9) / (2 * 16), abs=1e-4)
     assert b16["batch_fill"] == pytest.approx(2 / 8)  # rows_per_batch 0 -> 4 x batch_size
-    assert b16["tokens_per_s"] == pytest.approx(b16["completion_tokens"] / 0.5, abs=1e-3)
-    assert (b64["rows"], b64["calls"]) == (2, 2)
-    assert b64["tokens_per_s"] == pytest.approx(b64["completion_tokens"] / 0.45, abs=1e-3)
+    assert b16["tokens_per_s"] == pytest.approx(b16["completion_tokens"] / b16["decode_seconds"], abs=1e-3)
+    assert b16["decode_seconds"] == 1.0  # the run's record, not the slowest row (0.5 s)
+    assert (b64["rows"], b64["calls"], b64["decode_seconds"]) == (2, 2, 0.5)
     assert a["dead_letter_reasons"] == {"duplicate id 'r0'": 1}
     assert a["speedup_over_ar"] is None
 
 
-def test_html_report_embeds_its_plots(output):
+def test_after_a_resume_each_figure_sums_the_runs_and_each_rate_divides_the_same_runs(output):
+    a = json.loads(CliRunner().invoke(main, ["audit", str(output), "--json"]).output)
+    assert [r["run_id"] for r in a["runs"]] == ["a", "b"]
+    assert (a["wall_seconds"], a["compile_seconds"], a["decode_seconds"]) == (7.0, 2.0, 1.5)
+    tokens = sum(r["completion_tokens"] for r in ROWS)
+    assert a["rate_completion_tokens"] == tokens
+    assert a["tokens_per_s"] == pytest.approx(tokens / 7.0, abs=1e-3)  # all runs' tokens over all runs' wall
+    assert a["decode_tokens_per_s"] == pytest.approx(tokens / 1.5, abs=1e-3)
+    first = a["runs"][0]
+    assert first["tokens_per_s"] == pytest.approx(first["completion_tokens"] / 4.0, abs=1e-3)
+    text = CliRunner().invoke(main, ["audit", str(output)]).output
+    assert "runs (2; a resume is a run of its own)" in text and "audit-test-a:" in text
+    assert "job, over its 2 runs:\n    time: wall 7.00 s, model load 1.00 s, compile 2.00 s, decode 1.50 s" in text
+
+
+def test_a_resume_that_decoded_nothing_adds_its_wall_time_and_no_tokens(output):
+    (output / "run_stats-c.json").write_text(json.dumps(run_record("c", 2.0, 0.0, 0.0, [])))
+    a = json.loads(CliRunner().invoke(main, ["audit", str(output), "--json"]).output)
+    tokens = sum(r["completion_tokens"] for r in ROWS)
+    assert a["wall_seconds"] == 9.0 and a["decode_seconds"] == 1.5
+    assert a["tokens_per_s"] == pytest.approx(tokens / 9.0, abs=1e-3)
+    assert a["wall_seconds"] >= a["decode_seconds"]
+    text = CliRunner().invoke(main, ["audit", str(output)]).output
+    assert "None" not in text and "on cpu:cpu x1" in text
+
+
+def test_dead_letter_reasons_beyond_the_top_ones_are_counted(output):
+    errors = [f"reason {i}" for i in range(8)] + ["reason 0"]
+    pq.write_table(pa.Table.from_pylist([{"id": f"d{i}", "error": e, "row_json": "{}", "source": "x"}
+                                         for i, e in enumerate(errors)], schema=DEAD_LETTERS_SCHEMA),
+                   output / "dead_letters-b-00000-of-00001.parquet")
+    text = CliRunner().invoke(main, ["audit", str(output)]).output
+    assert "dead letter x2: reason 0" in text
+    assert len(re.findall(r"dead letter x\d+: ", text)) == 5
+    assert "and 3 more dead letter(s) with 3 other reason(s) (see dead_letters-*.parquet)" in text
+
+
+def plot_ids(page: str) -> list[str]:
+    return re.findall(r'<img data-plot="(\w+)" alt="[^"]+" src="data:image/png;base64,', page)
+
+
+def test_html_report_plots_per_bucket_only_for_several_buckets_with_human_captions(output):
     result = CliRunner().invoke(main, ["audit", str(output)])
     assert result.exit_code == 0, result.output
     assert "tau: mean" in result.output and f"report: {output}/report.html" in result.output
     page = (output / "report.html").read_text()
-    assert len(re.findall(r'<img alt="(\w+)" src="data:image/png;base64,', page)) == 3
+    assert plot_ids(page) == ["tau_histogram", "tokens_per_s", "padding_waste"]
+    captions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
+    assert len(captions) == 3 and all(" " in c and "_" not in c for c in captions)
+    assert "--baseline" in page  # how to get a speedup over AR
+
+    for p in output.glob("completions-b-*"):  # one bucket left: its numbers are in the table
+        p.unlink()
+    (output / "run_stats-b.json").unlink()
+    CliRunner().invoke(main, ["audit", str(output)])
+    assert plot_ids((output / "report.html").read_text()) == ["tau_histogram"]
+
+
+def test_the_tau_histogram_is_trimmed_to_the_step_sizes_that_occurred():
+    from dflash_batch.jobs._audit import observed_range
+
+    assert observed_range([5, 0, 3, 1] + [0] * 12) == [5, 0, 3, 1]
+    assert observed_range([0] * 16) == []
+
+
+def test_a_baseline_gives_a_speedup_figure(output, tmp_path):
+    ar = tmp_path / "ar"
+    ar.mkdir()
+    rows = [dict(r, mode="ar", accepted_per_step=[r["completion_tokens"]]) for r in ROWS]
+    pq.write_table(pa.Table.from_pylist(rows, schema=COMPLETIONS_SCHEMA), ar / "completions-z-00000-of-00001.parquet")
+    (ar / "run_stats-z.json").write_text(json.dumps(run_record("z", 9.0, 1.0, 6.0, rows)))
+    (ar / "job_stats.json").write_text(json.dumps({"job_id": "ar-z", "name": "ar", "mode": "ar", "batch_size": 2}))
+    result = CliRunner().invoke(main, ["audit", str(output), "--baseline", str(ar), "--json"])
+    assert result.exit_code == 0, result.output
+    a = json.loads(result.output)
+    tokens = sum(r["completion_tokens"] for r in ROWS)
+    assert a["speedup_over_ar"]["speedup"] == pytest.approx((tokens / 1.5) / (tokens / 6.0), abs=1e-3)
+    page = (output / "report.html").read_text()
+    assert "speedup" in plot_ids(page) and "--baseline OUTPUT-ar" not in page
 
 
 def test_the_automatic_block_choice_is_reported_and_plotted(output):
@@ -96,17 +190,32 @@ def test_the_automatic_block_choice_is_reported_and_plotted(output):
             "steps run as AR by the gate: L=2 25%, L=4 50%; best expected L=1 at 9.6 tokens/s per row; "
             "prompts fed to the drafter: 3 of 8") in result.output
     page = (output / "report.html").read_text()
-    assert re.findall(r'<img alt="(\w+)"', page) == ["tau_histogram", "tokens_per_s", "padding_waste",
-                                                      "block_choice"]
+    assert plot_ids(page) == ["tau_histogram", "tokens_per_s", "padding_waste", "block_choice"]
 
 
 def test_speedup_from_a_bench_result(output):
     (output / "bench.json").write_text(json.dumps([{"mode": "dflash", "batch_size": 2, "speedup": 2.5,
-                                                    "ar_tokens_per_s": 10.0, "block_size": 4}]))
+                                                    "ar_tokens_per_s": 10.0, "tokens_per_s": 25.0, "block_size": 4}]))
     a = json.loads(CliRunner().invoke(main, ["audit", str(output), "--json"]).output)
     assert a["speedup_over_ar"]["speedup"] == 2.5
 
 
-def test_a_folder_without_outputs_is_refused(tmp_path):
+def test_a_folder_without_outputs_is_refused_with_status_2(tmp_path):
     result = CliRunner().invoke(main, ["audit", str(tmp_path)])
-    assert result.exit_code == 1 and "not a job output" in result.output
+    assert result.exit_code == 2 and "not a job output" in result.output
+
+
+def test_audit_takes_the_job_file_or_a_run_id_for_the_output(output, tmp_path, monkeypatch):
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "audit-test"\ninput = "{tmp_path}/in/*.parquet"\noutput = "{output}"\n[prompt]\ntemplate = "none"\n')
+    by_file = CliRunner().invoke(main, ["audit", str(job), "--json"])
+    assert by_file.exit_code == 0, by_file.output
+    assert json.loads(by_file.output)["output"] == str(output)
+
+    monkeypatch.setenv("DFLASH_BATCH_LEDGER", str(tmp_path / "ledger.sqlite"))
+    _ledger.record_start("audit-test", "{}", "direct", output=str(output), job_id="audit-test-b")
+    by_id = CliRunner().invoke(main, ["audit", "audit-test-b", "--json"])
+    assert by_id.exit_code == 0, by_id.output
+    assert json.loads(by_id.output)["job_id"] == "audit-test-b"
+    unknown = CliRunner().invoke(main, ["audit", "audit-test-nope"])
+    assert unknown.exit_code == 2 and "not a job output folder, a job file, or a job id in the ledger" in unknown.output

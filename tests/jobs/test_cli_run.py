@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def test_run_prints_where_the_output_went_and_a_rerun_resumes(job_file, tmp_path
 
     again = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
     assert again.exit_code == 0, again.output
-    assert "resuming" in again.output and "(0 this run, 5 done earlier)" in again.output
+    assert "resuming: 5 ids already complete" in again.output and "(0 this run, 5 done earlier)" in again.output
 
 
 def test_run_with_progress_bar(job_file, tmp_path):
@@ -59,14 +60,14 @@ def test_run_with_progress_bar(job_file, tmp_path):
 
 def test_a_bad_override_is_refused_before_any_work(job_file, tmp_path):
     result = CliRunner().invoke(main, ["run", str(job_file), "--set", "decode.batch_size=0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "decode.batch_size must be a positive integer, got 0" in result.output
     assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_input_is_refused_naming_the_field(job_file, tmp_path):
     result = CliRunner().invoke(main, ["run", str(job_file), "--set", f"input={tmp_path}/nothing.parquet"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "refused before any work started: input:" in result.output and "does not exist" in result.output
 
 
@@ -113,7 +114,7 @@ def test_bench_takes_the_jobs_prompts_and_settings(job_file):
 
 def test_bench_refuses_a_bad_job_before_any_work(job_file):
     result = CliRunner().invoke(main, ["bench", str(job_file), "--set", "decode.batch_size=0"])
-    assert result.exit_code == 1 and "decode.batch_size must be a positive integer, got 0" in result.output
+    assert result.exit_code == 2 and "decode.batch_size must be a positive integer, got 0" in result.output
 
 
 def test_bench_max_new_tokens_overrides_the_jobs(job_file):
@@ -146,3 +147,84 @@ def test_bench_hf_generate_gives_the_same_tokens_as_ar(job_file):
     hf = rows[1]
     assert hf["identical_fraction"] == 1.0  # transformers' greedy decode of the same checkpoint, token for token
     assert len(hf["runs"]) == 2 and min(hf["runs"]) > 0
+
+
+@pytest.fixture
+def ledger(tmp_path, monkeypatch):
+    monkeypatch.setenv("DFLASH_BATCH_LEDGER", str(tmp_path / "ledger.sqlite"))
+
+
+def _figure(pattern: str, text: str) -> str:
+    [value] = re.findall(pattern, text)
+    return value
+
+
+def test_run_summary_job_stats_and_audit_show_the_same_figures(job_file, tmp_path, ledger):
+    run = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert run.exit_code == 0, run.output
+    audit = CliRunner().invoke(main, ["audit", str(tmp_path / "out")])
+    assert audit.exit_code == 0, audit.output
+    decode = r"decode (\d+\.\d+ s)"
+    rate = r"tokens/s: \d+\.\d+ over wall time, (\d+\.\d+) while decoding"
+    assert _figure(decode, run.output) == _figure(decode, audit.output)
+    assert _figure(rate, run.output) == _figure(rate, audit.output)
+    stats = job_stats(tmp_path / "out")
+    assert f"decode {stats['decode_seconds']:.2f} s" in run.output
+    assert f"{stats['decode_tokens_per_s']:.1f} while decoding" in audit.output
+    assert stats["wall_seconds"] >= stats["decode_seconds"] + stats["compile_seconds"]
+
+
+def test_one_job_id_in_the_ledger_the_stats_and_the_report(job_file, tmp_path, ledger):
+    from dflash_batch.jobs._ledger import list_jobs
+
+    run = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert run.exit_code == 0, run.output
+    [row] = list_jobs()
+    stats = job_stats(tmp_path / "out")
+    assert row["job_id"] == stats["job_id"] and row["job_id"] in run.output
+    by_id = CliRunner().invoke(main, ["audit", stats["job_id"]])
+    assert by_id.exit_code == 0, by_id.output
+    assert stats["job_id"] in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_resume_with_nothing_to_do_says_so_and_leaves_no_empty_files(job_file, tmp_path, ledger):
+    assert CliRunner().invoke(main, ["run", str(job_file), "--no-progress"]).exit_code == 0
+    out = tmp_path / "out"
+    files = sorted(p.name for p in out.glob("*.parquet"))
+    again = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "nothing left to do: 5 of 5 ids already complete" in again.output
+    assert "None" not in again.output and "no model loaded: nothing to decode" in again.output
+    assert [p for p in out.glob("*.parquet") if pq.ParquetFile(p).metadata.num_rows == 0] == []
+    completions_now = sorted(p.name for p in out.glob("completions-*.parquet"))
+    assert completions_now == [f for f in files if f.startswith("completions-")]  # no new file
+    stats = job_stats(out)
+    assert len(stats["runs"]) == 2 and stats["this_run"]["completion_tokens"] == 0
+    assert stats["completion_tokens"] == stats["runs"][0]["completion_tokens"]  # the job's, over both runs
+    assert stats["wall_seconds"] == pytest.approx(sum(r["wall_seconds"] for r in stats["runs"]), abs=2e-3)
+    assert "job, over its 2 runs:" in again.output
+    audit = CliRunner().invoke(main, ["audit", str(job_file)])  # the job file names the output
+    assert audit.exit_code == 0, audit.output
+    assert "None" not in audit.output
+    assert _figure(r"job, over its 2 runs:\n    time: .*decode (\d+\.\d+ s)", audit.output) == \
+        f"{stats['decode_seconds']:.2f} s"
+
+
+def test_a_failed_run_exits_1_and_a_refused_spec_exits_2(job_file, monkeypatch, ledger):
+    from dflash_batch.pipeline import BuiltJob
+
+    def fail(self):
+        raise RuntimeError("the runner broke")
+
+    monkeypatch.setattr(BuiltJob, "run", fail)
+    failed = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert failed.exit_code == 1 and "failed: RuntimeError: the runner broke" in failed.output
+    for command in (["run"], ["bench-pipeline"], ["submit", "--dry-run"]):
+        refused = CliRunner().invoke(main, [command[0], str(job_file), *command[1:], "--set", "decode.batch_size=0"])
+        assert refused.exit_code == 2, (command, refused.output)
+        assert "decode.batch_size must be a positive integer, got 0" in refused.output
+
+
+def test_run_help_names_the_runner_it_uses():
+    text = CliRunner().invoke(main, ["run", "--help"]).output
+    assert "FnApiRunner" in text and "exit status" in text.lower()

@@ -65,9 +65,14 @@ def test_rerun_after_a_crash_before_any_output(chat_model_dir, inputs, tmp_path)
 def test_rerun_of_a_finished_job_decodes_nothing(chat_model_dir, inputs, tmp_path):
     out = tmp_path / "out"
     build(_argv(chat_model_dir, inputs, out)).run()
+    files = sorted(p.name for p in out.glob("completions-*.parquet"))
     again = build(_argv(chat_model_dir, inputs, out)).run()
     assert again.stats["completions_this_run"] == 0 and again.metrics.get("completions", 0) == 0
     assert len(completions(out)) == N_GOOD and len(dead_letters(out)) == 1
+    # No empty file: the rerun wrote no completion file, and its one dead letter's file replaced the old one.
+    assert sorted(p.name for p in out.glob("completions-*.parquet")) == files
+    assert again.stats["files"]["completions"] == []
+    assert all(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
 
 
 def test_rerun_with_settings_that_change_completions_is_refused(chat_model_dir, inputs, tmp_path):

@@ -61,6 +61,9 @@ class _FailingDecoder:
     def __init__(self):
         self.engines = {}
 
+    def warmup(self, bucket):
+        return 0.0
+
     def generate(self, requests, bucket):
         r = requests[0]
         yield Result(id=r.id, prompt_tokens=len(r.token_ids), token_ids=[5, 6], text="ok", finish_reason="length",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from compile_counter import count_compiles
-from dflash_batch.decoder import Decoder, Request
+from dflash_batch.decoder import Request
 from decoding import make_decoder
 
 torch = pytest.importorskip("torch")
@@ -114,7 +114,8 @@ def test_first_token_sampling_follows_softmax(tiny_llama):
 
     cfg = tiny_llama.config
     p = _prompts(1, cfg.vocab_size, seed=4)[0]
-    logits, _, _ = forward(tiny_llama.params, cfg, jnp.asarray([p]), jnp.zeros((1,), jnp.int32), KVCache.init(cfg, 1, 64))
+    start = jnp.zeros((1,), jnp.int32)
+    logits, _, _ = forward(tiny_llama.params, cfg, jnp.asarray([p]), start, KVCache.init(cfg, 1, 64))
     probs = jax_softmax(np.asarray(logits[0, -1], np.float64) / 1.5)
     dec = make_decoder(tiny_llama, batch_size=8, max_new_tokens=1, prompt_buckets=(64,))
     n = 2000

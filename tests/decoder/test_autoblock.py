@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dflash_batch.decoder import Decoder, Request
+from dflash_batch.decoder import Request
 from dflash_batch.decoder._autoblock import BlockPolicy
 from oracle_proposer import propose_oracle
 from decoding import make_decoder
@@ -48,7 +48,7 @@ def test_rechecks_the_runner_up_every_so_many_calls():
 
 
 def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypatch):
-    from dflash_batch.decoder import Request, _speculative
+    from dflash_batch.decoder import _speculative
 
     monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
     rng = np.random.default_rng(11)
@@ -150,7 +150,7 @@ def test_gated_steps_are_no_evidence_of_acceptance_but_count_in_the_expectation(
 def test_the_per_step_gate_runs_steps_as_ar_where_proposals_cannot_pay(tiny_llama, monkeypatch, gate, all_gated):
     """A gate no proposal can clear turns every step of a speculative call into an AR step
     (one token, nothing verified); gate 0 verifies every step. Tokens equal AR's either way."""
-    from dflash_batch.decoder import Request, _speculative
+    from dflash_batch.decoder import _speculative
 
     monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
     monkeypatch.setattr(BlockPolicy, "gate", lambda self, block: gate)

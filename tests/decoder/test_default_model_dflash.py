@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from dflash_batch.decoder import Decoder, Request, load_drafter, load_target, render_messages
+from dflash_batch.decoder import Request, load_drafter, load_target, render_messages
 from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, init_drafter_params
 from dflash_batch.decoder._registry import resolve_drafter_dir
 from dflash_batch.jobs._datasets import aclsum_abstracts
@@ -26,7 +26,8 @@ def _drafter(cfg):
     try:
         return load_drafter(resolve_drafter_dir("default", MODEL))
     except ValueError:
-        dcfg = DrafterConfig(block_size=8, mask_token_id=0, target_layer_ids=default_target_layer_ids(cfg.num_layers, 2),
+        layer_ids = default_target_layer_ids(cfg.num_layers, 2)
+        dcfg = DrafterConfig(block_size=8, mask_token_id=0, target_layer_ids=layer_ids,
                              num_layers=1, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                              num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                              rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, vocab_size=cfg.vocab_size,

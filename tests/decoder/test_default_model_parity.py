@@ -79,7 +79,7 @@ def prompts(target) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def ours(target, prompts):
     """Our completions, all eight rows in one batch of 8 slots, keyed by row id."""
-    from dflash_batch.decoder import Decoder, Request
+    from dflash_batch.decoder import Request
 
     decoder = make_decoder(target, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
     bucket = decoder.bucket(max(len(p) for p in prompts.values()))

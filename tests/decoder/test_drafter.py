@@ -50,7 +50,8 @@ def _make_drafter(folder, target_cfg, seed=0, **dflash_extra):
     params = init_drafter_params(cfg, jax.random.PRNGKey(seed), d2t=d2t, scale=0.15)
     # Jitter every weight (norms included) so a swapped or transposed tensor cannot pass.
     rng = np.random.default_rng(seed + 1)
-    params = jax.tree.map(lambda a: a if a.dtype == jnp.int32 else a * rng.uniform(0.8, 1.2, a.shape).astype(np.float32), params)
+    params = jax.tree.map(
+        lambda a: a if a.dtype == jnp.int32 else a * rng.uniform(0.8, 1.2, a.shape).astype(np.float32), params)
     save_drafter(folder, cfg, params, dtype=jnp.float32)
     loaded = load_drafter(folder)
     return folder, loaded.config, loaded.params

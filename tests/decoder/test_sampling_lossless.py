@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dflash_batch.decoder import Decoder, Request
+from dflash_batch.decoder import Request
 from dflash_batch.decoder import _speculative
 from oracle_proposer import propose_oracle
 from decoding import make_decoder

@@ -11,7 +11,7 @@ import pytest
 
 from compile_counter import count_compiles
 from oracle_proposer import propose_oracle
-from dflash_batch.decoder import Decoder, Request
+from dflash_batch.decoder import Request
 from dflash_batch.decoder import _speculative
 from decoding import make_decoder
 

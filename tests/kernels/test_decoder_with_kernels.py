@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dflash_batch.decoder import Decoder, Request
+from dflash_batch.decoder import Request
 from dflash_batch.decoder import _drafter
 from dflash_batch.kernels import _block_attention, use_attention_impl
 from decoding import make_decoder

@@ -191,15 +191,11 @@ def _block_choice(stats: dict[str, Any]) -> list[dict[str, Any]]:
         if len(r.get("candidates") or []) < 2 or not calls:
             continue  # a fixed block length: nothing was chosen
         expected = {int(k): float(v) for k, v in (r.get("expected_tokens_per_s_per_row") or {}).items()}
-        drain = {int(k): int(v) for k, v in (r.get("drain_calls_by_block") or {}).items()}
         gated = {int(k): float(v) for k, v in (r.get("gated_fraction_by_block") or {}).items()}
-        out.append({"where": where, "calls_by_block": calls, "drain_calls_by_block": drain,
-                    "gated_fraction_by_block": gated,
+        out.append({"where": where, "calls_by_block": calls, "gated_fraction_by_block": gated,
                     "expected_tokens_per_s_per_row": expected,
                     "most_run": max(calls, key=lambda b: (calls[b], -b)),
-                    "best_expected": max(expected, key=expected.get) if expected else None,
-                    **({"drafter_context_prefills": r["drafter_context_prefills"]}
-                       if r.get("drafter_context_prefills") else {})})
+                    "best_expected": max(expected, key=expected.get) if expected else None})
     return out
 
 
@@ -273,21 +269,15 @@ def format_text(a: dict[str, Any]) -> str:
 
 
 def choice_line(c: dict[str, Any]) -> str:
-    """'WHERE: decode calls L=1 x5, L=2 x1 (draining L=1 x2); steps run as AR by the gate: L=2 30%;
-    best expected L=1 at 9.6 tokens/s per row; prompts fed to the drafter: 3 of 8'."""
+    """'WHERE: decode calls L=1 x5, L=2 x1; steps run as AR by the gate: L=2 30%; best expected
+    L=1 at 9.6 tokens/s per row'."""
     calls = ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
-    if c.get("drain_calls_by_block"):
-        drained = ", ".join(f"L={b} x{n}" for b, n in sorted(c["drain_calls_by_block"].items()))
-        calls += f" (draining {drained})"
     if c.get("gated_fraction_by_block"):
         calls += "; steps run as AR by the gate: " + ", ".join(
             f"L={b} {g:.0%}" for b, g in sorted(c["gated_fraction_by_block"].items()))
     best = c["best_expected"]
     why = (f"; best expected L={best} at {c['expected_tokens_per_s_per_row'][best]:.1f} tokens/s per row"
            if best is not None else "")
-    fed = c.get("drafter_context_prefills")
-    if fed:  # prompts prefilled while AR ruled skip the drafter's upkeep
-        why += f"; prompts fed to the drafter: {fed['fed']} of {fed['fed'] + fed['skipped']}"
     return f"{c['where']}: decode calls {calls}{why}"
 
 

@@ -21,6 +21,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     top_p = 1.0
     seed = 0                               # rows without a seed derive one from this and their id
     prompt_buckets = [64, 128, 256, 512, 1024, 2048]
+    prefill_chunk = 64                     # prompt tokens per prefill pass
+    chunk_steps = 16                       # decode steps between the host's looks at the batch
 
     [prompt]
     template = "summarize"                 # none (prompt or messages as given) | summarize (document)
@@ -39,7 +41,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     # project, region, zone, temp_location, staging_location, tpu_type, tpu_topology,
     # machine_type, sdk_container_image, disk_size_gb, max_workers
 
-Relative local paths are relative to the current directory. Defaults are written into the job
+The ``[decode]`` keys are the decoder's own ``DecodeConfig`` (its defaults and checks) plus the
+per-row sampling defaults. Relative local paths are relative to the current directory. Defaults are written into the job
 stats (``spec_json``), so nothing that shaped a job's output is implicit after the fact.
 """
 
@@ -54,7 +57,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from dflash_batch.decoder import DEFAULT_MODEL, DEFAULT_PROMPT_BUCKETS, DRAFTER_MODES, MODES
+from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DecodeConfig, DecodeConfigError
 from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
 
 RUNNERS = ("direct", "dataflow")
@@ -82,15 +85,25 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    mode: str = "ar"
-    block_size: int | str = "auto"
-    batch_size: int = 8
-    max_new_tokens: int = 256
+class DecodeSpec(DecodeConfig):
+    """The ``[decode]`` section: the decoder's config (its fields, defaults and checks) plus the
+    sampling defaults of rows that leave theirs null. A ``Decoder`` takes it as it is."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    prompt_buckets: tuple[int, ...] = tuple(DEFAULT_PROMPT_BUCKETS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        for name, check in (("temperature", _temperature), ("top_p", _top_p), ("seed", _integer)):
+            if (problem := check(getattr(self, name))) is not None:
+                out.append((name, problem))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +143,7 @@ class JobSpec:
     input: str
     output: str
     model: ModelSpec = ModelSpec()
-    decode: DecodeSpec = DecodeSpec()
+    decode: DecodeSpec = dataclasses.field(default_factory=DecodeSpec)  # its checks are defined below
     prompt: PromptSpec = PromptSpec()
     pipeline: PipelineSpec = PipelineSpec()
     runner: RunnerSpec = RunnerSpec()
@@ -181,10 +194,6 @@ def _positive(v: Any) -> str | None:
     return None if _is_int(v) and v > 0 else f"must be a positive integer, got {_show(v)}"
 
 
-def _block(v: Any) -> str | None:
-    return None if v == "auto" or (_is_int(v) and v > 0) else f"must be 'auto' or a positive integer, got {_show(v)}"
-
-
 def _non_negative(v: Any) -> str | None:
     return None if _is_int(v) and v >= 0 else f"must be an integer >= 0, got {_show(v)}"
 
@@ -208,12 +217,6 @@ def _top_p(v: Any) -> str | None:
     return None if ok else f"must be a number in (0, 1], got {_show(v)}"
 
 
-def _buckets(v: Any) -> str | None:
-    ok = (isinstance(v, list) and v and all(_is_int(b) and b > 0 for b in v)
-          and all(a < b for a, b in zip(v, v[1:])))
-    return None if ok else f"must be a non-empty list of increasing positive integers, got {_show(v)}"
-
-
 def _job_name(v: Any) -> str | None:
     ok = isinstance(v, str) and _NAME.fullmatch(v)
     return None if ok else ("must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
@@ -234,9 +237,6 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text},
-    "decode": {"mode": _choice(MODES), "block_size": _block, "batch_size": _positive,
-               "max_new_tokens": _positive, "temperature": _temperature, "top_p": _top_p, "seed": _integer,
-               "prompt_buckets": _buckets},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
     "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,
@@ -244,6 +244,9 @@ _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
                **{k: _optional(_text) for k in DATAFLOW_STR_KEYS},
                **{k: _optional(_positive) for k in DATAFLOW_INT_KEYS}},
 }
+# [decode] is checked by DecodeSpec itself (see _decode_problems).
+_KEYS = {**{section: tuple(checks) for section, checks in _CHECKS.items()},
+         "decode": tuple(f.name for f in dataclasses.fields(DecodeSpec))}
 _REQUIRED = ("name", "input", "output")
 _REQUIRED_IN = {"prompt": ("template",)}
 _SECTION_TYPES = {"model": ModelSpec, "decode": DecodeSpec, "prompt": PromptSpec, "pipeline": PipelineSpec,
@@ -263,12 +266,12 @@ def _unknown(raw: dict[str, Any]) -> list[str]:
     problems = []
     for key, value in raw.items():
         if isinstance(value, dict):
-            if key not in _CHECKS or key == "":
-                problems.append(f"unknown section [{key}]{_suggest(key, [s for s in _CHECKS if s])}")
+            if key not in _KEYS or key == "":
+                problems.append(f"unknown section [{key}]{_suggest(key, [s for s in _KEYS if s])}")
                 continue
             for sub in value:
-                if sub not in _CHECKS[key]:
-                    problems.append(f"unknown key {key}.{sub}{_suggest(sub, _CHECKS[key])}")
+                if sub not in _KEYS[key]:
+                    problems.append(f"unknown key {key}.{sub}{_suggest(sub, _KEYS[key])}")
         elif key in _SECTION_TYPES:
             problems.append(f"{key} must be a table ([{key}]), got {_show(value)}")
         elif key not in _CHECKS[""]:
@@ -293,23 +296,25 @@ def validate(raw: dict[str, Any]) -> JobSpec:
         for key, check in checks.items():
             if key in table and (problem := check(table[key])) is not None:
                 problems.append(f"{_field(section, key)} {problem}")
+    if isinstance(raw.get("decode"), dict):
+        problems += _decode_problems(raw["decode"])
     if problems:
         raise SpecError(problems)
 
-    sections = {}
-    for name, cls in _SECTION_TYPES.items():
-        values = dict(raw.get(name, {}))
-        if name == "decode" and "prompt_buckets" in values:
-            values["prompt_buckets"] = tuple(values["prompt_buckets"])
-        if name == "decode":
-            for k in ("temperature", "top_p"):
-                if k in values:
-                    values[k] = float(values[k])
-        sections[name] = cls(**values)
+    sections = {name: cls(**raw.get(name, {})) for name, cls in _SECTION_TYPES.items()}
     spec = JobSpec(name=raw["name"], input=_local(raw["input"]), output=_local(raw["output"]).rstrip("/"),
                    **sections)
     _cross_checks(spec)
     return spec
+
+
+def _decode_problems(table: dict[str, Any]) -> list[str]:
+    """The [decode] problems, as the decoder's own checks state them (``DecodeSpec.problems``)."""
+    try:
+        DecodeSpec(**{k: v for k, v in table.items() if k in _KEYS["decode"]})
+    except DecodeConfigError as e:
+        return [f"decode.{field} {why}" for field, why in e.problems]
+    return []
 
 
 def _local(location: str) -> str:

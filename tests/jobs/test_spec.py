@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,10 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
     ("decode.seed=x", "decode.seed must be an integer (int64), got 'x'"),
     ("decode.prompt_buckets=[128, 64]", "decode.prompt_buckets must be a non-empty list of increasing positive "
                                         "integers, got [128, 64]"),
+    ("decode.prompt_buckets=64", "decode.prompt_buckets must be a non-empty list of increasing positive "
+                                 "integers, got 64"),
+    ("decode.chunk_steps=0", "decode.chunk_steps must be a positive integer, got 0"),
+    ("decode.prefill_chunk=big", "decode.prefill_chunk must be a positive integer, got 'big'"),
     ("prompt.template=chat", "prompt.template must be one of none/summarize, got 'chat'"),
     ("name=my job", "name must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
                     "got 'my job'"),
@@ -74,6 +79,16 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
 ])
 def test_a_bad_value_is_refused_naming_its_field(spec_file, override, message):
     assert _problems(spec_file, override) == [message]
+
+
+def test_the_decode_section_is_the_decoders_config_plus_sampling_defaults(spec_file):
+    from dflash_batch.decoder import DecodeConfig
+
+    decode = load_spec(spec_file, ["decode.chunk_steps=4"]).decode
+    assert isinstance(decode, DecodeConfig)  # what a Decoder takes, as it is
+    shared = {f.name: getattr(decode, f.name) for f in dataclasses.fields(DecodeConfig)}
+    assert shared == {**dataclasses.asdict(DecodeConfig()), "chunk_steps": 4}  # the decoder's defaults
+    assert (decode.temperature, decode.top_p, decode.seed) == (0.0, 1.0, 0)
 
 
 def test_every_problem_is_listed_at_once(spec_file):

@@ -151,27 +151,21 @@ class JobSpec:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
 
-    def pipeline_argv(self, progress_dir: str | None = None) -> list[str]:
-        """The pipeline's flags for this spec (``dflash_batch.pipeline.build``), DirectRunner."""
+    def beam_options(self) -> list[str]:
+        """Beam's own flags for this spec's [runner]; ``dflash_batch.pipeline.build`` runs under them."""
+        if self.runner.name == "dataflow":
+            from dflash_batch.jobs._dataflow import dataflow_flags
+
+            return dataflow_flags(self)
+        return [f"--direct_num_workers={self.runner.direct_num_workers}",
+                f"--direct_running_mode={self.runner.direct_running_mode}"]
+
+    def require_direct(self) -> "JobSpec":
+        """This spec, or SpecError when its runner does not run on this machine."""
         if self.runner.name != "direct":
-            raise SpecError([f"runner.name {self.runner.name!r} is not run locally; Dataflow submission is "
-                             "`dflash-batch submit` (not available yet); use runner.name = 'direct'"])
-        d, p = self.decode, self.pipeline
-        argv = [
-            f"--input={self.input}", f"--output={self.output}", f"--model={self.model.target}",
-            f"--drafter={self.model.drafter}", f"--decode_mode={d.mode}", f"--block_size={d.block_size}",
-            f"--batch_size={d.batch_size}", f"--max_new_tokens={d.max_new_tokens}",
-            f"--temperature={d.temperature!r}", f"--top_p={d.top_p!r}", f"--seed={d.seed}",
-            f"--prompt_template={self.prompt.template}", f"--prompt_instruction={self.prompt.instruction}",
-            f"--prompt_buckets={','.join(map(str, d.prompt_buckets))}", f"--rows_per_batch={p.rows_per_batch}",
-            f"--shards_per_bucket={p.shards_per_bucket}", f"--output_shards={p.output_shards}",
-            f"--spec_name={self.name}", f"--spec_json={self.to_json()}",
-            f"--direct_num_workers={self.runner.direct_num_workers}",
-            f"--direct_running_mode={self.runner.direct_running_mode}",
-        ]
-        if progress_dir:
-            argv.append(f"--progress_dir={progress_dir}")
-        return argv
+            raise SpecError([f"runner.name {self.runner.name!r} is not run locally; submit the job to Dataflow "
+                             "with `dflash-batch submit`, or use runner.name = 'direct'"])
+        return self
 
 
 # ---- checks: each returns None or "must be ..., got X" -------------------------------------------

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from dflash_batch.jobs._spec import JobSpec, SpecError, load_spec, parse_override
-from dflash_batch.pipeline import JobConfig
-from dflash_batch.pipeline._options import parse_options
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "examples" / "aclsum_summarize.toml"
 
@@ -123,7 +121,7 @@ def test_dataflow_keys_are_accepted_but_run_refuses_dataflow(spec_file):
                                  "runner.tpu_topology=1x1", "runner.max_workers=4"])
     assert (spec.runner.tpu_topology, spec.runner.max_workers) == ("1x1", 4)
     with pytest.raises(SpecError, match="runner.name 'dataflow' is not run locally"):
-        spec.pipeline_argv()
+        spec.require_direct()
 
 
 def test_a_file_that_is_not_toml_or_missing(tmp_path):
@@ -152,14 +150,20 @@ def test_an_override_without_a_value_is_refused():
         parse_override("decode.batch_size")
 
 
-def test_the_spec_becomes_the_pipeline_flags(spec_file):
+def test_the_pipeline_config_holds_the_spec_and_what_it_derives(spec_file):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from dflash_batch.pipeline._config import job_config
+
     spec = load_spec(spec_file, ["decode.batch_size=4", "decode.temperature=0.5", "decode.prompt_buckets=[32, 96]",
                                  "prompt.template=summarize", "runner.direct_num_workers=3", "name=x.y"])
-    config = JobConfig.from_options(parse_options(spec.pipeline_argv("/tmp/p")))
-    assert (config.batch_size, config.temperature, config.prompt_buckets) == (4, 0.5, (32, 96))
-    assert (config.template, config.rows_per_batch, config.shards_per_bucket) == ("summarize", 16, 3)
-    assert (config.name, config.progress_dir, config.input) == ("x.y", "/tmp/p", spec.input)
-    assert isinstance(spec, JobSpec) and '"batch_size": 4' in config.spec_json
-    assert config.block_size == "auto"
-    eight = load_spec(spec_file, ["decode.mode=ngram", "decode.block_size=8"]).pipeline_argv()
-    assert JobConfig.from_options(parse_options(eight)).block_size == 8
+    config = job_config(spec, PipelineOptions(spec.beam_options()), "/tmp/p")
+    d = config.spec.decode
+    assert (d.batch_size, d.temperature, d.prompt_buckets) == (4, 0.5, (32, 96))
+    # rows_per_batch 0: 4 per slot; shards_per_bucket 0: the runner's workers, from the spec's [runner]
+    assert (config.spec.prompt.template, config.rows_per_batch, config.shards_per_bucket) == ("summarize", 16, 3)
+    assert (config.spec.name, config.progress_dir, config.input) == ("x.y", "/tmp/p", spec.input)
+    assert isinstance(spec, JobSpec) and '"batch_size": 4' in config.spec.to_json()
+    assert d.block_size == "auto"
+    eight = load_spec(spec_file, ["decode.mode=ngram", "decode.block_size=8"])
+    assert job_config(eight, PipelineOptions(eight.beam_options())).spec.decode.block_size == 8

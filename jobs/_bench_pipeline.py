@@ -34,9 +34,7 @@ def _prepared(job) -> list:
     from apache_beam.io.filesystems import FileSystems
     import pyarrow.parquet as pq
 
-    from dflash_batch.pipeline._io import table_rows
-    from dflash_batch.pipeline._model import shared_tokenizer
-    from dflash_batch.pipeline._tokenize import prepare_row
+    from dflash_batch.pipeline import prepare_row, shared_tokenizer, table_rows
     from dflash_batch.schemas import validate_prompt_row
 
     tokenizer, _ = shared_tokenizer(job.config.spec.model.target)
@@ -57,9 +55,7 @@ def bench_pipeline(spec, repeats: int = 1, progress=None) -> dict[str, Any]:
     """Decoder-only and job tokens/s on the same prompts (medians over ``repeats``)."""
     import statistics
 
-    from dflash_batch.pipeline import build
-    from dflash_batch.pipeline._decode import model_key
-    from dflash_batch.pipeline._model import shared_model
+    from dflash_batch.pipeline import build, model_key, shared_model
 
     say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(prefix="dflash-bench-") as tmp:
@@ -124,7 +120,7 @@ def bench_pipeline_command(job_file: Path, overrides: tuple[str, ...], limit: in
         raise Refused(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="dflash-bench-input-") as tmp:
         if limit is not None:
-            from dflash_batch.pipeline._io import match_files
+            from dflash_batch.pipeline import match_files
 
             tables = [pq.read_table(f) for f in match_files(spec.input)]
             if not tables:

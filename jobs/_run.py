@@ -150,7 +150,7 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
 
 
 def _completed_ids(files: Sequence[str]) -> int:
-    from dflash_batch.pipeline._io import parquet_footer
+    from dflash_batch.pipeline import parquet_footer
 
     return sum(parquet_footer(f)[1] for f in files)
 

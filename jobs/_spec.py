@@ -42,8 +42,9 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     # machine_type, sdk_container_image, disk_size_gb, max_workers
 
 The ``[decode]`` keys are the decoder's own ``DecodeConfig`` (its defaults and checks) plus the
-per-row sampling defaults. Relative local paths are relative to the current directory. Defaults are written into the job
-stats (``spec_json``), so nothing that shaped a job's output is implicit after the fact.
+per-row sampling defaults. Relative local paths are relative to the current directory. Defaults
+are written into the job stats (``spec_json``), so nothing that shaped a job's output is
+implicit after the fact.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._checkpoint import TargetModel, load_target, params_from_hf, read_safetensors
 from dflash_batch.decoder._compile_cache import enable_compilation_cache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig
+from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig, DecodeConfigError
 from dflash_batch.decoder._drafter import Drafter, DrafterConfig, load_drafter
 from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder, timed_generate
 from dflash_batch.decoder._engine import ROWS_PER_SLOT, BatchRun, bucket_for
@@ -26,7 +26,7 @@ from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._target import forward
 
 __all__ = [
-    "BatchRun", "bucket_for", "cache_dir", "DecodeConfig", "Decoder", "DEFAULT_MODEL",
+    "BatchRun", "bucket_for", "cache_dir", "DecodeConfig", "DecodeConfigError", "Decoder", "DEFAULT_MODEL",
     "DEFAULT_PROMPT_BUCKETS", "Drafter", "DRAFTER_MODES", "DrafterConfig", "enable_compilation_cache",
     "forward", "KVCache", "load_drafter", "load_target", "MODES", "params_from_hf", "read_safetensors",
     "registered_models", "render_messages", "Request", "resolve_drafter_dir", "resolve_model_dir", "Result",

@@ -7,6 +7,7 @@ setting's default and its check live here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 from dflash_batch.decoder._speculative import PROPOSERS
@@ -19,8 +20,16 @@ def _int(v: Any) -> bool:
 
 
 def _show(v: Any) -> str:
-    text = repr(v)
+    text = json.dumps(v) if isinstance(v, bool) else repr(v)  # true, as a job spec writes it
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+class DecodeConfigError(ValueError):
+    """A config that cannot work; ``problems`` holds (field, what is wrong) for each setting."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{field} {why}" for field, why in self.problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +51,15 @@ class DecodeConfig:
     chunk_steps: int = 16
 
     def __post_init__(self):
-        object.__setattr__(self, "prompt_buckets", tuple(self.prompt_buckets))
+        if isinstance(self.prompt_buckets, list):
+            object.__setattr__(self, "prompt_buckets", tuple(self.prompt_buckets))
         if problems := self.problems():
-            raise ValueError("; ".join(f"{field} {why}" for field, why in problems))
+            raise DecodeConfigError(problems)
 
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for every setting that cannot work."""
         out = []
-        if self.mode != "ar" and self.mode not in PROPOSERS:
+        if not (isinstance(self.mode, str) and (self.mode == "ar" or self.mode in PROPOSERS)):
             out.append(("mode", f"must be one of {'/'.join(('ar', *PROPOSERS))}, got {_show(self.mode)}"))
         if not (self.block_size == "auto" or (_int(self.block_size) and self.block_size > 0)):
             out.append(("block_size", f"must be 'auto' or a positive integer, got {_show(self.block_size)}"))
@@ -58,9 +68,10 @@ class DecodeConfig:
             if not (_int(v) and v > 0):
                 out.append((name, f"must be a positive integer, got {_show(v)}"))
         b = self.prompt_buckets
-        if not (b and all(_int(x) and x > 0 for x in b) and all(x < y for x, y in zip(b, b[1:]))):
-            out.append(("prompt_buckets",
-                        f"must be a non-empty list of increasing positive integers, got {_show(list(b))}"))
+        if not (isinstance(b, tuple) and b and all(_int(x) and x > 0 for x in b)
+                and all(x < y for x, y in zip(b, b[1:]))):
+            out.append(("prompt_buckets", "must be a non-empty list of increasing positive integers, got "
+                        f"{_show(list(b) if isinstance(b, tuple) else b)}"))
         return out
 
     def replace(self, **changes) -> "DecodeConfig":

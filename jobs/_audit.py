@@ -38,9 +38,8 @@ import numpy as np
 
 from dflash_batch.jobs._exit import Refused
 from dflash_batch.jobs._run import reason_lines
-from dflash_batch.pipeline import JOB_STATS_FILE, Figures, job_totals, rate_line, read_runs, time_line
-from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, PARQUET_SUFFIX, join, match_files, \
-    read_json
+from dflash_batch.pipeline import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, Figures, \
+    job_totals, join, match_files, rate_line, read_json, read_runs, time_line
 
 REPORT_FILE = "report.html"
 BENCH_FILE = "bench.json"
@@ -299,7 +298,7 @@ def audit_command(output_or_job: str, as_json: bool, html_path: str | None, base
     """Throughput, tau, batch fill and padding of a job: OUTPUT_OR_JOB is its output (folder or
     gs://), its job file, or a run's id."""
     from dflash_batch.jobs._report import format_html
-    from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
+    from dflash_batch.pipeline import use_anonymous_gcs_for_emulator
 
     use_anonymous_gcs_for_emulator()
     output = resolve_output(output_or_job)

@@ -17,11 +17,12 @@ rises with the amount of decoding; run it on a job-sized input for a number that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
@@ -33,36 +34,32 @@ def _prepared(job) -> list:
     from apache_beam.io.filesystems import FileSystems
     import pyarrow.parquet as pq
 
-    from dflash_batch.pipeline._io import table_rows
-    from dflash_batch.pipeline._model import shared_tokenizer
-    from dflash_batch.pipeline._tokenize import prepare_row
+    from dflash_batch.pipeline import prepare_row, shared_tokenizer, table_rows
     from dflash_batch.schemas import validate_prompt_row
 
-    tokenizer, _ = shared_tokenizer(job.config.model)
+    tokenizer, _ = shared_tokenizer(job.config.spec.model.target)
     seen: set[str] = set()
     out = []
     for path in job.preflight.files:
         with FileSystems.open(path, compression_type="uncompressed") as f:
             table = pq.read_table(f)
         for row in table_rows(table):
-            if validate_prompt_row(row, job.config.template, seen) is None:
+            if validate_prompt_row(row, job.config.spec.prompt.template, seen) is None:
                 item = prepare_row(tokenizer, row, path, job.config)
                 if not isinstance(item, str):
                     out.append(item)
     return out
 
 
-def bench_pipeline(argv: Sequence[str], repeats: int = 1, progress=None) -> dict[str, Any]:
+def bench_pipeline(spec, repeats: int = 1, progress=None) -> dict[str, Any]:
     """Decoder-only and job tokens/s on the same prompts (medians over ``repeats``)."""
     import statistics
 
-    from dflash_batch.pipeline import build
-    from dflash_batch.pipeline._decode import model_key
-    from dflash_batch.pipeline._model import shared_model
+    from dflash_batch.pipeline import build, model_key, shared_model
 
     say = progress or (lambda _m: None)
     with tempfile.TemporaryDirectory(prefix="dflash-bench-") as tmp:
-        first = build([*argv, f"--output={tmp}/probe"])
+        first = build(dataclasses.replace(spec, output=f"{tmp}/probe"))
         items = _prepared(first)
         if not items:
             raise ValueError("no row of the input can be decoded")
@@ -87,13 +84,13 @@ def bench_pipeline(argv: Sequence[str], repeats: int = 1, progress=None) -> dict
             tokens["decoder_only"] = n
             say(f"decoder only: {decoder_speeds[-1]:.1f} tokens/s ({n} tokens)")
 
-            stats = build([*argv, f"--output={tmp}/job-{i}"]).run().stats
+            stats = build(dataclasses.replace(spec, output=f"{tmp}/job-{i}")).run().stats
             job_speeds.append(stats["tokens_per_s"])
             tokens["job"] = stats["completion_tokens"]
             say(f"job:          {job_speeds[-1]:.1f} tokens/s ({stats['completion_tokens']} tokens, "
                 f"{stats['wall_seconds']:.1f} s wall, compile {stats['compile_seconds']:.1f} s)")
     dec, job = statistics.median(decoder_speeds), statistics.median(job_speeds)
-    return {"rows": len(items), "buckets": buckets, "mode": first.config.mode, "batch_size": first.config.batch_size,
+    return {"rows": len(items), "buckets": buckets, "mode": spec.decode.mode, "batch_size": spec.decode.batch_size,
             "decoder_only_tokens_per_s": round(dec, 2), "job_tokens_per_s": round(job, 2),
             "overhead_ratio": round(job / dec, 3), "completion_tokens": tokens, "repeats": repeats,
             "decoder_only_runs": decoder_speeds, "job_runs": job_speeds}
@@ -118,21 +115,20 @@ def bench_pipeline_command(job_file: Path, overrides: tuple[str, ...], limit: in
     from dflash_batch.pipeline import JobRefused
 
     try:
-        spec = load_spec(job_file, overrides)
-        argv = spec.pipeline_argv()
+        spec = load_spec(job_file, overrides).require_direct()
     except SpecError as e:
         raise Refused(str(e)) from None
     with tempfile.TemporaryDirectory(prefix="dflash-bench-input-") as tmp:
         if limit is not None:
-            from dflash_batch.pipeline._io import match_files
+            from dflash_batch.pipeline import match_files
 
             tables = [pq.read_table(f) for f in match_files(spec.input)]
             if not tables:
                 raise Refused(f"input: {spec.input!r} matches no files")
             pq.write_table(pa.concat_tables(tables, promote_options="default").slice(0, limit), f"{tmp}/input.parquet")
-            argv = [a for a in argv if not a.startswith("--input=")] + [f"--input={tmp}/input.parquet"]
+            spec = dataclasses.replace(spec, input=f"{tmp}/input.parquet")
         try:
-            report = bench_pipeline(argv, repeats, progress=None if as_json else lambda m: click.echo(m, err=True))
+            report = bench_pipeline(spec, repeats, progress=None if as_json else lambda m: click.echo(m, err=True))
         except (JobRefused, ValueError) as e:
             raise Refused(str(e)) from None
     if as_json:

@@ -25,7 +25,6 @@ the real submission would send, except for the staged file contents.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -47,7 +46,6 @@ TPU_MACHINE_TYPES: dict[tuple[str, str], str] = {
     ("tpu-v5p-slice", "2x2x1"): "ct5p-hightpu-4t",
 }
 HARNESS_THREADS = 2  # one process drives the chip; a few threads keep reads and writes moving
-_DROPPED_FLAGS = ("--direct_num_workers=", "--direct_running_mode=", "--progress_dir=")
 
 
 class SubmitRefused(ValueError):
@@ -109,14 +107,12 @@ def job_name(spec) -> str:
     return name[:63].rstrip("-")
 
 
-def dataflow_argv(spec, name: str | None = None) -> list[str]:
-    """The pipeline's flags plus Beam's DataflowRunner flags for ``spec`` (checked first)."""
+def dataflow_flags(spec, name: str | None = None) -> list[str]:
+    """Beam's DataflowRunner flags for ``spec``'s [runner] (checked first); see ``JobSpec.beam_options``."""
     if problems := check_dataflow(spec):
         raise SubmitRefused(problems)
     r = spec.runner
-    local = dataclasses.replace(spec, runner=dataclasses.replace(r, name="direct"))
-    argv = [a for a in local.pipeline_argv() if not a.startswith(_DROPPED_FLAGS)]
-    argv += [
+    argv = [
         "--runner=DataflowRunner",
         f"--project={r.project}",
         f"--region={r.region}",
@@ -145,12 +141,15 @@ def dataflow_argv(spec, name: str | None = None) -> list[str]:
 def _offline_preflight(config):
     """Stands in for ``build``'s preflight in a dry run, which must not list gs:// inputs or
     read the model's config over the network."""
-    from dflash_batch.pipeline._preflight import Preflight, result_manifest
+    from dflash_batch.decoder import DRAFTER_MODES
+    from dflash_batch.pipeline import Preflight, result_manifest
     from dflash_batch.schemas import COMPLETIONS_SCHEMA, PROMPTS_SCHEMA
 
+    spec = config.spec
+    drafter = spec.model.drafter if spec.decode.mode in DRAFTER_MODES else None
     return Preflight(files=(config.input,), input_schema=PROMPTS_SCHEMA, rows_in=0,
                      completions_schema=COMPLETIONS_SCHEMA, previous_completions=(),
-                     drafter=config.drafter, manifest=result_manifest(config))
+                     drafter=drafter, manifest=result_manifest(config))
 
 
 def _offline_client_class():
@@ -172,8 +171,8 @@ def _offline_client_class():
     return _OfflineClient
 
 
-def dry_run_request(argv: Sequence[str]) -> dict[str, Any]:
-    """The complete Dataflow ``CreateJobRequest`` (as JSON) for the job ``argv``, offline.
+def dry_run_request(spec) -> dict[str, Any]:
+    """The complete Dataflow ``CreateJobRequest`` (as JSON) for the Dataflow job ``spec``, offline.
 
     Builds the job's pipeline, lets the DataflowRunner translate it with ``--dry_run``, then runs
     Beam's ``create_job_description`` with uploads recorded instead of made.
@@ -183,8 +182,7 @@ def dry_run_request(argv: Sequence[str]) -> dict[str, Any]:
 
     from dflash_batch.pipeline import build
 
-    argv = [*argv, "--dry_run=True", "--no_auth"]
-    job = build(argv, check=_offline_preflight)
+    job = build(spec, beam_options=("--dry_run=True", "--no_auth"), check=_offline_preflight)
     result = job.pipeline.run()  # DataflowRunner with dry_run: translation only, no request
     df_job = result.job
     client = _offline_client_class()(df_job.options, df_job.root_staging_location)
@@ -237,24 +235,23 @@ def submit_command(job_file: Path, overrides: tuple[str, ...], dry_run: bool, re
     problems = check_dataflow(spec)
     if problems:
         _refuse(str(SpecError(problems, source=str(job_file))))
-    argv = dataflow_argv(spec)
     if dry_run:
-        request = dry_run_request(argv)
+        request = dry_run_request(spec)
         path = request_file or Path(f"{spec.name}.dataflow-request.json")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(request, indent=2, sort_keys=True), encoding="utf-8")
         click.echo(f"dry run: the Dataflow job request for {spec.name} ({spec.runner.tpu_type} "
                    f"{spec.runner.tpu_topology} on {spec.runner.machine_type}) is in {path.resolve()}")
         return
-    _submit(spec, argv)
+    _submit(spec)
 
 
-def _submit(spec, argv: list[str]) -> None:
+def _submit(spec) -> None:
     from dflash_batch.jobs._ledger import ledger_entry
     from dflash_batch.pipeline import JobRefused, build
 
     try:
-        job = build(argv)
+        job = build(spec)
     except JobRefused as e:
         _refuse(f"job {spec.name} refused before any work started: {e}")
     with ledger_entry(spec, runner="dataflow", output=spec.output, wait=False, job_id=job.job_id) as entry:

@@ -131,7 +131,7 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
 
     thread = threading.Thread(target=target, name="dflash-batch-job", daemon=True)
     thread.start()
-    name = job.config.name
+    name = job.config.spec.name
     bar = tqdm(total=job.preflight.rows_in, unit="row", desc=f"{name}: starting", disable=not show,
                dynamic_ncols=True)
     try:
@@ -150,7 +150,7 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
 
 
 def _completed_ids(files: Sequence[str]) -> int:
-    from dflash_batch.pipeline._io import parquet_footer
+    from dflash_batch.pipeline import parquet_footer
 
     return sum(parquet_footer(f)[1] for f in files)
 
@@ -171,15 +171,14 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
     from dflash_batch.jobs._spec import SpecError, load_spec
 
     try:
-        spec = load_spec(job_file, overrides)
-        spec.pipeline_argv()  # refuses a runner that does not run on this machine
+        spec = load_spec(job_file, overrides).require_direct()
     except SpecError as e:
         raise Refused(str(e)) from None
     from dflash_batch.pipeline import JobRefused, build
 
     with tempfile.TemporaryDirectory(prefix="dflash-batch-progress-") as progress_dir:
         try:
-            job = build(spec.pipeline_argv(progress_dir))
+            job = build(spec, progress_dir=progress_dir)
         except JobRefused as e:
             raise Refused(f"job {spec.name} refused before any work started: {e}") from None
         pre = job.preflight

@@ -21,6 +21,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     top_p = 1.0
     seed = 0                               # rows without a seed derive one from this and their id
     prompt_buckets = [64, 128, 256, 512, 1024, 2048]
+    prefill_chunk = 64                     # prompt tokens per prefill pass
+    chunk_steps = 16                       # decode steps between the host's looks at the batch
 
     [prompt]
     template = "summarize"                 # none (prompt or messages as given) | summarize (document)
@@ -39,8 +41,10 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     # project, region, zone, temp_location, staging_location, tpu_type, tpu_topology,
     # machine_type, sdk_container_image, disk_size_gb, max_workers
 
-Relative local paths are relative to the current directory. Defaults are written into the job
-stats (``spec_json``), so nothing that shaped a job's output is implicit after the fact.
+The ``[decode]`` keys are the decoder's own ``DecodeConfig`` (its defaults and checks) plus the
+per-row sampling defaults. Relative local paths are relative to the current directory. Defaults
+are written into the job stats (``spec_json``), so nothing that shaped a job's output is
+implicit after the fact.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from dflash_batch.decoder import DEFAULT_MODEL, DEFAULT_PROMPT_BUCKETS, DRAFTER_MODES, MODES
-from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, TEMPLATES
+from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DecodeConfig, DecodeConfigError
+from dflash_batch.pipeline import SUMMARIZE_INSTRUCTION, TEMPLATES
 
 RUNNERS = ("direct", "dataflow")
 RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")
@@ -82,15 +86,25 @@ class ModelSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    mode: str = "ar"
-    block_size: int | str = "auto"
-    batch_size: int = 8
-    max_new_tokens: int = 256
+class DecodeSpec(DecodeConfig):
+    """The ``[decode]`` section: the decoder's config (its fields, defaults and checks) plus the
+    sampling defaults of rows that leave theirs null. A ``Decoder`` takes it as it is."""
+
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    prompt_buckets: tuple[int, ...] = tuple(DEFAULT_PROMPT_BUCKETS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = super().problems()
+        for name, check in (("temperature", _temperature), ("top_p", _top_p), ("seed", _integer)):
+            if (problem := check(getattr(self, name))) is not None:
+                out.append((name, problem))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +144,7 @@ class JobSpec:
     input: str
     output: str
     model: ModelSpec = ModelSpec()
-    decode: DecodeSpec = DecodeSpec()
+    decode: DecodeSpec = dataclasses.field(default_factory=DecodeSpec)  # its checks are defined below
     prompt: PromptSpec = PromptSpec()
     pipeline: PipelineSpec = PipelineSpec()
     runner: RunnerSpec = RunnerSpec()
@@ -138,27 +152,21 @@ class JobSpec:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
 
-    def pipeline_argv(self, progress_dir: str | None = None) -> list[str]:
-        """The pipeline's flags for this spec (``dflash_batch.pipeline.build``), DirectRunner."""
+    def beam_options(self) -> list[str]:
+        """Beam's own flags for this spec's [runner]; ``dflash_batch.pipeline.build`` runs under them."""
+        if self.runner.name == "dataflow":
+            from dflash_batch.jobs._dataflow import dataflow_flags
+
+            return dataflow_flags(self)
+        return [f"--direct_num_workers={self.runner.direct_num_workers}",
+                f"--direct_running_mode={self.runner.direct_running_mode}"]
+
+    def require_direct(self) -> "JobSpec":
+        """This spec, or SpecError when its runner does not run on this machine."""
         if self.runner.name != "direct":
-            raise SpecError([f"runner.name {self.runner.name!r} is not run locally; Dataflow submission is "
-                             "`dflash-batch submit` (not available yet); use runner.name = 'direct'"])
-        d, p = self.decode, self.pipeline
-        argv = [
-            f"--input={self.input}", f"--output={self.output}", f"--model={self.model.target}",
-            f"--drafter={self.model.drafter}", f"--decode_mode={d.mode}", f"--block_size={d.block_size}",
-            f"--batch_size={d.batch_size}", f"--max_new_tokens={d.max_new_tokens}",
-            f"--temperature={d.temperature!r}", f"--top_p={d.top_p!r}", f"--seed={d.seed}",
-            f"--prompt_template={self.prompt.template}", f"--prompt_instruction={self.prompt.instruction}",
-            f"--prompt_buckets={','.join(map(str, d.prompt_buckets))}", f"--rows_per_batch={p.rows_per_batch}",
-            f"--shards_per_bucket={p.shards_per_bucket}", f"--output_shards={p.output_shards}",
-            f"--spec_name={self.name}", f"--spec_json={self.to_json()}",
-            f"--direct_num_workers={self.runner.direct_num_workers}",
-            f"--direct_running_mode={self.runner.direct_running_mode}",
-        ]
-        if progress_dir:
-            argv.append(f"--progress_dir={progress_dir}")
-        return argv
+            raise SpecError([f"runner.name {self.runner.name!r} is not run locally; submit the job to Dataflow "
+                             "with `dflash-batch submit`, or use runner.name = 'direct'"])
+        return self
 
 
 # ---- checks: each returns None or "must be ..., got X" -------------------------------------------
@@ -179,10 +187,6 @@ def _text(v: Any) -> str | None:
 
 def _positive(v: Any) -> str | None:
     return None if _is_int(v) and v > 0 else f"must be a positive integer, got {_show(v)}"
-
-
-def _block(v: Any) -> str | None:
-    return None if v == "auto" or (_is_int(v) and v > 0) else f"must be 'auto' or a positive integer, got {_show(v)}"
 
 
 def _non_negative(v: Any) -> str | None:
@@ -208,12 +212,6 @@ def _top_p(v: Any) -> str | None:
     return None if ok else f"must be a number in (0, 1], got {_show(v)}"
 
 
-def _buckets(v: Any) -> str | None:
-    ok = (isinstance(v, list) and v and all(_is_int(b) and b > 0 for b in v)
-          and all(a < b for a, b in zip(v, v[1:])))
-    return None if ok else f"must be a non-empty list of increasing positive integers, got {_show(v)}"
-
-
 def _job_name(v: Any) -> str | None:
     ok = isinstance(v, str) and _NAME.fullmatch(v)
     return None if ok else ("must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
@@ -234,9 +232,6 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text},
-    "decode": {"mode": _choice(MODES), "block_size": _block, "batch_size": _positive,
-               "max_new_tokens": _positive, "temperature": _temperature, "top_p": _top_p, "seed": _integer,
-               "prompt_buckets": _buckets},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
     "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,
@@ -244,6 +239,9 @@ _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
                **{k: _optional(_text) for k in DATAFLOW_STR_KEYS},
                **{k: _optional(_positive) for k in DATAFLOW_INT_KEYS}},
 }
+# [decode] is checked by DecodeSpec itself (see _decode_problems).
+_KEYS = {**{section: tuple(checks) for section, checks in _CHECKS.items()},
+         "decode": tuple(f.name for f in dataclasses.fields(DecodeSpec))}
 _REQUIRED = ("name", "input", "output")
 _REQUIRED_IN = {"prompt": ("template",)}
 _SECTION_TYPES = {"model": ModelSpec, "decode": DecodeSpec, "prompt": PromptSpec, "pipeline": PipelineSpec,
@@ -263,12 +261,12 @@ def _unknown(raw: dict[str, Any]) -> list[str]:
     problems = []
     for key, value in raw.items():
         if isinstance(value, dict):
-            if key not in _CHECKS or key == "":
-                problems.append(f"unknown section [{key}]{_suggest(key, [s for s in _CHECKS if s])}")
+            if key not in _KEYS or key == "":
+                problems.append(f"unknown section [{key}]{_suggest(key, [s for s in _KEYS if s])}")
                 continue
             for sub in value:
-                if sub not in _CHECKS[key]:
-                    problems.append(f"unknown key {key}.{sub}{_suggest(sub, _CHECKS[key])}")
+                if sub not in _KEYS[key]:
+                    problems.append(f"unknown key {key}.{sub}{_suggest(sub, _KEYS[key])}")
         elif key in _SECTION_TYPES:
             problems.append(f"{key} must be a table ([{key}]), got {_show(value)}")
         elif key not in _CHECKS[""]:
@@ -293,23 +291,25 @@ def validate(raw: dict[str, Any]) -> JobSpec:
         for key, check in checks.items():
             if key in table and (problem := check(table[key])) is not None:
                 problems.append(f"{_field(section, key)} {problem}")
+    if isinstance(raw.get("decode"), dict):
+        problems += _decode_problems(raw["decode"])
     if problems:
         raise SpecError(problems)
 
-    sections = {}
-    for name, cls in _SECTION_TYPES.items():
-        values = dict(raw.get(name, {}))
-        if name == "decode" and "prompt_buckets" in values:
-            values["prompt_buckets"] = tuple(values["prompt_buckets"])
-        if name == "decode":
-            for k in ("temperature", "top_p"):
-                if k in values:
-                    values[k] = float(values[k])
-        sections[name] = cls(**values)
+    sections = {name: cls(**raw.get(name, {})) for name, cls in _SECTION_TYPES.items()}
     spec = JobSpec(name=raw["name"], input=_local(raw["input"]), output=_local(raw["output"]).rstrip("/"),
                    **sections)
     _cross_checks(spec)
     return spec
+
+
+def _decode_problems(table: dict[str, Any]) -> list[str]:
+    """The [decode] problems, as the decoder's own checks state them (``DecodeSpec.problems``)."""
+    try:
+        DecodeSpec(**{k: v for k, v in table.items() if k in _KEYS["decode"]})
+    except DecodeConfigError as e:
+        return [f"decode.{field} {why}" for field, why in e.problems]
+    return []
 
 
 def _local(location: str) -> str:

@@ -24,7 +24,7 @@ def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
     """
     import pyarrow.parquet as pq
 
-    from dflash_batch.pipeline._templates import render_row
+    from dflash_batch.pipeline import render_row
     from dflash_batch.schemas import check_input_schema, validate_prompt_row
 
     table = pq.read_table(path)

@@ -17,7 +17,7 @@ from dflash_batch.jobs._exit import Refused
 def _requests(target, split: str, limit: int, max_new_tokens: int):
     from dflash_batch.decoder import Request, render_messages
     from dflash_batch.jobs._datasets import aclsum_abstracts
-    from dflash_batch.pipeline._templates import summarize_messages
+    from dflash_batch.pipeline import summarize_messages
 
     docs = aclsum_abstracts(split)[:limit]
     return [Request(id=d["id"], token_ids=render_messages(target.tokenizer, summarize_messages(d["document"])),
@@ -64,7 +64,8 @@ def import_model(name: str) -> None:
 
 def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
     """The first ``limit`` rows of a job's input as the job would decode them (its template,
-    sampling settings and seeds), with the job's model settings."""
+    sampling settings and seeds), with the job's spec."""
+    import dataclasses
     import tempfile
 
     from dflash_batch.jobs._bench_pipeline import _prepared
@@ -72,15 +73,15 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
     from dflash_batch.pipeline import JobRefused, build
 
     try:
-        spec = load_spec(job_file, overrides)
+        spec = load_spec(job_file, overrides).require_direct()
         with tempfile.TemporaryDirectory(prefix="dflash-bench-") as tmp:
-            job = build([*spec.pipeline_argv(), f"--output={tmp}/probe"])
+            job = build(dataclasses.replace(spec, output=f"{tmp}/probe"))
     except (SpecError, JobRefused, ValueError) as e:
         raise Refused(str(e)) from None
     items = _prepared(job)[:limit]
     if not items:
         raise Refused(f"{job_file}: no row of the input can be decoded")
-    return [it.request() for it in items], job.config, spec.model.drafter
+    return [it.request() for it in items], spec
 
 
 @main.command()
@@ -126,15 +127,15 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     from dflash_batch.jobs._bench import bench as run_bench
     from dflash_batch.jobs._bench import format_table
 
-    config = None
+    spec = None
     most = num_prompts or ROWS_PER_SLOT * max(batch_sizes)
     if job_file is not None:
         if max_new_tokens:  # the job as if its spec said so (rows asking for more are left out)
             overrides = (*overrides, f"decode.max_new_tokens={max_new_tokens}")
-        reqs, config, job_drafter = _job_requests(job_file, overrides, most)
-        model = model or config.model
-        drafter = drafter or job_drafter  # model.drafter, even when the job itself decodes with ar
-        max_new_tokens = config.max_new_tokens
+        reqs, spec = _job_requests(job_file, overrides, most)
+        model = model or spec.model.target
+        drafter = drafter or spec.model.drafter  # even when the job itself decodes with ar
+        max_new_tokens = spec.decode.max_new_tokens
         source = f"the first rows of {job_file}"
     elif overrides:
         raise click.UsageError("--set needs a JOB_FILE")
@@ -154,12 +155,12 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
             mode_list = [m for m in mode_list if m not in DRAFTER_MODES]
         else:
             dft = load_drafter(folder)
-    if config is None:
+    if spec is None:
         reqs = _requests(target, "test", most, max_new_tokens)
         source = "ACLSum test abstracts, greedy"
     rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
                      block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
-                     prompt_buckets=config.prompt_buckets if config is not None else None, num_prompts=num_prompts,
+                     prompt_buckets=spec.decode.prompt_buckets if spec is not None else None, num_prompts=num_prompts,
                      learning_rounds=learning_rounds, ar_control=ar_control,
                      progress=lambda m: click.echo(m, err=True))
     if as_json:

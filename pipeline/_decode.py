@@ -20,8 +20,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from dflash_batch.decoder import Result
+from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.pipeline._model import ModelKey, shared_model
-from dflash_batch.pipeline._options import JobConfig
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE
 from dflash_batch.pipeline._tokenize import Prepared
 from dflash_batch.schemas import dead_letter_row
@@ -30,14 +30,12 @@ STATS = "batch_stats"
 
 
 def model_key(config: JobConfig) -> ModelKey:
-    return ModelKey(model=config.model, drafter=config.drafter, mode=config.mode, batch_size=config.batch_size,
-                    max_new_tokens=config.max_new_tokens, prompt_buckets=config.prompt_buckets,
-                    block_size=config.block_size)
+    return ModelKey(model=config.spec.model.target, drafter=config.drafter, decode=config.spec.decode)
 
 
 def drafter_id(config: JobConfig) -> str | None:
     """What the completions' ``drafter`` column records: null in mode ar."""
-    return {"ar": None, "ngram": "ngram"}.get(config.mode, config.drafter)
+    return {"ar": None, "ngram": "ngram"}.get(config.spec.decode.mode, config.drafter)
 
 
 def batch_index(ids: Sequence[str]) -> int:
@@ -56,7 +54,7 @@ def completion_row(r: Result, item: Prepared, config: JobConfig, columns: Sequen
         "acceptance_length_mean": r.tau, "accepted_per_step": [int(x) for x in r.accepted_per_step],
         "draft_tokens_proposed": int(r.draft_tokens_proposed), "draft_tokens_accepted": int(r.draft_tokens_accepted),
         "bucket": item.bucket, "batch_index": batch, "worker": worker, "decode_seconds": float(r.decode_seconds),
-        "model": config.model, "drafter": drafter_id(config), "mode": config.mode,
+        "model": config.spec.model.target, "drafter": drafter_id(config), "mode": config.spec.decode.mode,
     }
     for name in columns:
         if name not in row:

@@ -39,11 +39,13 @@ class ModelKey:
 
     model: str
     drafter: str | None
-    mode: str
-    batch_size: int
-    max_new_tokens: int
-    prompt_buckets: tuple[int, ...]
-    block_size: int | str  # or "auto"
+    decode: DecodeConfig
+
+    def __post_init__(self):
+        # Only the decoder's own settings: a job's [decode] also holds per-row sampling defaults,
+        # which change no compiled program, so jobs differing only there share the model.
+        base = {f.name: getattr(self.decode, f.name) for f in dataclasses.fields(DecodeConfig)}
+        object.__setattr__(self, "decode", DecodeConfig(**base))
 
 
 @dataclasses.dataclass
@@ -67,11 +69,9 @@ def _load(key: ModelKey) -> LoadedModel:
     enable_compilation_cache()
     target = load_target(key.model)
     drafter = None
-    if key.mode in DRAFTER_MODES:
+    if key.decode.mode in DRAFTER_MODES:
         drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model))
-    config = DecodeConfig(mode=key.mode, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens,
-                          prompt_buckets=key.prompt_buckets, block_size=key.block_size)
-    decoder = Decoder(target, config, drafter)
+    decoder = Decoder(target, key.decode, drafter)
     return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, _hardware())
 
 

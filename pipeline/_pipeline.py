@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -41,10 +40,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.pvalue import AsList, AsSingleton
 
 from dflash_batch.pipeline._batching import KeyByBucket, static_batches
+from dflash_batch.pipeline._config import JobConfig, job_config
 from dflash_batch.pipeline._decode import STATS, Decode
 from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, \
     PARQUET_SUFFIX, delete, join, read_json, use_anonymous_gcs_for_emulator, write_json
-from dflash_batch.pipeline._options import JobConfig, parse_options
 from dflash_batch.pipeline._preflight import Preflight, preflight
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE, SKIPPED, CountDeadLetters, CountSkipped, KeyById, \
     OnePerId, ToRows, Validate
@@ -59,10 +58,6 @@ def new_run_id() -> str:
     """Sortable and unique: UTC time plus a random tag."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{now}-{uuid.uuid4().hex[:6]}"
-
-
-def _absolute(location: str) -> str:
-    return location if "://" in location else os.path.abspath(location)
 
 
 def _ids_of(table) -> list[tuple[str, None]]:
@@ -91,7 +86,7 @@ class BuiltJob:
     @property
     def job_id(self) -> str:
         """This run's id, as the ledger, ``job_stats.json`` and the report name it."""
-        return job_id(self.config.name, self.run_id)
+        return job_id(self.config.spec.name, self.run_id)
 
     def prepare_output(self) -> None:
         """Marks the output as in progress: the stale job_stats.json goes, the manifest is written."""
@@ -106,7 +101,7 @@ class BuiltJob:
         result = self.pipeline.run()
         state = result.wait_until_finish()
         if state != beam.runners.runner.PipelineState.DONE:
-            raise RuntimeError(f"job {self.config.name} ended in state {state}")
+            raise RuntimeError(f"job {self.config.spec.name} ended in state {state}")
         stats = read_json(join(self.config.output, JOB_STATS_FILE))
         return JobResult(stats=stats or {}, metrics=metrics_summary(result), state=str(state))
 
@@ -136,20 +131,22 @@ def _new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
-def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.Pipeline | None = None,
-          run_id: str | None = None, check: Callable[[JobConfig], Preflight] | None = None) -> BuiltJob:
+def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipeline | None = None,
+          run_id: str | None = None, check: Callable[[JobConfig], Preflight] | None = None,
+          progress_dir: str | None = None) -> BuiltJob:
     """Checks the job (raising ``JobRefused`` before any work) and constructs its pipeline.
 
-    ``argv_or_options``: the job's flags (see ``JobOptions``) plus any of Beam's own.
+    ``spec``: the job spec (``jobs.JobSpec``), already validated; the pipeline runs under Beam's
+    flags for its runner (``spec.beam_options()``), then ``beam_options`` (e.g. ``--dry_run``).
     ``test_pipeline``: build into this pipeline instead (e.g. a ``TestPipeline``).
     ``check``: replaces the preflight (which lists the input and reads the model's config),
     e.g. for an offline Dataflow dry run that must not touch gs://.
+    ``progress_dir``: a local folder where the steps report live progress.
     """
-    options = parse_options(argv_or_options)
+    options = PipelineOptions([*spec.beam_options(), *beam_options])
     use_anonymous_gcs_for_emulator()
     FileSystems.set_options(options)
-    config = JobConfig.from_options(options)
-    config = dataclasses.replace(config, input=_absolute(config.input), output=_absolute(config.output).rstrip("/"))
+    config = job_config(spec, options, progress_dir)
     pre = (check or preflight)(config)
     config = dataclasses.replace(config, drafter=pre.drafter)
     run_id = run_id or new_run_id()
@@ -159,8 +156,8 @@ def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.
     rows = (p
             | "ListInputs" >> beam.Create(pre.files)
             | "ReadPrompts" >> ReadAllFromParquetBatched(with_filename=True)
-            | "ToRows" >> beam.ParDo(ToRows(config.template)))
-    keyed = rows | "KeyById" >> beam.ParDo(KeyById(config.template)).with_outputs(DEAD, main="keyed")
+            | "ToRows" >> beam.ParDo(ToRows(spec.prompt.template)))
+    keyed = rows | "KeyById" >> beam.ParDo(KeyById(spec.prompt.template)).with_outputs(DEAD, main="keyed")
     if pre.previous_completions:
         done = (p
                 | "ListCompleted" >> beam.Create(pre.previous_completions)
@@ -171,7 +168,7 @@ def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.
     one = ({"rows": keyed.keyed, "done": done}
            | "GroupById" >> beam.CoGroupByKey()
            | "OnePerId" >> beam.ParDo(OnePerId()).with_outputs(DEAD, SKIPPED, main="rows"))
-    valid = one.rows | "Validate" >> beam.ParDo(Validate(config.template)).with_outputs(DEAD, main="valid")
+    valid = one.rows | "Validate" >> beam.ParDo(Validate(spec.prompt.template)).with_outputs(DEAD, main="valid")
     prepared = valid.valid | "Tokenize" >> beam.ParDo(Tokenize(config)).with_outputs(DEAD, main="prepared")
     decoded = (prepared.prepared
                | "Bucket" >> beam.ParDo(KeyByBucket(config.shards_per_bucket))
@@ -180,7 +177,7 @@ def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.
                    DEAD, STATS, main="completions"))
     completion_files = decoded.completions | "WriteCompletions" >> WriteToParquet(
         join(config.output, f"{COMPLETIONS_PREFIX}{run_id}"), pre.completions_schema,
-        file_name_suffix=PARQUET_SUFFIX, num_shards=config.output_shards, codec="snappy")
+        file_name_suffix=PARQUET_SUFFIX, num_shards=spec.pipeline.output_shards, codec="snappy")
 
     dead = ((keyed[DEAD], one[DEAD], valid[DEAD], prepared[DEAD], decoded[DEAD])
             | "DeadLetters" >> beam.Flatten()
@@ -202,8 +199,3 @@ def build(argv_or_options: Sequence[str] | PipelineOptions, test_pipeline: beam.
                  dead_files=AsList(dead_files)))
     outputs = {"completions": decoded.completions, "dead_letters": dead, "job_stats": stats}
     return BuiltJob(pipeline=p, config=config, preflight=pre, run_id=run_id, outputs=outputs)
-
-
-def run_job(argv_or_options: Sequence[str] | PipelineOptions) -> JobResult:
-    """Builds and runs a job to the end."""
-    return build(argv_or_options).run()

@@ -16,7 +16,7 @@ from dflash_batch.decoder import DRAFTER_MODES
 from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, MANIFEST_FILE, PARQUET_SUFFIX, join, match_files, \
     parquet_footer, read_json
 from dflash_batch.pipeline._model import check_drafter, drafter_block_size, model_config_exists
-from dflash_batch.pipeline._options import JobConfig
+from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.schemas import COMPLETIONS_SCHEMA, SchemaError, check_input_schema, with_extra_columns
 
 _GLOB_CHARS = set("*?[")
@@ -45,10 +45,11 @@ class Preflight:
 def result_manifest(config: JobConfig) -> dict:
     """The settings that decide a row's completion. Rows completed under other settings must not
     be skipped as done, so a rerun into the same output must match these."""
-    return {"model": config.model, "template": config.template,
-            "instruction": config.instruction if config.template == "summarize" else None,
-            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p,
-            "seed": config.seed}
+    s = config.spec
+    return {"model": s.model.target, "template": s.prompt.template,
+            "instruction": s.prompt.instruction if s.prompt.template == "summarize" else None,
+            "max_new_tokens": s.decode.max_new_tokens, "temperature": s.decode.temperature,
+            "top_p": s.decode.top_p, "seed": s.decode.seed}
 
 
 def _inputs(pattern: str) -> tuple[list[str], list[pa.Schema], int]:
@@ -87,27 +88,28 @@ def _unify(files: list[str], schemas: list[pa.Schema], template: str) -> pa.Sche
 
 def preflight(config: JobConfig) -> Preflight:
     """Refuses (JobRefused) what cannot work; returns what the pipeline needs to know."""
+    spec = config.spec
     files, schemas, rows_in = _inputs(config.input)
-    schema = _unify(files, schemas, config.template)
+    schema = _unify(files, schemas, spec.prompt.template)
     try:
         completions_schema = with_extra_columns(COMPLETIONS_SCHEMA, schema)
     except SchemaError as e:
         raise JobRefused("input", str(e)) from None
 
     try:
-        model_config_exists(config.model)
+        model_config_exists(spec.model.target)
     except ValueError as e:
         raise JobRefused("model.target", str(e)) from None
     drafter = None
-    if config.mode in DRAFTER_MODES:
+    if spec.decode.mode in DRAFTER_MODES:
         try:
-            drafter = check_drafter(config.model, config.drafter)
+            drafter = check_drafter(spec.model.target, spec.model.drafter)
             limit = drafter_block_size(drafter)
         except ValueError as e:
             raise JobRefused("model.drafter", str(e)) from None
-        if config.block_size != "auto" and not 1 <= config.block_size <= limit:
+        if spec.decode.block_size != "auto" and not 1 <= spec.decode.block_size <= limit:
             raise JobRefused("decode.block_size", f"must be 'auto' or in [1, {limit}] (the drafter's block size), "
-                                                  f"got {config.block_size}")
+                                                  f"got {spec.decode.block_size}")
 
     manifest = result_manifest(config)
     try:

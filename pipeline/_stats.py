@@ -31,7 +31,7 @@ from dflash_batch.pipeline._decode import drafter_id
 from dflash_batch.pipeline._figures import Figures, total
 from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, RUN_STATS_PREFIX, \
     delete, join, match_files, parquet_footer, read_json, write_json
-from dflash_batch.pipeline._options import JobConfig
+from dflash_batch.pipeline._config import JobConfig
 
 TAU_NOTE = "tau = tokens committed per target decode step, bonus token included (the DFlash paper's count)"
 
@@ -128,7 +128,7 @@ def run_record(config: JobConfig, run_id: str, started: float, finished: float, 
     and the automatic block choice per worker and bucket."""
     figures = Figures(wall_seconds=finished - started, **{k: sums[k] for k in _SUMS if k != "batches"})
     return {
-        "run_id": run_id, "job_id": job_id(config.name, run_id),
+        "run_id": run_id, "job_id": job_id(config.spec.name, run_id),
         "started_at": _iso(started), "finished_at": _iso(finished),
         **figures.as_dict(),
         "batches": sums["batches"], "skipped_completed": skipped, "dead_letters": dead_letters,
@@ -175,11 +175,11 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
     runs = sorted([*earlier_runs, run], key=lambda r: r["run_id"])
     t = job_totals(runs)
     fig: Figures = t["figures"]
-    block = 1 if config.mode == "ar" else config.block_size  # "auto": chosen per batch by the decoder
+    spec = config.spec
+    block = 1 if spec.decode.mode == "ar" else spec.decode.block_size  # "auto": chosen per batch by the decoder
     return {
         "job_id": run["job_id"],
-        # The job spec as run; a job launched with flags alone records its flags' values instead.
-        "spec_json": config.spec_json if config.spec_json not in ("", "{}") else config.to_json(),
+        "spec_json": spec.to_json(),  # the job spec as run, defaults included
         "rows_in": rows_in,
         "completions_out": run["rows"] + run["skipped_completed"],
         "dead_letters": run["dead_letters"],
@@ -192,15 +192,15 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "tau_mean": t["tau_mean"],
         "tau_histogram": t["tau_histogram"],
         "padding_waste_json": json.dumps(t["padding_waste"]),
-        "mode": config.mode,
+        "mode": spec.decode.mode,
         "block_size": str(block),
-        "batch_size": config.batch_size,
+        "batch_size": spec.decode.batch_size,
         "hardware": t["hardware"],
-        "model": config.model,
+        "model": spec.model.target,
         "drafter": drafter_id(config),
         # Beyond the schema:
         "run_id": run["run_id"],
-        "name": config.name,
+        "name": spec.name,
         "output": config.output,
         "started_at": run["started_at"],
         "finished_at": run["finished_at"],

@@ -14,7 +14,7 @@ from typing import Any
 import apache_beam as beam
 
 from dflash_batch.decoder import Request, bucket_for
-from dflash_batch.pipeline._options import JobConfig
+from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.pipeline._rows import DEAD
 from dflash_batch.pipeline._templates import render_row
 from dflash_batch.schemas import dead_letter_row
@@ -57,23 +57,25 @@ def prepare_row(tokenizer, row: dict[str, Any], source: str, config: JobConfig) 
 
     ``row`` has passed ``validate_prompt_row``; the checks here need the tokenizer or the job.
     """
-    max_new = _default(row.get("max_new_tokens"), config.max_new_tokens)
-    if max_new > config.max_new_tokens:
-        return (f"max_new_tokens {max_new} exceeds the job's decode.max_new_tokens {config.max_new_tokens} "
+    decode, prompt = config.spec.decode, config.spec.prompt
+    max_new = _default(row.get("max_new_tokens"), decode.max_new_tokens)
+    if max_new > decode.max_new_tokens:
+        return (f"max_new_tokens {max_new} exceeds the job's decode.max_new_tokens {decode.max_new_tokens} "
                 "(the decoder's static completion capacity)")
-    token_ids = render_row(tokenizer, row, config.template, config.instruction)
+    token_ids = render_row(tokenizer, row, prompt.template, prompt.instruction)
     if not token_ids:
         return "prompt renders to zero tokens"
-    if len(token_ids) > config.largest_bucket:
-        return (f"prompt is {len(token_ids)} tokens, longer than the largest bucket ({config.largest_bucket}); "
+    largest = decode.prompt_buckets[-1]
+    if len(token_ids) > largest:
+        return (f"prompt is {len(token_ids)} tokens, longer than the largest bucket ({largest}); "
                 "shorten it or add a larger bucket to decode.prompt_buckets")
     seed = row.get("seed")
     return Prepared(
         id=row["id"], token_ids=tuple(int(t) for t in token_ids), max_new_tokens=int(max_new),
-        temperature=float(_default(row.get("temperature"), config.temperature)),
-        top_p=float(_default(row.get("top_p"), config.top_p)),
-        seed=derive_seed(config.seed, row["id"]) if seed is None else int(seed) & _SEED_MASK,
-        stop=tuple(row.get("stop") or ()), bucket=bucket_for(len(token_ids), config.prompt_buckets),
+        temperature=float(_default(row.get("temperature"), decode.temperature)),
+        top_p=float(_default(row.get("top_p"), decode.top_p)),
+        seed=derive_seed(decode.seed, row["id"]) if seed is None else int(seed) & _SEED_MASK,
+        stop=tuple(row.get("stop") or ()), bucket=bucket_for(len(token_ids), decode.prompt_buckets),
         source=source, row=row,
     )
 
@@ -89,7 +91,7 @@ class Tokenize(beam.DoFn):
         from dflash_batch.pipeline._model import shared_tokenizer
 
         use_anonymous_gcs_for_emulator()
-        self.tokenizer, self.lock = shared_tokenizer(self.config.model)
+        self.tokenizer, self.lock = shared_tokenizer(self.config.spec.model.target)
 
     def process(self, element: tuple[str, dict]):
         source, row = element

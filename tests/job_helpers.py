@@ -6,6 +6,7 @@ tiny model once and every later job reuses it (see ``pipeline/_model.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 # Both buckets round up to one 64-token prefill chunk: one compiled program serves both.
-DECODE = {"batch_size": 2, "max_new_tokens": 8, "prompt_buckets": "16,64"}
+DECODE = {"batch_size": 2, "max_new_tokens": 8, "prompt_buckets": [16, 64]}
 # Columns that legitimately differ between two runs of the same job.
 VOLATILE = ("worker", "decode_seconds", "batch_index")
 
@@ -32,11 +33,20 @@ def chat_model_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def job_argv(model: Path | str, input: str | Path, output: str | Path, **flags: Any) -> list[str]:
-    """Pipeline flags for a tiny-model job (template none unless given)."""
-    values = {"prompt_template": "none", **DECODE, **flags}
-    return [f"--input={input}", f"--output={output}", f"--model={model}",
-            *(f"--{k}={v}" for k, v in values.items())]
+def job_spec(model: Path | str, input: str | Path, output: str | Path, **settings: Any):
+    """A validated job spec (``jobs.JobSpec``) for a tiny-model job, template none unless given.
+
+    ``settings`` are spec keys by their own name, each put in the section that has it
+    (``mode="ngram"``, ``rows_per_batch=4``, ``direct_num_workers=2``; ``name`` is the job's).
+    """
+    from dflash_batch.jobs._spec import _SECTION_TYPES, validate
+
+    raw: dict[str, Any] = {"name": settings.pop("name", "job"), "input": str(input), "output": str(output),
+                           "model": {"target": str(model)}, "decode": dict(DECODE), "prompt": {"template": "none"}}
+    for key, value in settings.items():
+        [section] = [s for s, cls in _SECTION_TYPES.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        raw.setdefault(section, {})[key] = str(value) if isinstance(value, Path) else value
+    return validate(raw)
 
 
 def write_prompts(path: Path, rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema | None = None) -> Path:

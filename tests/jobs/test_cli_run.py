@@ -20,7 +20,7 @@ from dflash_batch.jobs.cli import main
 def job_file(tmp_path, chat_model_dir) -> Path:
     write_prompts(tmp_path / "in" / "p.parquet", [{"id": f"r{i}", "prompt": sentence(i)} for i in range(5)]
                   + [{"id": "r0", "prompt": "again"}])
-    buckets = "[" + DECODE["prompt_buckets"] + "]"
+    buckets = DECODE["prompt_buckets"]
     path = tmp_path / "job.toml"
     path.write_text(f"""
 name = "cli-test"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from dflash_batch.jobs._spec import JobSpec, SpecError, load_spec, parse_override
-from dflash_batch.pipeline import JobConfig
-from dflash_batch.pipeline._options import parse_options
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "jobs" / "examples" / "aclsum_summarize.toml"
 
@@ -59,6 +58,10 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
     ("decode.seed=x", "decode.seed must be an integer (int64), got 'x'"),
     ("decode.prompt_buckets=[128, 64]", "decode.prompt_buckets must be a non-empty list of increasing positive "
                                         "integers, got [128, 64]"),
+    ("decode.prompt_buckets=64", "decode.prompt_buckets must be a non-empty list of increasing positive "
+                                 "integers, got 64"),
+    ("decode.chunk_steps=0", "decode.chunk_steps must be a positive integer, got 0"),
+    ("decode.prefill_chunk=big", "decode.prefill_chunk must be a positive integer, got 'big'"),
     ("prompt.template=chat", "prompt.template must be one of none/summarize, got 'chat'"),
     ("name=my job", "name must be 1-100 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
                     "got 'my job'"),
@@ -74,6 +77,16 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
 ])
 def test_a_bad_value_is_refused_naming_its_field(spec_file, override, message):
     assert _problems(spec_file, override) == [message]
+
+
+def test_the_decode_section_is_the_decoders_config_plus_sampling_defaults(spec_file):
+    from dflash_batch.decoder import DecodeConfig
+
+    decode = load_spec(spec_file, ["decode.chunk_steps=4"]).decode
+    assert isinstance(decode, DecodeConfig)  # what a Decoder takes, as it is
+    shared = {f.name: getattr(decode, f.name) for f in dataclasses.fields(DecodeConfig)}
+    assert shared == {**dataclasses.asdict(DecodeConfig()), "chunk_steps": 4}  # the decoder's defaults
+    assert (decode.temperature, decode.top_p, decode.seed) == (0.0, 1.0, 0)
 
 
 def test_every_problem_is_listed_at_once(spec_file):
@@ -108,7 +121,7 @@ def test_dataflow_keys_are_accepted_but_run_refuses_dataflow(spec_file):
                                  "runner.tpu_topology=1x1", "runner.max_workers=4"])
     assert (spec.runner.tpu_topology, spec.runner.max_workers) == ("1x1", 4)
     with pytest.raises(SpecError, match="runner.name 'dataflow' is not run locally"):
-        spec.pipeline_argv()
+        spec.require_direct()
 
 
 def test_a_file_that_is_not_toml_or_missing(tmp_path):
@@ -137,14 +150,20 @@ def test_an_override_without_a_value_is_refused():
         parse_override("decode.batch_size")
 
 
-def test_the_spec_becomes_the_pipeline_flags(spec_file):
+def test_the_pipeline_config_holds_the_spec_and_what_it_derives(spec_file):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from dflash_batch.pipeline._config import job_config
+
     spec = load_spec(spec_file, ["decode.batch_size=4", "decode.temperature=0.5", "decode.prompt_buckets=[32, 96]",
                                  "prompt.template=summarize", "runner.direct_num_workers=3", "name=x.y"])
-    config = JobConfig.from_options(parse_options(spec.pipeline_argv("/tmp/p")))
-    assert (config.batch_size, config.temperature, config.prompt_buckets) == (4, 0.5, (32, 96))
-    assert (config.template, config.rows_per_batch, config.shards_per_bucket) == ("summarize", 16, 3)
-    assert (config.name, config.progress_dir, config.input) == ("x.y", "/tmp/p", spec.input)
-    assert isinstance(spec, JobSpec) and '"batch_size": 4' in config.spec_json
-    assert config.block_size == "auto"
-    eight = load_spec(spec_file, ["decode.mode=ngram", "decode.block_size=8"]).pipeline_argv()
-    assert JobConfig.from_options(parse_options(eight)).block_size == 8
+    config = job_config(spec, PipelineOptions(spec.beam_options()), "/tmp/p")
+    d = config.spec.decode
+    assert (d.batch_size, d.temperature, d.prompt_buckets) == (4, 0.5, (32, 96))
+    # rows_per_batch 0: 4 per slot; shards_per_bucket 0: the runner's workers, from the spec's [runner]
+    assert (config.spec.prompt.template, config.rows_per_batch, config.shards_per_bucket) == ("summarize", 16, 3)
+    assert (config.spec.name, config.progress_dir, config.input) == ("x.y", "/tmp/p", spec.input)
+    assert isinstance(spec, JobSpec) and '"batch_size": 4' in config.spec.to_json()
+    assert d.block_size == "auto"
+    eight = load_spec(spec_file, ["decode.mode=ngram", "decode.block_size=8"])
+    assert job_config(eight, PipelineOptions(eight.beam_options())).spec.decode.block_size == 8

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from job_helpers import completions, dead_letters, job_argv, job_stats, sentence, write_prompts
+from job_helpers import completions, dead_letters, job_spec, job_stats, sentence, write_prompts
 
 from dflash_batch.pipeline import JobRefused, build
 
@@ -44,7 +44,7 @@ def _table() -> pa.Table:
 def bad_job(chat_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     write_prompts(root / "in.parquet", _table())
-    result = build(job_argv(chat_model_dir, root / "in.parquet", root / "out")).run()
+    result = build(job_spec(chat_model_dir, root / "in.parquet", root / "out")).run()
     reasons: dict[object, list[str]] = {}
     for d in dead_letters(root / "out"):
         reasons.setdefault(d["id"], []).append(d["error"])
@@ -106,7 +106,7 @@ def test_dead_letters_keep_the_row_and_its_source(bad_job):
 def _refusal(chat_model_dir, tmp_path, input, **flags) -> JobRefused:
     out = tmp_path / "out"
     with pytest.raises(JobRefused) as e:
-        build(job_argv(flags.pop("model", chat_model_dir), input, out, **flags))
+        build(job_spec(flags.pop("model", chat_model_dir), input, out, **flags))
     assert not out.exists()
     return e.value
 
@@ -119,7 +119,7 @@ def test_wrong_column_type_is_refused_naming_the_column(chat_model_dir, tmp_path
 
 def test_missing_template_column_is_refused(chat_model_dir, tmp_path):
     write_prompts(tmp_path / "x.parquet", [{"id": "a", "text": "hello"}])
-    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", prompt_template="summarize")
+    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", template="summarize")
     assert "input has no 'document' column, which template 'summarize' needs" in str(e)
 
 
@@ -148,5 +148,5 @@ def test_missing_model_path_is_refused(chat_model_dir, tmp_path):
 
 def test_dflash_without_a_shipped_drafter_is_refused(chat_model_dir, tmp_path):
     write_prompts(tmp_path / "x.parquet", [{"id": "a", "prompt": "hi"}])
-    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", decode_mode="dflash", drafter="default")
+    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", mode="dflash", drafter="default")
     assert e.field == "model.drafter" and "no default drafter" in str(e)

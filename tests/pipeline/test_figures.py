@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from job_helpers import job_argv, job_stats, sentence, write_prompts
+from job_helpers import job_spec, job_stats, sentence, write_prompts
 
 from dflash_batch.pipeline import Figures, build, rate_line, time_line
 
@@ -23,7 +23,7 @@ def test_rates_divide_the_sums_of_the_same_runs():
 def test_a_run_records_its_figures_and_the_job_sums_its_runs(chat_model_dir, tmp_path):
     source = write_prompts(tmp_path / "in" / "p.parquet", [{"id": f"r{i}", "prompt": sentence(i)} for i in range(6)])
     out = tmp_path / "out"
-    build(job_argv(chat_model_dir, source, out, rows_per_batch=2)).run()
+    build(job_spec(chat_model_dir, source, out, rows_per_batch=2)).run()
     first = job_stats(out)
     run = first["this_run"]
     assert run["wall_seconds"] >= run["decode_seconds"] + run["compile_seconds"] > 0
@@ -33,7 +33,7 @@ def test_a_run_records_its_figures_and_the_job_sums_its_runs(chat_model_dir, tmp
     assert len(list(out.glob("run_stats-*.json"))) == 1
 
     write_prompts(tmp_path / "in" / "q.parquet", [{"id": f"s{i}", "prompt": sentence(i + 9)} for i in range(2)])
-    build(job_argv(chat_model_dir, tmp_path / "in", out, rows_per_batch=2)).run()  # a resume with 2 new rows
+    build(job_spec(chat_model_dir, tmp_path / "in", out, rows_per_batch=2)).run()  # a resume with 2 new rows
     job = job_stats(out)
     assert len(job["runs"]) == 2 and job["this_run"]["rows"] == 2
     assert job["completion_tokens"] == sum(r["completion_tokens"] for r in job["runs"])
@@ -43,10 +43,12 @@ def test_a_run_records_its_figures_and_the_job_sums_its_runs(chat_model_dir, tmp
 
 
 def test_a_resume_that_decoded_nothing_keeps_the_block_choice_of_the_run_that_did():
-    from dflash_batch.pipeline._options import JobConfig, parse_options
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from dflash_batch.pipeline._config import job_config
     from dflash_batch.pipeline._stats import job_stats_record
 
-    config = JobConfig.from_options(parse_options(job_argv("m", "/in", "/out", decode_mode="ngram")))
+    config = job_config(job_spec("m", "/in", "/out", mode="ngram"), PipelineOptions([]))
     choice = {"w:1 bucket 64": {"candidates": [1, 2], "decode_calls_by_block": {"1": 3}}}
     first = {"run_id": "a", "job_id": "job-a", **Figures(wall_seconds=9.0, decode_seconds=4.0,
                                                         completion_tokens=40, rows=4).as_dict(),

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from gcs_emulator import DEFAULT_BUCKET, start_gcs_emulator
-from job_helpers import job_argv, sentence
+from job_helpers import job_spec, sentence
 
 from dflash_batch.pipeline import build
 
@@ -60,7 +60,7 @@ def test_job_reads_and_writes_gs_through_the_emulator(gcs, chat_model_dir):
     _upload_parquet("prompts/part-0.parquet", [{"id": f"a{i}", "prompt": sentence(i), "k": i} for i in range(4)])
     _upload_parquet("prompts/part-1.parquet", [{"id": "b0", "prompt": sentence(9), "k": 9}, {"id": "b1", "prompt": ""}])
 
-    result = build(job_argv(chat_model_dir, f"gs://{DEFAULT_BUCKET}/prompts/*.parquet",
+    result = build(job_spec(chat_model_dir, f"gs://{DEFAULT_BUCKET}/prompts/*.parquet",
                             f"gs://{DEFAULT_BUCKET}/jobs/run1")).run()
 
     names = sorted(b.name for b in _bucket().list_blobs(prefix="jobs/run1/"))
@@ -77,6 +77,6 @@ def test_job_reads_and_writes_gs_through_the_emulator(gcs, chat_model_dir):
     assert not [n for n in names if "beam-temp" in n]  # Beam cleaned its temporary files
 
     # A rerun through gs:// skips everything already there.
-    again = build(job_argv(chat_model_dir, f"gs://{DEFAULT_BUCKET}/prompts/*.parquet",
+    again = build(job_spec(chat_model_dir, f"gs://{DEFAULT_BUCKET}/prompts/*.parquet",
                            f"gs://{DEFAULT_BUCKET}/jobs/run1")).run()
     assert again.stats["skipped_completed"] == 5 and again.stats["completions_this_run"] == 0

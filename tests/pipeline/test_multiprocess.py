@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from job_helpers import completions, job_argv, job_stats, sentence, stable, write_prompts
+from job_helpers import completions, job_spec, job_stats, sentence, stable, write_prompts
 
 from dflash_batch.pipeline import build
 
@@ -18,9 +18,9 @@ def test_multi_processing_matches_in_process_and_loads_once_per_process(chat_mod
     inputs = write_prompts(tmp_path / "in" / "p.parquet", rows)
     flags = {"rows_per_batch": 2, "shards_per_bucket": 2}
 
-    build(job_argv(chat_model_dir, inputs, tmp_path / "inproc", **flags)).run()
-    multi = build([*job_argv(chat_model_dir, inputs, tmp_path / "multi", **flags),
-                   "--direct_running_mode=multi_processing", "--direct_num_workers=2"]).run()
+    build(job_spec(chat_model_dir, inputs, tmp_path / "inproc", **flags)).run()
+    multi = build(job_spec(chat_model_dir, inputs, tmp_path / "multi", **flags,
+                           direct_running_mode="multi_processing", direct_num_workers=2)).run()
 
     assert stable(completions(tmp_path / "multi")) == stable(completions(tmp_path / "inproc"))
     workers = {r["worker"] for r in completions(tmp_path / "multi")}

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from job_helpers import completions, dead_letters, job_argv, job_stats, sentence, write_prompts
+from job_helpers import completions, dead_letters, job_spec, job_stats, sentence, write_prompts
 
 from dflash_batch.pipeline import build
 from dflash_batch.pipeline import _model
@@ -44,7 +44,7 @@ def job(chat_model_dir, tmp_path_factory):
     write_prompts(root / "in" / "b.parquet", [{"id": f"b{i}", "prompt": sentence(20 + i)} for i in range(5)])
     _model.forget_models()
     loads_before = _model.load_counts[str(chat_model_dir)]
-    built = build(job_argv(chat_model_dir, root / "in" / "*.parquet", root / "out", rows_per_batch=4))
+    built = build(job_spec(chat_model_dir, root / "in" / "*.parquet", root / "out", rows_per_batch=4))
     result = built.run()
     return {"built": built, "result": result, "out": root / "out", "in": root / "in",
             "loads": _model.load_counts[str(chat_model_dir)] - loads_before}
@@ -65,7 +65,7 @@ def test_completions_follow_the_contract_and_carry_input_columns(job):
     rows = {r["id"]: r for r in completions(job["out"])}
     for r in rows.values():
         assert validate_completion_row(r) is None, r
-        assert r["mode"] == "ar" and r["drafter"] is None and r["model"] == str(job["built"].config.model)
+        assert r["mode"] == "ar" and r["drafter"] is None and r["model"] == str(job["built"].config.spec.model.target)
     assert rows["a4"]["title"] == "title 4" and rows["a4"]["n"] == 4 and rows["a4"]["tags"] == ["t4", "x"]
     assert rows["b2"]["title"] is None  # a column its file lacks is null, not an error
     assert rows["a5"]["completion_tokens"] <= 3  # the row's own max_new_tokens
@@ -78,7 +78,7 @@ def test_completions_equal_the_decoder_alone_on_the_same_prompts(job):
     from dflash_batch.pipeline._tokenize import prepare_row
 
     config = job["built"].config
-    tokenizer, _ = _model.shared_tokenizer(config.model)
+    tokenizer, _ = _model.shared_tokenizer(config.spec.model.target)
     items = [prepare_row(tokenizer, row, "f", config)
              for f in sorted(job["in"].glob("*.parquet")) for row in table_rows(pq.read_table(f))]
     model, _ = _model.shared_model(model_key(config))
@@ -115,29 +115,35 @@ def test_model_loads_once_per_process_not_per_batch(job, chat_model_dir, tmp_pat
     assert job["result"].metrics["batch_rows"]["count"] > 1
     assert job["loads"] == 1 and job["result"].metrics["model_loads"] == 1
     # A second job with the same decoder shape in this process reuses the loaded model.
-    again = build(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")).run()
+    again = build(job_spec(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")).run()
     assert again.metrics.get("model_loads", 0) == 0
     assert again.stats["completions_out"] == 5
 
 
 def test_a_folder_as_input_means_the_parquet_files_in_it(job, chat_model_dir, tmp_path):
-    built = build(job_argv(chat_model_dir, job["in"], tmp_path / "out"))
+    built = build(job_spec(chat_model_dir, job["in"], tmp_path / "out"))
     assert built.preflight.files == tuple(str(p) for p in sorted(job["in"].glob("*.parquet")))
     assert built.preflight.rows_in == 15
 
 
-def test_the_pipeline_runs_from_flags_alone_and_records_them(job, chat_model_dir, tmp_path, capsys):
-    from dflash_batch.pipeline.__main__ import main
+def test_the_pipeline_takes_the_spec_object_and_records_it_as_given(job, chat_model_dir, tmp_path):
+    from dflash_batch.pipeline import JobRefused, model_key
 
-    assert main(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")) == 0
-    stats = json.loads(capsys.readouterr().out)
-    assert stats["completions_out"] == 5
-    assert json.loads(stats["spec_json"])["batch_size"] == 2  # no spec file: the flags are the record
-    assert main(job_argv(chat_model_dir, tmp_path / "missing.parquet", tmp_path / "out2")) == 2
+    spec = job_spec(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out", name="as-given", top_p=0.5,
+                    chunk_steps=4)
+    built = build(spec)
+    assert built.config.spec is spec  # the object itself, not a copy rebuilt from flags
+    assert model_key(built.config).decode.chunk_steps == 4  # the decoder gets the spec's settings
+    stats = built.run().stats
+    assert stats["completions_out"] == 5 and stats["name"] == "as-given"
+    assert stats["spec_json"] == spec.to_json()  # every setting, defaults included, as the spec holds it
+    assert json.loads(stats["spec_json"])["decode"]["top_p"] == 0.5
+    with pytest.raises(JobRefused, match="input"):
+        build(job_spec(chat_model_dir, tmp_path / "missing.parquet", tmp_path / "out2"))
 
 
 def test_job_stats_record_the_automatic_block_choice_and_why(job, chat_model_dir, tmp_path):
-    built = build(job_argv(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out", decode_mode="ngram",
+    built = build(job_spec(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out", mode="ngram",
                            block_size="auto"))
     stats = built.run().stats
     assert stats["block_size"] == "auto" and stats["block_choice"]
@@ -164,8 +170,8 @@ def test_a_hybrid_job_with_automatic_blocks_gives_the_ar_jobs_tokens(job, chat_m
                          rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size)
     drafter = save_drafter(tmp_path / "drafter", dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(1), scale=0.3))
     source = job["in"] / "a.parquet"  # greedy and sampled rows, one with its own max_new_tokens
-    build(job_argv(chat_model_dir, source, tmp_path / "ar")).run()
-    stats = build(job_argv(chat_model_dir, source, tmp_path / "hybrid", decode_mode="hybrid", block_size="auto",
+    build(job_spec(chat_model_dir, source, tmp_path / "ar")).run()
+    stats = build(job_spec(chat_model_dir, source, tmp_path / "hybrid", mode="hybrid", block_size="auto",
                            drafter=drafter)).run().stats
     ar = {r["id"]: r["completion_token_ids"] for r in completions(tmp_path / "ar")}
     hybrid = {r["id"]: r["completion_token_ids"] for r in completions(tmp_path / "hybrid")}

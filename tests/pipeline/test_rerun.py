@@ -7,7 +7,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from job_helpers import completions, dead_letters, job_argv, job_stats, sentence, stable, write_prompts
+from job_helpers import completions, dead_letters, job_spec, job_stats, sentence, stable, write_prompts
 
 from dflash_batch.pipeline import JobRefused, build
 
@@ -21,7 +21,7 @@ def inputs(tmp_path):
 
 
 def _argv(chat_model_dir, inputs, out, **flags):
-    return job_argv(chat_model_dir, inputs, out, **{"output_shards": 3, "rows_per_batch": 4, **flags})
+    return job_spec(chat_model_dir, inputs, out, **{"output_shards": 3, "rows_per_batch": 4, **flags})
 
 
 def test_rerun_after_an_interrupted_write_yields_each_id_once(chat_model_dir, inputs, tmp_path):

@@ -7,22 +7,24 @@ import threading
 import numpy as np
 import pyarrow as pa
 import pytest
+from job_helpers import job_spec
 
 from dflash_batch.decoder import Result
 from dflash_batch.pipeline import _model
 from dflash_batch.pipeline._batching import shard_of
 from dflash_batch.pipeline._decode import STATS, Decode, model_key
 from dflash_batch.pipeline._io import table_rows
-from dflash_batch.pipeline._options import JobConfig
+from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.pipeline._rows import DEAD, REJECTED, ROW_JSON, ToRows
 from dflash_batch.pipeline._tokenize import Prepared, derive_seed
 
 
-def _config(**kw) -> JobConfig:
-    base = dict(input="in", output="out", model="stub-model", drafter=None, mode="ar", block_size=16, batch_size=2,
-                max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0, template="none", instruction="",
-                prompt_buckets=(16, 64), rows_per_batch=4, shards_per_bucket=1, output_shards=0)
-    return JobConfig(**{**base, **kw})
+def _config(**settings) -> JobConfig:
+    spec = job_spec("stub-model", "in", "out", **{"block_size": 16, "rows_per_batch": 4, "shards_per_bucket": 1,
+                                                   **settings})
+    return JobConfig(spec=spec, input=spec.input, output=spec.output, drafter=None,
+                     rows_per_batch=spec.pipeline.rows_per_batch, shards_per_bucket=spec.pipeline.shards_per_bucket,
+                     progress_dir=None)
 
 
 def test_invalid_utf8_is_read_as_lone_surrogates_not_an_error():

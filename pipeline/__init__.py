@@ -11,8 +11,9 @@ from dflash_batch.pipeline._options import JobConfig, JobOptions
 from dflash_batch.pipeline._pipeline import BuiltJob, JobResult, build, metrics_summary, new_run_id, run_job
 from dflash_batch.pipeline._preflight import JobRefused
 from dflash_batch.pipeline._progress import read_progress
+from dflash_batch.pipeline._templates import SUMMARIZE_INSTRUCTION, summarize_messages
 
 __all__ = [
-    "JOB_STATS_FILE", "MANIFEST_FILE", "BuiltJob", "JobConfig", "JobOptions", "JobRefused", "JobResult",
-    "build", "metrics_summary", "new_run_id", "read_progress", "run_job",
+    "JOB_STATS_FILE", "MANIFEST_FILE", "SUMMARIZE_INSTRUCTION", "BuiltJob", "JobConfig", "JobOptions", "JobRefused", "JobResult",
+    "build", "metrics_summary", "new_run_id", "read_progress", "run_job", "summarize_messages",
 ]  # fmt: skip

@@ -99,8 +99,9 @@ def _frozen(params: Params) -> Params:
     return {k: v for k, v in params.items() if k != "d2t"}
 
 
-def default_mesh() -> Mesh:
-    """Every device on the ``data`` axis (the drafter is small: no model parallelism)."""
+def _default_mesh() -> Mesh:
+    """Every device on the ``data`` axis (the drafter is small: no model parallelism).
+    The one place the trainer builds a mesh: to be pointed at the project's shared mesh builder."""
     return jax.make_mesh((jax.device_count(), 1), ("data", "model"))
 
 
@@ -126,7 +127,7 @@ class Trainer:
         if self.online and target_config is None:
             raise ValueError("online training runs the target: pass its target_config")
         self.target_config = target_config
-        self.mesh = mesh if mesh is not None else default_mesh()
+        self.mesh = mesh if mesh is not None else _default_mesh()
         n_data = self.mesh.shape["data"]
         if tcfg.batch_size % n_data:
             raise ValueError(f"{tcfg.batch_size=} must be a multiple of the mesh's {n_data} data shards")
@@ -337,7 +338,8 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
                 if step % tcfg.checkpoint_every == 0:
                     checkpoint(step)
             if stop.requested:
-                print(f"stopped (signal or time budget) at {time.strftime('%Y-%m-%d %H:%M:%S')}: checkpointing step {step} and stopping",
+                print(f"stopped (signal or time budget) at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"checkpointing step {step} and stopping",
                       file=sys.stderr, flush=True)
             if step >= tcfg.steps and not any(e["step"] == step for e in meta["evals"]):
                 run_eval(step)

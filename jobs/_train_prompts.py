@@ -19,6 +19,7 @@ Two prompt sets:
 Run as a module to write a prompts Parquet file (job prompt schema):
 
     python -m dflash_batch.jobs._train_prompts --out prompts.parquet --set full
+    python -m dflash_batch.jobs._train_prompts --out test-prompts.parquet --set eval
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dflash_batch.jobs._datasets import SPLITS, _detokenize
+from dflash_batch.jobs._datasets import SPLITS, _detokenize, aclsum_abstracts
 from dflash_batch.pipeline import SUMMARIZE_INSTRUCTION, summarize_messages
 from dflash_batch.schemas import PROMPTS_SCHEMA
 
@@ -222,6 +223,13 @@ def aclsum_training_prompts(splits: Sequence[str] = TRAIN_SPLITS, instructions: 
     return first + [rest[i] for i in order]
 
 
+def evaluation_prompts() -> list[dict]:
+    """Rows ``{id, messages}`` of the ACLSum test abstracts: the prompts a ``summarize`` job
+    renders for them (``make-example-input --split test``), as messages, so that training
+    hosts without the pipeline's dependencies evaluate on exactly the job's prompts."""
+    return [{"id": r["id"], "messages": summarize_messages(r["document"])} for r in aclsum_abstracts(HELD_OUT_SPLIT)]
+
+
 def prompt_documents(rows: Iterable[dict]) -> Iterator[str]:
     """The document text of prompt rows of either set (what a leak check reads)."""
     for r in rows:
@@ -233,9 +241,11 @@ def prompt_documents(rows: Iterable[dict]) -> Iterator[str]:
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Prompts Parquet file to write.")
-@click.option("--set", "which", default="sections", show_default=True, type=click.Choice(["sections", "full"]),
+@click.option("--set", "which", default="sections", show_default=True,
+              type=click.Choice(["sections", "full", "eval"]),
               help="sections: abstracts, conclusions and introductions under the job's instruction (935 prompts); "
-              "full: every section, overlapping windows, several instructions.")
+              "full: every section, overlapping windows, several instructions; eval: the ACLSum test abstracts "
+              "under the job's instruction, for evaluation only.")
 @click.option("--splits", default=",".join(TRAIN_SPLITS), show_default=True, help="ACLSum splits (comma-separated).")
 @click.option("--sections", default=",".join(SECTIONS), show_default=True, help="Sections (set 'sections' only).")
 @click.option("--instructions", default=len(INSTRUCTIONS), show_default=True,
@@ -247,6 +257,8 @@ def main(out: Path, which: str, splits: str, sections: str, instructions: int, l
     try:
         if which == "sections":
             rows = aclsum_documents(split_list, tuple(s for s in sections.split(",") if s))
+        elif which == "eval":
+            rows = evaluation_prompts()
         else:
             rows = aclsum_training_prompts(split_list, INSTRUCTIONS[:instructions])
     except ValueError as e:
@@ -254,7 +266,10 @@ def main(out: Path, which: str, splits: str, sections: str, instructions: int, l
     if limit:
         rows = rows[:limit]
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA), out)
+    # Only the columns the rows fill: a ``document`` column makes a reader pick the summarize template.
+    schema = pa.schema([f for f in PROMPTS_SCHEMA if any(f.name in r for r in rows[:1])],
+                       metadata=PROMPTS_SCHEMA.metadata)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
     click.echo(f"{len(rows)} prompts -> {out}")
 
 

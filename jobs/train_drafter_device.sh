@@ -7,6 +7,8 @@
 #     bash jobs/train_drafter_device.sh --prepare       # here, on the CPU: build the prompt files that travel
 #     RESULTS=$OUT bash jobs/train_drafter_device.sh    # there: the whole run (rerun it to resume)
 #
+# Other arguments go to train-drafter (e.g. --stop-at N). Settings are environment variables (below).
+#
 # Stages, each resumable (a rerun skips what is done, so a killed call loses at most one checkpoint interval):
 #   0. model: the registry's cache, or the GGUF joined from $MODEL_PARTS (split it with `split -b 45M`: the
 #      98 MB file travels in two calls) and imported;
@@ -20,8 +22,22 @@
 #   5. export: the drafter (bf16, checked under 50 MB) and README.md in $DRAFTER; copies under $RESULTS,
 #      the weights in 15 MB parts (the device tool returns files of at most 16 MiB): join with `cat`.
 #
-# Sizing (written down in jobs/TRAINING.md): on one H200 a 540 s budget is about 60 s to start and compile,
-# 200 s of generation, 200 s of training and 80 s of evaluation; $STEPS x $BATCH sequences of ~430 tokens.
+# Sizing for one H100/H200 and a 600 s call (BUDGET 540 s leaves room for Python and JAX to start):
+#   * generation until 230 s from the start (model import and compiles included). A prompt is ~250 tokens
+#     (prompt set: 28,285 prompts, mean 248 tokens) plus 128 new: ~95 GFLOP, nothing for an H200; at batch 256 a
+#     decode step is latency-bound (~3 ms: 30 layers of small kernels), so ~1-2 s per 256 prompts, i.e.
+#     ~20k prompts (~2M response tokens) in the budget, against 938 prompts / 95k tokens for the current drafter.
+#     On this project's 2-core CPU the same decoder makes ~47 tokens/s (938 prompts took 34 min).
+#   * training until EVAL_RESERVE before the end (~180 s). Per step, BATCH=32 sequences of S=512: the target's
+#     forward over 16k tokens at ~0.25 GFLOP/token plus its head on the 7.7k label rows is ~4.5 TFLOP; the
+#     2-layer drafter forward+backward ~0.8 TFLOP: ~5.3 TFLOP per step for ~7.7k predicted tokens. At 20% of
+#     the H200's ~400 TFLOP/s for TF32 matrix work (the fp32 default; bf16 is ~790), ~65 ms per step:
+#     STEPS=1500 takes ~100 s, and half that utilisation still fits. The CPU does the same step in ~80 s
+#     (target features at ~67 GFLOP/s: 938 sequences / 314k tokens in 20 min), so this run is ~1000 CPU hours.
+#     (XLA's cost analysis counts a scanned layer stack once, so these FLOPs are worked out by hand.)
+#   * evaluation reserve 120 s: the test tau in four modes (dflash B16 and B8, ngram, hybrid; 32 ACLSum test
+#     abstracts, 128 new tokens), each a fresh decoder compile, and the export.
+# The deadlines are enforced by train-drafter itself (--time-budget); a step or a decoder batch in flight finishes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +48,11 @@ DRAFTER=${DRAFTER:-$WORK/drafter}
 RESULTS=${RESULTS:-}
 BUDGET=${BUDGET:-540}          # seconds for this whole call
 GEN_BUDGET=${GEN_BUDGET:-230}  # seconds from the start for generating responses
-EVAL_RESERVE=${EVAL_RESERVE:-90}  # seconds kept after training for the test evaluation and the export
+EVAL_RESERVE=${EVAL_RESERVE:-120}  # seconds kept after training for the test evaluation and the export
 LIMIT=${LIMIT:-0}              # prompts to use (0: all; generation stops at its budget anyway)
 GEN_BATCH=${GEN_BATCH:-256}
 MAX_NEW=${MAX_NEW:-128}
-STEPS=${STEPS:-1200}
+STEPS=${STEPS:-1500}
 BATCH=${BATCH:-32}
 ANCHORS=${ANCHORS:-16}
 LAYERS=${LAYERS:-2}
@@ -44,8 +60,8 @@ TARGET_LAYERS=${TARGET_LAYERS:-1,8,14,20,27}
 DRAFT_VOCAB=${DRAFT_VOCAB:-8192}
 LR=${LR:-2e-3}
 CKPT=${CKPT:-200}
-EVAL_EVERY=${EVAL_EVERY:-400}
-EVAL_PROMPTS=${EVAL_PROMPTS:-64}
+EVAL_EVERY=${EVAL_EVERY:-500}
+EVAL_PROMPTS=${EVAL_PROMPTS:-32}
 TEST_LIMIT=${TEST_LIMIT:-32}
 TEST_MAX_NEW=${TEST_MAX_NEW:-128}
 ONLINE=${ONLINE:---online}
@@ -106,7 +122,7 @@ rc=0
   --data-note "Summarization prompts over the 150 ACLSum train+val papers (aclsum on PyPI, MIT; texts from the \
 ACL Anthology, CC BY 4.0): every section the package ships, in overlapping windows of <=180 words, under five \
 summarization instructions; windows sharing a 12-word passage with a test paper are dropped. The ACLSum test \
-split is not used for training." || rc=$?
+split is not used for training." "$@" || rc=$?
 # 75: stopped by a signal after checkpointing (rerun to resume); anything else but 0 is an error.
 [[ $rc -eq 0 || $rc -eq 75 ]] || exit "$rc"
 

@@ -269,7 +269,7 @@ def main(out: Path, which: str, splits: str, sections: str, instructions: int, l
     # Only the columns the rows fill: a ``document`` column makes a reader pick the summarize template.
     schema = pa.schema([f for f in PROMPTS_SCHEMA if any(f.name in r for r in rows[:1])],
                        metadata=PROMPTS_SCHEMA.metadata)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out, compression="zstd", compression_level=19)
     click.echo(f"{len(rows)} prompts -> {out}")
 
 

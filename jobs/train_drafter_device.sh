@@ -7,6 +7,16 @@
 #     bash jobs/train_drafter_device.sh --prepare       # here, on the CPU: build the prompt files that travel
 #     RESULTS=$OUT bash jobs/train_drafter_device.sh    # there: the whole run (rerun it to resume)
 #
+# With the device tool (64 MiB per call, ~27 MiB of it the checkout; the GGUF is 98 MB), `--pack` here
+# fills the ignored folders .train-work/carry-1..3: a 34 MiB GGUF part each, and in the last one also the
+# prompt files and the gguf wheel. Calls 1 and 2 carry carry-1 and carry-2 and run `true` (files stay on a
+# warm machine); call 3, right after, carries carry-3 and runs
+#     python3 -m pip install -q --no-index --no-deps --target /tmp/site .train-work/carry-3/*.whl &&
+#     export PYTHONPATH=/tmp/site && mkdir -p .train-work/parts .train-work/device &&
+#     cp .train-work/carry-*/*.part-* .train-work/parts/ && cp .train-work/carry-3/*.parquet .train-work/device/ &&
+#     PYTHONUNBUFFERED=1 MODEL_PARTS=.train-work/parts RESULTS=$OUT bash jobs/train_drafter_device.sh
+#   with timeout_s 600. Join the returned weights with `cat model.safetensors.part-* > model.safetensors`.
+#
 # Other arguments go to train-drafter (e.g. --stop-at N). Settings are environment variables (below).
 #
 # Stages, each resumable (a rerun skips what is done, so a killed call loses at most one checkpoint interval):
@@ -81,6 +91,21 @@ if [[ ! -f "$WORK/test-prompts.parquet" ]]; then
 fi
 if [[ "${1:-}" == "--prepare" ]]; then
   echo "prompt files ready in $WORK"
+  exit 0
+fi
+if [[ "${1:-}" == "--pack" ]]; then
+  rm -rf .train-work/carry-* && mkdir -p .train-work/packing
+  gguf=$("$PY" -c "from dflash_batch.decoder._registry import embedded_gguf_path as p; print(p('$TARGET'))")
+  split -b 34M -d "$gguf" .train-work/packing/model.gguf.part-
+  n=0
+  for part in .train-work/packing/model.gguf.part-*; do
+    n=$((n + 1)) && mkdir -p ".train-work/carry-$n" && mv "$part" ".train-work/carry-$n/"
+  done
+  rmdir .train-work/packing
+  cp "$WORK/prompts.parquet" "$WORK/test-prompts.parquet" ".train-work/carry-$n/"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: -d ".train-work/carry-$n" "gguf==$("$PY" -c \
+    "import importlib.metadata as m; print(m.version('gguf'))")"
+  du -sh .train-work/carry-*
   exit 0
 fi
 

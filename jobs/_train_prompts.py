@@ -3,13 +3,14 @@ train and val papers.
 
 The ACLSum *test* split is the evaluation set of the shipped drafter, so training never reads
 it: its splits are refused by name, its papers by id, and any training window that shares a
-passage of ``SHINGLE`` words with a test paper is dropped (papers quote each other's
-boilerplate; a quoted test sentence would leak the evaluation text).
+passage of ``SHINGLE`` words with a test paper is dropped (a paper quoting a test paper would
+leak evaluation text; the rule also drops a few windows that share only a stock phrase).
 
 Two prompt sets:
   * ``aclsum_documents``: each paper's abstract, conclusion and introduction (in chunks of a
     few sentences) under the job's own summarize instruction: the set of the first
-    shipped drafter (935 prompts; it was trained on 938, three of which quoted test papers).
+    shipped drafter (935 prompts; it was trained on 938: the three dropped since share only a stock
+    phrase with a test paper, "to the best of our knowledge this is the first work that").
   * ``aclsum_training_prompts``: the larger set. Every section the package carries for a
     paper (its abstract, and the full text's sections: introduction, method, experiments,
     related work, conclusion, ...), as overlapping windows of a few sentences, each asked

@@ -10,8 +10,8 @@
 # Recipe (see decoder/train/ for the why of each choice):
 #   * prompts: all 935 summarization prompts over the 150 ACLSum *train+val* papers (abstracts, then
 #     conclusions, then introductions, in chunks of <=180 words; aclsum PyPI package). The ACLSum *test* split is the evaluation set and
-#     is only read for the final tau in the model card. (The shipped drafter saw 938: three chunks that quote a
-#     test paper are dropped since.) The larger set and the accelerator recipe: jobs/train_drafter_device.sh.
+#     is only read for the final tau in the model card. (The shipped drafter saw 938: three chunks that share a stock
+#     phrase with a test paper are dropped since.) The larger set and the accelerator recipe: jobs/train_drafter_device.sh.
 #   * data: SmolLM2-135M-Instruct's own greedy responses (128 new tokens), from our AR decoder.
 #   * drafter: 2 layers of the target's shape, started from target layers 28 and 29; context features
 #     from target layers 1,8,14,20,27; block 16; 8192-token draft vocabulary; learned mask embedding.

@@ -71,6 +71,8 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               help="Responses, features and checkpoints [default: <cache>/train/<out folder name>].")
 @click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "summarize", "none"]))
 @click.option("--limit", default=0, show_default=True, type=click.IntRange(0), help="Use the first N prompts (0: all).")
+@click.option("--max-prompt-tokens", default=0, show_default=True, type=click.IntRange(0),
+              help="Skip prompts longer than this (0: none); online training pads every batch to the longest.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Response length.")
 @click.option("--gen-batch", default=8, show_default=True, type=click.IntRange(1), help="Decoder batch for responses.")
 @click.option("--gen-mode", default="ar", show_default=True, type=click.Choice(["ar", "ngram"]),
@@ -123,6 +125,7 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--data-note", default="", help="Training data and licence, for the model card.")
 @click.option("--shape-note", default="", help="Why this drafter shape, for the model card.")
 def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: Path | None, template: str, limit: int,
+                          max_prompt_tokens: int,
                           max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
                           eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
                           target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
@@ -153,6 +156,11 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     prompts, bad = read_prompts(prompts_path, tgt.tokenizer, template, limit)
     if bad:
         click.echo(f"skipped {len(bad)} invalid prompt rows, e.g. {bad[0]}", err=True)
+    if max_prompt_tokens:
+        kept = [p for p in prompts if len(p[1]) <= max_prompt_tokens]
+        if len(kept) < len(prompts):
+            click.echo(f"skipped {len(prompts) - len(kept)} prompts over {max_prompt_tokens} tokens", err=True)
+        prompts = kept
     if not prompts:
         raise click.ClickException(f"no valid prompts in {prompts_path}")
     work_dir = work_dir or cache_dir() / "train" / out.name

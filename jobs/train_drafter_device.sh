@@ -62,6 +62,7 @@ EVAL_RESERVE=${EVAL_RESERVE:-120}  # seconds kept after training for the test ev
 LIMIT=${LIMIT:-0}              # prompts to use (0: all; generation stops at its budget anyway)
 GEN_BATCH=${GEN_BATCH:-256}
 MAX_NEW=${MAX_NEW:-128}
+MAX_PROMPT=${MAX_PROMPT:-380}  # tokens: with 128 new, every online batch is 512 long (one compile); 0.4% of the prompts skipped
 STEPS=${STEPS:-1500}
 BATCH=${BATCH:-32}
 ANCHORS=${ANCHORS:-16}
@@ -136,7 +137,7 @@ echo "train-drafter: ${left}s left of ${BUDGET}s (generation ${gen_left}s, evalu
 rc=0
 "$PY" -m dflash_batch.jobs._train_cli \
   --target "$TARGET" --prompts "$WORK/prompts.parquet" --out "$DRAFTER" --work-dir "$WORK" \
-  --max-new-tokens "$MAX_NEW" --gen-batch "$GEN_BATCH" \
+  --max-new-tokens "$MAX_NEW" --max-prompt-tokens "$MAX_PROMPT" --gen-batch "$GEN_BATCH" \
   --eval-prompts "$EVAL_PROMPTS" --eval-max-new-tokens 64 \
   --steps "$STEPS" --batch "$BATCH" --anchors "$ANCHORS" --block-size 16 --layers "$LAYERS" \
   --target-layers "$TARGET_LAYERS" --draft-vocab "$DRAFT_VOCAB" \

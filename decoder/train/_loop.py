@@ -187,8 +187,12 @@ class Trainer:
     def batch(self, seqs: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A packed batch whose context length is its longest sequence rounded up to
         SEQ_STEP: a handful of compiled shapes, and a batch of short prompts does not pay
-        for the longest prompt in the data set."""
-        longest = int(self.data.seq_lens[np.asarray(seqs)].max())
+        for the longest prompt in the data set. Online, every batch takes the data set's
+        longest sequence instead (cap prompt lengths to keep it short)."""
+        if self.online:  # one length for every batch: the step holds the whole target, compile it once
+            longest = int(self.data.seq_lens.max())
+        else:
+            longest = int(self.data.seq_lens[np.asarray(seqs)].max())
         build = make_token_batch if self.online else make_batch
         return build(self.data, seqs, rng, n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size,
                      seq_len=-(-longest // SEQ_STEP) * SEQ_STEP, mask_token_id=self.dcfg.mask_token_id, t2d=self.t2d)

@@ -43,7 +43,7 @@ def test_online_batch_draws_the_same_blocks_as_the_offline_batch(both):
     b = online.batch(seqs, np.random.default_rng(4))
     for k in ("anchor_pos", "anchor_valid", "block_tokens", "labels", "label_exists", "label_valid", "label_rows"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert "feats" not in b and b["tokens"].shape == a["feats"].shape[:2]
+    assert "feats" not in b and b["tokens"].shape[1] >= a["feats"].shape[1]  # online: the data set's longest
 
 
 def test_online_loss_and_step_equal_the_offline_ones(both):

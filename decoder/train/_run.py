@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._drafter import DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
@@ -104,7 +105,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
                   max_new_tokens: int = 128, gen_batch: int = 8, gen_mode: str = "ar", eval_prompts: int = 16,
                   eval_max_new_tokens: int = 64, eval_batch: int = 8, resume: bool = False,
                   stop_at: int | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print, online: bool | None = None, mesh=None,
+                  log: Callable[[str], None] = print, online: bool | None = None, mesh: Mesh | None = None,
                   gen_deadline: float | None = None, deadline: float | None = None) -> dict:
     """Trains a drafter for ``target`` on its own responses to ``prompts`` (id, token ids)
     and saves it to ``out_dir``. Returns a summary (data, compute, tau) for the model card.

@@ -24,7 +24,7 @@ def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
     """
     import pyarrow.parquet as pq
 
-    from dflash_batch.pipeline import render_row
+    from dflash_batch.decoder import render_messages, tokenize_prompt
     from dflash_batch.schemas import check_input_schema, validate_prompt_row
 
     table = pq.read_table(path)
@@ -39,7 +39,15 @@ def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
         if reason:
             bad.append(f"{row.get('id')!r}: {reason}")
             continue
-        out.append((row["id"], render_row(tokenizer, row, template)))
+        if template == "none":  # as the job renders it, without importing the pipeline (and Beam): accelerator
+            # hosts train from prompts prepared as messages
+            ids = render_messages(tokenizer, row["messages"]) if row.get("messages") else tokenize_prompt(
+                tokenizer, row["prompt"])
+        else:
+            from dflash_batch.pipeline import render_row
+
+            ids = render_row(tokenizer, row, template)
+        out.append((row["id"], ids))
         if limit and len(out) >= limit:
             break
     return out, bad
@@ -63,6 +71,8 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               help="Responses, features and checkpoints [default: <cache>/train/<out folder name>].")
 @click.option("--template", default="auto", show_default=True, type=click.Choice(["auto", "summarize", "none"]))
 @click.option("--limit", default=0, show_default=True, type=click.IntRange(0), help="Use the first N prompts (0: all).")
+@click.option("--max-prompt-tokens", default=0, show_default=True, type=click.IntRange(0),
+              help="Skip prompts longer than this (0: none); online training pads every batch to the longest.")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Response length.")
 @click.option("--gen-batch", default=8, show_default=True, type=click.IntRange(1), help="Decoder batch for responses.")
 @click.option("--gen-mode", default="ar", show_default=True, type=click.Choice(["ar", "ngram"]),
@@ -103,9 +113,19 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               help="Evaluation prompts Parquet: tau (dflash at B=16 and 8, ngram at 16) goes into the model card.")
 @click.option("--test-limit", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--test-max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--online/--offline", default=None, help="Run the target inside the training step (no feature "
+              "cache on disk) [default: online on an accelerator, offline on the CPU].")
+@click.option("--time-budget", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Wall-clock seconds for this call (0: none). Generation ends by --gen-budget, training "
+              "--eval-reserve before the end; both checkpoint, and --resume continues.")
+@click.option("--gen-budget", type=click.FloatRange(0), help="Seconds from the start for generating responses "
+              "[default: 40%% of --time-budget].")
+@click.option("--eval-reserve", type=click.FloatRange(0), help="Seconds kept after training for the test "
+              "evaluation and the export [default: 20%% of --time-budget].")
 @click.option("--data-note", default="", help="Training data and licence, for the model card.")
 @click.option("--shape-note", default="", help="Why this drafter shape, for the model card.")
 def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: Path | None, template: str, limit: int,
+                          max_prompt_tokens: int,
                           max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
                           eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
                           target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
@@ -113,21 +133,34 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
                           top_k: int, lr: float, warmup: float,
                           weight_decay: float, gamma: float | None, seed: int, checkpoint_every: int, eval_every: int,
                           resume: bool, stop_at: int | None, test_prompts: Path | None, test_limit: int,
-                          test_max_new_tokens: int, data_note: str, shape_note: str) -> None:
+                          test_max_new_tokens: int, online: bool | None, time_budget: float, gen_budget: float | None,
+                          eval_reserve: float | None, data_note: str, shape_note: str) -> None:
     """Train a DFlash drafter for TARGET on its own greedy responses to PROMPTS.
 
     Everything slow is cached in the work dir (responses, target features, checkpoints),
     so an interrupted run continues with --resume. The drafter is written to OUT in the
     z-lab format (bf16), with a README.md model card.
     """
+    import time
+
     from dflash_batch.decoder import load_target
     from dflash_batch.decoder import cache_dir
     from dflash_batch.decoder.train import DrafterSpec, TrainConfig, train_drafter
 
+    t_start = time.time()
+    gen_deadline = deadline = None
+    if time_budget:
+        gen_deadline = t_start + (0.4 * time_budget if gen_budget is None else gen_budget)
+        deadline = t_start + time_budget - (0.2 * time_budget if eval_reserve is None else eval_reserve)
     tgt = load_target(target)
     prompts, bad = read_prompts(prompts_path, tgt.tokenizer, template, limit)
     if bad:
         click.echo(f"skipped {len(bad)} invalid prompt rows, e.g. {bad[0]}", err=True)
+    if max_prompt_tokens:
+        kept = [p for p in prompts if len(p[1]) <= max_prompt_tokens]
+        if len(kept) < len(prompts):
+            click.echo(f"skipped {len(prompts) - len(kept)} prompts over {max_prompt_tokens} tokens", err=True)
+        prompts = kept
     if not prompts:
         raise click.ClickException(f"no valid prompts in {prompts_path}")
     work_dir = work_dir or cache_dir() / "train" / out.name
@@ -142,17 +175,22 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
         summary = train_drafter(tgt, prompts, out, work_dir=work_dir, spec=spec, tcfg=tcfg,
                                 max_new_tokens=max_new_tokens, gen_batch=gen_batch, gen_mode=gen_mode,
                                 eval_prompts=eval_prompts, eval_max_new_tokens=eval_max_new_tokens, resume=resume,
-                                stop_at=stop_at, log=lambda m: click.echo(m, err=True))
+                                stop_at=stop_at, log=lambda m: click.echo(m, err=True), online=online,
+                                gen_deadline=gen_deadline, deadline=deadline)
     except (FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    if test_prompts is not None and summary["finished"]:
-        summary["test"] = evaluate_test(tgt, out, test_prompts, test_limit, test_max_new_tokens)
+    budget_spent = deadline is not None and not summary["finished"] and time.time() >= deadline
+    if test_prompts is not None and (summary["finished"] or budget_spent):
+        summary["test"] = evaluate_test(tgt, out, test_prompts, test_limit, test_max_new_tokens,
+                                        record=work_dir / "test-eval.json")
         (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "README.md").write_text(model_card(summary, data_note, shape_note))
     plot_tau_curve(summary.get("evals", []), out / "tau_vs_compute.png", summary["drafter"]["block_size"])
     click.echo(json.dumps({k: summary[k] for k in ("out_dir", "step", "finished", "evals", "train_seconds")} |
                           {"test": summary.get("test")}, indent=2, default=str))
-    if not summary["finished"] and (stop_at is None or summary["step"] < stop_at):
+    if budget_spent:
+        click.echo(f"time budget spent at step {summary['step']} of {steps}; continue with --resume", err=True)
+    elif not summary["finished"] and (stop_at is None or summary["step"] < stop_at):
         # Stopped by a signal before its end: a supervisor may rerun with --resume.
         click.echo(f"interrupted at step {summary['step']}; continue with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
@@ -164,20 +202,35 @@ TEST_RUNS = (("dflash_b16", "dflash", 16), ("dflash_b8", "dflash", 8), ("ngram_b
              ("hybrid_b16", "hybrid", 16))
 
 
-def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int) -> dict:
-    """tau of the saved (bf16) drafter on evaluation prompts, with the n-gram peer beside it."""
+def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int,
+                  record: Path | None = None) -> dict:
+    """tau of the saved (bf16) drafter on evaluation prompts, with the n-gram peer beside it.
+
+    With ``record``, each finished run is kept there, keyed by the drafter's weights and the
+    evaluation settings, so a resumed call measures only what is missing.
+    """
+    import hashlib
+
     from dflash_batch.decoder import load_drafter
     from dflash_batch.decoder.train import decode_tau
 
     prompts, _ = read_prompts(prompts_path, target.tokenizer, "auto", limit)
     drafter = load_drafter(drafter_dir)
     out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "source": str(prompts_path)}
+    key = hashlib.sha256((drafter_dir / "model.safetensors").read_bytes()
+                         + json.dumps([str(prompts_path), limit, max_new_tokens]).encode()).hexdigest()
+    done = json.loads(record.read_text()) if record is not None and record.exists() else {}
+    done = done if done.get("key") == key else {"key": key}
     for name, mode, blk in TEST_RUNS:
         if mode != "ngram" and blk > drafter.config.block_size:
             continue
-        r = decode_tau(target, prompts, mode=mode, drafter=drafter if mode != "ngram" else None, block_size=blk,
-                       max_new_tokens=max_new_tokens)
-        out[name] = {"tau": r["tau"], "tau_mean": r["tau_mean"], "seconds": r["seconds"]}
+        if name not in done:
+            r = decode_tau(target, prompts, mode=mode, drafter=drafter if mode != "ngram" else None, block_size=blk,
+                           max_new_tokens=max_new_tokens)
+            done[name] = {"tau": r["tau"], "tau_mean": r["tau_mean"], "seconds": r["seconds"]}
+            if record is not None:
+                record.write_text(json.dumps(done))
+        out[name] = done[name]
     return out
 
 
@@ -235,9 +288,12 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         "held-out tau (the last step's when none was evaluated).",
         f"- Predicted tokens: {s['predicted_tokens']:,}; training wall time {s['train_seconds'] / 3600:.2f} h "
         f"({s['train_tokens_per_s']:.0f} predicted tokens/s).",
-        f"- Data preparation: responses {timing.get('responses', 0) / 60:.1f} min, target features "
-        f"{timing.get('features', 0) / 60:.1f} min.",
-        f"- Hardware: {s['hardware']}.",
+        (f"- Data preparation: responses {timing.get('responses', 0) / 60:.1f} min; the target's features were "
+         "computed online, inside each training step (no feature cache)." if s.get("online") else
+         f"- Data preparation: responses {timing.get('responses', 0) / 60:.1f} min, target features "
+         f"{timing.get('features', 0) / 60:.1f} min."),
+        f"- Hardware: {s['hardware']}" + (f"; data-parallel over {s['devices']} devices." if s.get("devices", 1) > 1
+                                          else "."),
         "",
         "## Acceptance (tau = tokens committed per verify step, bonus token included, greedy)",
         "",
@@ -301,3 +357,7 @@ def plot_tau_curve(evals: list[dict], path: Path, block_size: int) -> Path | Non
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":  # ``python -m dflash_batch.jobs._train_cli``: train-drafter where Beam is not installed
+    train_drafter_command()

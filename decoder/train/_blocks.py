@@ -1,4 +1,4 @@
-"""Anchor sampling and block construction: from cached sequences to one packed training batch.
+"""Anchor sampling and block construction: from training sequences to one packed batch.
 
 A training block mirrors one decode step exactly. At inference the anchor is the last
 committed token, at position p, not yet run through the target; the drafter sees the
@@ -11,8 +11,13 @@ and block position k drafts x_(p+k). So a block here is:
      reduced vocabulary, where the token has no draft id);
   4. soft labels: the target's top-k distribution of each of those tokens (row p+k-1
      of the cache), mapped to draft ids and renormalised over the ids the drafter has.
-Many anchors (A) share one sequence's context features, so one cached target pass feeds
-A blocks (the attention rule that keeps them apart lives in ``_packed``).
+Many anchors (A) share one sequence's context features, so one target pass feeds A blocks
+(the attention rule that keeps them apart lives in ``_packed``).
+
+Offline training reads the target's outputs from the feature cache (``make_batch``);
+online training carries only tokens (``make_token_batch``) and runs the target inside the
+step. Both draw their blocks with ``sample_blocks`` and map soft labels with
+``draft_soft_labels``, so the two paths train on the same blocks.
 
 Axes: B sequences, A anchors per sequence, L block, S padded sequence length, k top-k.
 """
@@ -44,60 +49,114 @@ def sample_anchors(rng: np.random.Generator, prompt_len: int, seq_len: int, n_an
     return anchors, valid
 
 
+def sample_blocks(tokens: np.ndarray, prompt_len: int, rng: np.random.Generator, *, n_anchors: int,
+                  block_size: int, mask_token_id: int, t2d: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The blocks of one sequence ``tokens`` [n]: the part of a batch that needs no target.
+
+    Returns anchor_pos [A], anchor_valid [A], block_tokens [A, L], labels [A, L-1] (draft
+    ids; 0 where invalid), label_exists [A, L-1], label_valid [A, L-1], and label_rows
+    [A, L-1]: the row whose next-token distribution is each label's soft label (row p+k-1
+    for label x_(p+k); clamped inside the sequence).
+    """
+    n, offs = len(tokens), np.arange(1, block_size)  # offs [L-1]
+    anchors, valid = sample_anchors(rng, prompt_len, n, n_anchors)
+    block = np.full((n_anchors, block_size), mask_token_id, np.int32)
+    block[:, 0] = tokens[anchors]
+    pos = anchors[:, None] + offs[None, :]  # [A, L-1] label positions
+    exists = (pos < n) & valid[:, None]
+    pos_c = np.minimum(pos, n - 1)
+    labels = tokens[pos_c]  # [A, L-1] target ids
+    ok_hard = exists
+    if t2d is not None:
+        labels = t2d[labels]
+        ok_hard = exists & (labels >= 0)
+        labels = np.maximum(labels, 0)
+    return {"anchor_pos": anchors, "anchor_valid": valid, "block_tokens": block, "labels": labels.astype(np.int32),
+            "label_exists": exists, "label_valid": ok_hard, "label_rows": (pos_c - 1).astype(np.int32)}
+
+
+def draft_soft_labels(ids, probs, exists, t2d, xp=np):
+    """The target's top-k distribution of each label as draft ids, renormalised over the
+    entries the drafter can propose; zero where the label does not exist.
+
+    ids [..., k] target ids, probs [..., k], exists [...]; t2d [V] or None. ``xp`` is numpy
+    (the offline batch) or jax.numpy (inside the online step): one rule for both paths.
+    Returns (soft_ids [..., k] int32, soft_probs [..., k] float32).
+    """
+    probs = probs.astype(xp.float32)
+    if t2d is not None:
+        ids = t2d[ids]
+        probs = xp.where(ids >= 0, probs, 0.0)
+        ids = xp.maximum(ids, 0)
+    total = probs.sum(-1, keepdims=True)
+    probs = xp.where(exists[..., None] & (total > 0), probs / xp.maximum(total, 1e-20), 0.0)
+    return ids.astype(xp.int32), probs
+
+
+def _empty_blocks(b: int, a: int, blk: int) -> dict[str, np.ndarray]:
+    return {
+        "anchor_pos": np.zeros((b, a), np.int32),
+        "anchor_valid": np.zeros((b, a), bool),
+        "block_tokens": np.zeros((b, a, blk), np.int32),
+        "labels": np.zeros((b, a, blk - 1), np.int32),
+        "label_exists": np.zeros((b, a, blk - 1), bool),
+        "label_valid": np.zeros((b, a, blk - 1), bool),
+        "label_rows": np.zeros((b, a, blk - 1), np.int32),
+    }
+
+
+def _fill_blocks(out: dict, row: int, blocks: dict) -> None:
+    for k, v in blocks.items():
+        out[k][row] = v
+
+
 def make_batch(cache: FeatureCache, seqs: np.ndarray, rng: np.random.Generator, *, n_anchors: int, block_size: int,
                seq_len: int, mask_token_id: int, t2d: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """One packed batch from sequences ``seqs`` [B] of ``cache``.
+    """One packed batch from sequences ``seqs`` [B] of ``cache`` (offline training).
 
-    Returns numpy arrays:
-      feats [B, S, n_f, D] fp16 (zero past each sequence), anchor_pos [B, A] int32,
-      anchor_valid [B, A] bool, block_tokens [B, A, L] int32,
-      labels [B, A, L-1] int32 (draft ids; 0 where invalid), label_exists [B, A, L-1] bool
-      (the position is inside the sequence), label_valid [B, A, L-1] bool (it exists and
-      the drafter can propose it: the hard-label loss uses these),
+    Returns numpy arrays: the blocks of ``sample_blocks`` stacked over B, and
+      feats [B, S, n_f, D] fp16 (zero past each sequence),
       soft_ids [B, A, L-1, k] int32 (draft ids), soft_probs [B, A, L-1, k] float32
       (sums to 1 over each valid label's in-vocabulary top-k entries, 0 elsewhere).
     """
     b, a, blk, k = len(seqs), n_anchors, block_size, cache.topk_ids.shape[1]
     n_f, d = cache.feats.shape[1:]
-    out = {
-        "feats": np.zeros((b, seq_len, n_f, d), np.float16),
-        "anchor_pos": np.zeros((b, a), np.int32),
-        "anchor_valid": np.zeros((b, a), bool),
-        "block_tokens": np.full((b, a, blk), mask_token_id, np.int32),
-        "labels": np.zeros((b, a, blk - 1), np.int32),
-        "label_exists": np.zeros((b, a, blk - 1), bool),
-        "label_valid": np.zeros((b, a, blk - 1), bool),
-        "soft_ids": np.zeros((b, a, blk - 1, k), np.int32),
-        "soft_probs": np.zeros((b, a, blk - 1, k), np.float32),
-    }
-    offs = np.arange(1, blk)  # [L-1]
+    out = _empty_blocks(b, a, blk)
+    out["feats"] = np.zeros((b, seq_len, n_f, d), np.float16)
+    out["soft_ids"] = np.zeros((b, a, blk - 1, k), np.int32)
+    out["soft_probs"] = np.zeros((b, a, blk - 1, k), np.float32)
     for row, i in enumerate(seqs):
         r = cache.rows(int(i))
         n = r.stop - r.start
         if n > seq_len:
             raise ValueError(f"sequence {cache.ids[i]!r} has {n} tokens, more than the batch length {seq_len=}")
-        toks = cache.tokens[r]
+        blocks = sample_blocks(cache.tokens[r], int(cache.prompt_lens[i]), rng, n_anchors=a, block_size=blk,
+                               mask_token_id=mask_token_id, t2d=t2d)
+        _fill_blocks(out, row, blocks)
         out["feats"][row, :n] = cache.feats[r]
-        anchors, valid = sample_anchors(rng, int(cache.prompt_lens[i]), n, a)
-        out["anchor_pos"][row], out["anchor_valid"][row] = anchors, valid
-        out["block_tokens"][row, :, 0] = toks[anchors]
-        pos = anchors[:, None] + offs[None, :]  # [A, L-1] label positions
-        ok = (pos < n) & valid[:, None]
-        pos_c = np.minimum(pos, n - 1)
-        lab = toks[pos_c]  # [A, L-1] target ids
-        sid = np.asarray(cache.topk_ids[r])[pos_c - 1]  # [A, L-1, k]: the distribution of token pos
-        sp = np.asarray(cache.topk_probs[r], np.float32)[pos_c - 1]
-        if t2d is not None:
-            lab = t2d[lab]
-            ok_hard = ok & (lab >= 0)
-            sid = t2d[sid]
-            sp = np.where(sid >= 0, sp, 0.0)
-            sid = np.maximum(sid, 0)
-            lab = np.maximum(lab, 0)
-        else:
-            ok_hard = ok
-        total = sp.sum(-1, keepdims=True)
-        sp = np.where(ok[..., None] & (total > 0), sp / np.maximum(total, 1e-20), 0.0)
-        out["labels"][row], out["label_valid"][row], out["label_exists"][row] = lab, ok_hard, ok
-        out["soft_ids"][row], out["soft_probs"][row] = sid, sp
+        rows = blocks["label_rows"]
+        out["soft_ids"][row], out["soft_probs"][row] = draft_soft_labels(
+            np.asarray(cache.topk_ids[r])[rows], np.asarray(cache.topk_probs[r])[rows], blocks["label_exists"], t2d)
+    return out
+
+
+def make_token_batch(data, seqs: np.ndarray, rng: np.random.Generator, *, n_anchors: int, block_size: int,
+                     seq_len: int, mask_token_id: int, t2d: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One packed batch of tokens only (online training: the step runs the target itself).
+
+    ``data`` has ``ids``, ``tokens``, ``prompt_lens`` and ``rows(i)`` (a ``TokenSequences``
+    or a ``FeatureCache``). Returns the blocks of ``sample_blocks`` stacked over B, and
+    tokens [B, S] int32 (zero past each sequence). With the same ``rng`` state it draws the
+    same blocks as ``make_batch``.
+    """
+    b = len(seqs)
+    out = _empty_blocks(b, n_anchors, block_size)
+    out["tokens"] = np.zeros((b, seq_len), np.int32)
+    for row, i in enumerate(seqs):
+        toks = data.tokens[data.rows(int(i))]
+        if len(toks) > seq_len:
+            raise ValueError(f"sequence {data.ids[i]!r} has {len(toks)} tokens, more than the batch length {seq_len=}")
+        _fill_blocks(out, row, sample_blocks(toks, int(data.prompt_lens[i]), rng, n_anchors=n_anchors,
+                                             block_size=block_size, mask_token_id=mask_token_id, t2d=t2d))
+        out["tokens"][row, : len(toks)] = toks
     return out

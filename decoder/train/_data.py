@@ -62,14 +62,16 @@ def read_samples(path: Path) -> dict[str, Sample]:
 def generate_responses(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]], path: Path, *,
                        max_new_tokens: int, batch_size: int = 8, mode: str = "ar", drafter=None,
                        block_size: int = 16, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                       progress: Callable[[int, int, float], None] | None = None) -> list[Sample]:
+                       progress: Callable[[int, int, float], None] | None = None,
+                       deadline: float | None = None) -> list[Sample]:
     """The target's greedy response to every ``(id, prompt token ids)``, in prompt order.
 
     Responses already in ``path`` are reused; the rest are decoded with ``Decoder`` in
     ``mode`` (``ar``, or a lossless speculative mode: the tokens are the same) and
     appended as they finish. Prompts are grouped by length bucket so a short prompt
     never pays for a long one's cache. ``progress(done, total, tokens_per_s)`` is called
-    after every response.
+    after every response. Past ``deadline`` (a ``time.time()``) no more responses are
+    decoded, and only the prompts answered so far are returned (still in prompt order).
     """
     ids = [p[0] for p in prompts]
     if len(set(ids)) != len(ids):
@@ -93,6 +95,8 @@ def generate_responses(target: TargetModel, prompts: Sequence[tuple[str, Sequenc
         n_tokens, t0 = 0, time.perf_counter()
         with path.open("a") as f:
             for bucket in sorted(groups):
+                if deadline is not None and time.time() >= deadline:
+                    break
                 for res in dec.generate(groups[bucket], bucket=bucket):
                     prompt = by_id[res.id].token_ids
                     f.write(json.dumps({"id": res.id, "prompt": list(prompt), "response": res.token_ids,
@@ -103,4 +107,6 @@ def generate_responses(target: TargetModel, prompts: Sequence[tuple[str, Sequenc
                     n_tokens += len(res.token_ids)
                     if progress is not None:
                         progress(len(done), len(ids), n_tokens / (time.perf_counter() - t0))
-    return [done[i] for i in ids]
+                    if deadline is not None and time.time() >= deadline:
+                        break
+    return [done[i] for i in ids if i in done]

@@ -24,10 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._drafter import DrafterConfig
 from dflash_batch.decoder._target import Params
-from dflash_batch.decoder.train._blocks import make_batch
+from dflash_batch.decoder.train._blocks import make_batch, make_token_batch
 from dflash_batch.decoder.train._features import FeatureCache
+from dflash_batch.decoder.train._online import TokenSequences, target_outputs
 from dflash_batch.decoder.train._loss import block_loss, loss_weights
 from dflash_batch.decoder.train._packed import packed_draft_logits
 from dflash_batch.decoder.train._state import has_checkpoint, load_checkpoint, save_checkpoint
@@ -94,23 +99,69 @@ def _frozen(params: Params) -> Params:
     return {k: v for k, v in params.items() if k != "d2t"}
 
 
-class Trainer:
-    """Jitted step and evaluation of one drafter on one feature cache."""
+def _default_mesh() -> Mesh:
+    """Every device on the ``data`` axis (the drafter is small: no model parallelism).
+    The one place the trainer builds a mesh: to be pointed at the project's shared mesh builder."""
+    return jax.make_mesh((jax.device_count(), 1), ("data", "model"))
 
-    def __init__(self, dcfg: DrafterConfig, target_params: Params, cache: FeatureCache, tcfg: TrainConfig, *,
-                 inv_scale: np.ndarray, t2d: np.ndarray | None):
-        self.dcfg, self.cache, self.tcfg = dcfg, cache, tcfg
-        self.target_params = {"embed": target_params["embed"], **(
+
+class Trainer:
+    """Jitted step and evaluation of one drafter, data-parallel over a device mesh.
+
+    Offline (``data`` a ``FeatureCache``): batches carry the cached target features.
+    Online (``data`` a ``TokenSequences``, ``target_config`` given): batches carry tokens
+    and the step runs the frozen target itself (``_online``). Both share the block sampler
+    (``_blocks``) and the loss (``_loss``).
+
+    Data parallelism: every batch array is split over the mesh's ``data`` axis (its first
+    dimension, B), parameters and optimiser state are replicated, and the step is one jit
+    with those shardings: the loss is a mean over the global batch, so the compiler's
+    gradient is the global one, averaged across devices with no collective written here.
+    """
+
+    def __init__(self, dcfg: DrafterConfig, target_params: Params, data: FeatureCache | TokenSequences,
+                 tcfg: TrainConfig, *, inv_scale: np.ndarray, t2d: np.ndarray | None,
+                 target_config: TargetConfig | None = None, mesh: Mesh | None = None):
+        self.dcfg, self.data, self.tcfg = dcfg, data, tcfg
+        self.online = isinstance(data, TokenSequences)
+        if self.online and target_config is None:
+            raise ValueError("online training runs the target: pass its target_config")
+        self.target_config = target_config
+        self.mesh = mesh if mesh is not None else _default_mesh()
+        n_data = self.mesh.shape["data"]
+        if tcfg.batch_size % n_data:
+            raise ValueError(f"{tcfg.batch_size=} must be a multiple of the mesh's {n_data} data shards")
+        self._replicated = NamedSharding(self.mesh, P())
+        self._split = NamedSharding(self.mesh, P("data"))
+        kept = target_params if self.online else {"embed": target_params["embed"], **(
             {"lm_head": target_params["lm_head"]} if "lm_head" in target_params else {})}
-        self.inv_scale = jnp.asarray(inv_scale)
+        self.target_params = self.place(kept)
+        self.inv_scale = self.place(jnp.asarray(inv_scale))
         self.t2d = t2d
-        self.weights = jnp.asarray(loss_weights(dcfg.block_size, tcfg.gamma))
+        self._t2d = self.place(jnp.asarray(t2d)) if t2d is not None else None
+        self.weights = self.place(jnp.asarray(loss_weights(dcfg.block_size, tcfg.gamma)))
         self.opt = make_optimizer(tcfg)
-        self._step = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self._eval = jax.jit(self._metrics)
+        rep, split = self._replicated, self._split
+        self._step = jax.jit(self._train_step, donate_argnums=(0, 1), in_shardings=(rep, rep, rep, split),
+                             out_shardings=(rep, rep, rep))
+        self._eval = jax.jit(self._metrics, in_shardings=(rep, rep, split), out_shardings=rep)
+
+    def place(self, tree):
+        """``tree`` replicated over the mesh (parameters, optimiser state, constants)."""
+        return jax.device_put(tree, self._replicated)
+
+    def _inputs(self, target_params, batch) -> dict:
+        """The batch with the target's outputs: read from it (offline) or computed (online)."""
+        if not self.online:
+            return batch
+        feats, soft_ids, soft_probs = target_outputs(target_params, self.target_config, batch,
+                                                     layer_ids=tuple(self.dcfg.target_layer_ids),
+                                                     top_k=self.tcfg.top_k, t2d=self._t2d)
+        return dict(batch, feats=feats, soft_ids=soft_ids, soft_probs=soft_probs)
 
     def _loss(self, trainable, d2t, target_params, batch):
         params = dict(trainable, **({"d2t": d2t} if d2t is not None else {}))
+        batch = self._inputs(target_params, batch)
         logits = packed_draft_logits(params, self.dcfg, target_params, batch["feats"], self.inv_scale,
                                      batch["block_tokens"], batch["anchor_pos"])
         return block_loss(logits, batch, self.weights, self.tcfg.distill)
@@ -127,16 +178,24 @@ class Trainer:
         return self._loss(_frozen(params), params.get("d2t"), target_params, batch)[1]
 
     def init_opt(self, params: Params):
-        return self.opt.init(_frozen(params))
+        return self.place(self.opt.init(_frozen(params)))
+
+    def loss(self, params: Params, batch: dict) -> tuple[jax.Array, dict]:
+        """(loss, metrics) of ``params`` on ``batch``, unjitted (for tests and inspection)."""
+        return self._loss(_frozen(params), params.get("d2t"), self.target_params, batch)
 
     def batch(self, seqs: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """A packed batch whose context length is its longest sequence rounded up to
         SEQ_STEP: a handful of compiled shapes, and a batch of short prompts does not pay
-        for the longest prompt in the data set."""
-        longest = int(self.cache.seq_lens[np.asarray(seqs)].max())
-        return make_batch(self.cache, seqs, rng, n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size,
-                          seq_len=-(-longest // SEQ_STEP) * SEQ_STEP, mask_token_id=self.dcfg.mask_token_id,
-                          t2d=self.t2d)
+        for the longest prompt in the data set. Online, every batch takes the data set's
+        longest sequence instead (cap prompt lengths to keep it short)."""
+        if self.online:  # one length for every batch: the step holds the whole target, compile it once
+            longest = int(self.data.seq_lens.max())
+        else:
+            longest = int(self.data.seq_lens[np.asarray(seqs)].max())
+        build = make_token_batch if self.online else make_batch
+        return build(self.data, seqs, rng, n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size,
+                     seq_len=-(-longest // SEQ_STEP) * SEQ_STEP, mask_token_id=self.dcfg.mask_token_id, t2d=self.t2d)
 
     def step(self, params, opt_state, batch):
         return self._step(params, opt_state, self.target_params, batch)
@@ -187,7 +246,7 @@ class _Stop:
 def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt_dir: Path, *, resume: bool,
                identity: dict, stop_at: int | None = None, heldout_seqs: Sequence[int] = (),
                evaluate: Callable[[Params, int], dict] | None = None, log_path: Path | None = None,
-               progress: bool = True) -> LoopResult:
+               progress: bool = True, deadline: float | None = None) -> LoopResult:
     """Runs steps until ``trainer.tcfg.steps`` (or ``stop_at``), checkpointing every
     ``checkpoint_every`` steps, on exit, and on SIGTERM / Ctrl-C.
 
@@ -195,9 +254,12 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
     refuses to resume. ``evaluate(params, step)`` (optional) runs every ``eval_every``
     steps and at the end, on top of the cheap held-out metrics of ``heldout_seqs``.
     Without ``resume`` an existing checkpoint is an error, so no run is overwritten by accident.
+    ``deadline`` (a ``time.time()``): stop like SIGTERM once it has passed, checkpointed,
+    so a run with a wall-clock budget resumes where the budget ended it.
     """
     tcfg = trainer.tcfg
     train_seqs = np.asarray(train_seqs)
+    params = trainer.place(params)
     opt_state = trainer.init_opt(params)
     meta = {"step": 0, "seed": tcfg.seed, "identity": identity, "train_seconds": 0.0, "predicted_tokens": 0,
             "history": [], "evals": []}
@@ -205,6 +267,7 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
         if not resume:
             raise FileExistsError(f"{ckpt_dir} holds a checkpoint: resume it, or choose another work dir")
         (params, opt_state), meta = load_checkpoint(ckpt_dir, (params, opt_state))
+        params, opt_state = trainer.place((params, opt_state))
         if meta["identity"] != json.loads(json.dumps(identity)):
             diff = sorted(k for k in set(identity) | set(meta["identity"])
                           if json.loads(json.dumps(identity.get(k))) != meta["identity"].get(k))
@@ -247,6 +310,9 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
     try:
         with _Stop() as stop:
             while step < end and not stop.requested:
+                if deadline is not None and time.time() >= deadline:
+                    stop.requested = True
+                    break
                 seqs = train_seqs[batch_sequences(tcfg.seed, step, len(train_seqs), tcfg.batch_size)]
                 batch = trainer.batch(seqs, anchor_rng(tcfg.seed, step))
                 batch_tokens = int(batch["label_exists"].sum())
@@ -276,7 +342,8 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
                 if step % tcfg.checkpoint_every == 0:
                     checkpoint(step)
             if stop.requested:
-                print(f"SIGTERM at {time.strftime('%Y-%m-%d %H:%M:%S')}: checkpointing step {step} and stopping",
+                print(f"stopped (signal or time budget) at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"checkpointing step {step} and stopping",
                       file=sys.stderr, flush=True)
             if step >= tcfg.steps and not any(e["step"] == step for e in meta["evals"]):
                 run_eval(step)

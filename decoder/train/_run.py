@@ -2,9 +2,11 @@
 
 Steps (each cached in ``work_dir``, so a rerun or ``resume`` skips what is done):
   1. Hold out ``eval_prompts`` prompts (seeded) for evaluation; train on the rest.
-  2. Generate the target's greedy responses to all prompts (``_data``).
-  3. Run the target once over every [prompt ; response]: context features and top-k
-     distributions (``_features``).
+  2. Generate the target's greedy responses to all prompts (``_data``), within a time
+     budget if one is given.
+  3. Offline: run the target once over every [prompt ; response] and cache its context
+     features and top-k distributions (``_features``). Online: only estimate the
+     features' scale; the training step runs the target itself (``_online``).
   4. Choose the draft vocabulary from the training responses (``_vocab``).
   5. Initialise the drafter from the target (``_init``) and train (``_loop``), with
      periodic tau evaluations through the real Decoder (``_eval``).
@@ -27,15 +29,17 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from dflash_batch.decoder._checkpoint import TargetModel
-from dflash_batch.decoder._drafter import DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
+from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
 from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._data import generate_responses
 from dflash_batch.decoder.train._eval import decode_tau
 from dflash_batch.decoder.train._features import build_feature_cache
 from dflash_batch.decoder.train._init import export_params, feature_inv_scale, init_params
 from dflash_batch.decoder.train._loop import TrainConfig, Trainer, train_loop
+from dflash_batch.decoder.train._online import TokenSequences, feature_scale
 from dflash_batch.decoder.train._vocab import coverage, select_draft_vocab, target_to_draft, token_counts
 
 
@@ -101,37 +105,64 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
                   max_new_tokens: int = 128, gen_batch: int = 8, gen_mode: str = "ar", eval_prompts: int = 16,
                   eval_max_new_tokens: int = 64, eval_batch: int = 8, resume: bool = False,
                   stop_at: int | None = None, progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = print, online: bool | None = None, mesh: Mesh | None = None,
+                  gen_deadline: float | None = None, deadline: float | None = None) -> dict:
     """Trains a drafter for ``target`` on its own responses to ``prompts`` (id, token ids)
     and saves it to ``out_dir``. Returns a summary (data, compute, tau) for the model card.
 
     ``resume`` continues the checkpoint in ``work_dir`` (the same settings are required);
     ``stop_at`` ends this call after that step (the schedule still spans ``tcfg.steps``).
+    ``online`` runs the target inside the training step instead of caching its features
+    (default: online on an accelerator, offline on the CPU). ``mesh``: the device mesh whose
+    ``data`` axis splits each batch (default: every device). Budgets, as ``time.time()``:
+    ``gen_deadline`` ends response generation (training then uses the prompts answered, a
+    set recorded in ``work_dir`` so later calls keep it), ``deadline`` ends training
+    (checkpointed; the drafter so far is exported).
     """
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    online = jax.default_backend() != "cpu" if online is None else online
     dcfg = drafter_config(spec, target)
-    ids = [p[0] for p in prompts]
-    train_idx, held_idx = split_prompts(ids, eval_prompts, tcfg.seed)
 
-    # 2. Responses.
+    # 2. Responses (the prompt set is frozen once generation ends, so a resumed call trains on the same data).
     t0 = time.perf_counter()
+    frozen_path = work_dir / "prompt-set.json"
+    source = hashlib.sha256(json.dumps([[i, list(map(int, t))] for i, t in prompts]).encode()).hexdigest()
+    frozen = json.loads(frozen_path.read_text()) if frozen_path.exists() else {}
+    if frozen.get("source") == source:
+        keep = set(frozen["ids"])
+        prompts = [p for p in prompts if p[0] in keep]
+        gen_deadline = None  # every prompt of the frozen set has its response already
     bar = _bar(progress, len(prompts), "responses")
     samples = generate_responses(target, prompts, work_dir / "responses.jsonl", max_new_tokens=max_new_tokens,
                                  batch_size=gen_batch, mode=gen_mode,
-                                 progress=lambda d, n, tps: _tick(bar, d, tok_s=f"{tps:.1f}"))
+                                 progress=lambda d, n, tps: _tick(bar, d, tok_s=f"{tps:.1f}"), deadline=gen_deadline)
     _tick(bar, len(samples))
     _close(bar)
+    if frozen.get("source") != source:
+        answered = {s.id for s in samples}
+        frozen_path.write_text(json.dumps({"source": source, "ids": [p[0] for p in prompts if p[0] in answered],
+                                           "of": len(prompts)}))
+        if len(answered) < len(prompts):
+            log(f"generation budget spent: training on {len(answered)} of {len(prompts)} prompts")
+        prompts = [p for p in prompts if p[0] in answered]
     gen_seconds = time.perf_counter() - t0
+    ids = [p[0] for p in prompts]
+    train_idx, held_idx = split_prompts(ids, eval_prompts, tcfg.seed)
 
-    # 3. Features.
+    # 3. Features: cached on disk (offline), or only their per-channel scale (online: the step computes them).
     t0 = time.perf_counter()
-    bar = _bar(progress, len(samples), "features")
-    cache = build_feature_cache(target, samples, work_dir / "features", dcfg.target_layer_ids, top_k=tcfg.top_k,
-                                progress=lambda d, n: _tick(bar, d))
-    _tick(bar, len(samples))
-    _close(bar)
+    if online:
+        data = TokenSequences.from_samples(samples)
+        scale = _online_scale(target, data, dcfg.target_layer_ids, work_dir / "feature-scale.json")
+    else:
+        bar = _bar(progress, len(samples), "features")
+        data = build_feature_cache(target, samples, work_dir / "features", dcfg.target_layer_ids, top_k=tcfg.top_k,
+                                   progress=lambda d, n: _tick(bar, d))
+        _tick(bar, len(samples))
+        _close(bar)
+        scale = data.scale
     feat_seconds = time.perf_counter() - t0
     timings_path = work_dir / "timings.json"  # data preparation time summed over every call that did some
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {"responses": 0.0, "features": 0.0}
@@ -152,17 +183,18 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     log(f"draft vocabulary {vocab}")
 
     # 5. Initialise and train.
-    inv_scale = feature_inv_scale(cache.scale, spec.standardize)
+    inv_scale = feature_inv_scale(scale, spec.standardize)
     params = init_params(dcfg, target.params, target.config, jax.random.PRNGKey(tcfg.seed), inv_scale=inv_scale,
                          d2t=d2t, from_target=spec.init_from_target, source_layers=spec.source_layers)
-    trainer = Trainer(dcfg, target.params, cache, tcfg, inv_scale=inv_scale, t2d=t2d)
+    trainer = Trainer(dcfg, target.params, data, tcfg, inv_scale=inv_scale, t2d=t2d,
+                      target_config=target.config if online else None, mesh=mesh)
     held_prompts = [(ids[i], prompts[i][1]) for i in held_idx]
 
     identity = {"target": str(target.path), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
                 "train": {k: v for k, v in dataclasses.asdict(tcfg).items()
                           if k not in ("checkpoint_every", "log_every", "eval_every")},
-                "data": hashlib.sha256("".join(cache.ids).encode() + cache.tokens.tobytes()).hexdigest(),
-                "held_out": held_idx}
+                "data": hashlib.sha256("".join(data.ids).encode() + data.tokens.tobytes()).hexdigest(),
+                "held_out": held_idx, "online": online}
     run_id = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     best = BestDrafter(work_dir / "drafter-best", run_id)
 
@@ -171,7 +203,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         # The latest evaluated drafter, usable while training goes on; ``out_dir`` is written
         # only when this call ends, so a shipped folder never holds an untrained drafter.
         save_drafter(work_dir / "drafter-latest", dcfg, exported)
-        r = decode_tau(target, held_prompts, drafter=(dcfg, exported), max_new_tokens=eval_max_new_tokens,
+        r = decode_tau(target, held_prompts, drafter=Drafter(dcfg, exported), max_new_tokens=eval_max_new_tokens,
                        batch_size=eval_batch)
         if step > 0:
             best.offer(step, r["tau"], dcfg, exported)
@@ -179,7 +211,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
 
     result = train_loop(trainer, params, train_idx, work_dir / "checkpoint", resume=resume, identity=identity,
                         stop_at=stop_at, heldout_seqs=held_idx, evaluate=evaluate if eval_prompts else None,
-                        log_path=work_dir / "metrics.jsonl", progress=progress)
+                        log_path=work_dir / "metrics.jsonl", progress=progress, deadline=deadline)
 
     # 6. Export: the best evaluated drafter (the last step's when nothing was evaluated).
     chosen = best.load()
@@ -193,7 +225,8 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         "target": target.name, "out_dir": str(out_dir), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),
         "train_config": dataclasses.asdict(tcfg), "step": result.step, "exported_step": exported_step, "finished": result.step >= tcfg.steps,
         "prompts": {"train": len(train_idx), "heldout": len(held_idx)},
-        "tokens": {"prompt": int(cache.prompt_lens.sum()), "response": cache.response_tokens,
+        "online": online, "devices": trainer.mesh.shape["data"],
+        "tokens": {"prompt": int(data.prompt_lens.sum()), "response": data.response_tokens,
                    "train_response": int(sum(len(resp[i]) for i in train_idx))},
         "vocab": vocab, "train_seconds": meta["train_seconds"], "predicted_tokens": meta["predicted_tokens"],
         "train_tokens_per_s": meta["predicted_tokens"] / max(meta["train_seconds"], 1e-9),
@@ -204,6 +237,20 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     }
     (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _online_scale(target: TargetModel, data: TokenSequences, layer_ids: Sequence[int], path: Path) -> np.ndarray:
+    """The features' per-channel RMS for online training, estimated once and kept in ``path``
+    (keyed by the data and layers), so a resumed run standardises exactly as before."""
+    key = hashlib.sha256(json.dumps([list(layer_ids), data.ids[:64]]).encode() + data.tokens[
+        : int(data.offsets[min(64, len(data))])].tobytes()).hexdigest()
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if rec["key"] == key:
+            return np.asarray(rec["scale"], np.float32)
+    scale = feature_scale(target.params, target.config, data, layer_ids, max_sequences=64)
+    path.write_text(json.dumps({"key": key, "scale": scale.tolist()}))
+    return scale
 
 
 class BestDrafter:

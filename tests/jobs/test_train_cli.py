@@ -41,3 +41,32 @@ def test_command_is_registered():
     result = CliRunner().invoke(main, ["train-drafter", "--help"])
     assert result.exit_code == 0
     assert "--resume" in result.output and "--draft-vocab" in result.output
+
+
+def test_messages_prompts_are_read_without_the_pipeline_so_accelerator_hosts_need_no_beam(tmp_path):
+    """Accelerator hosts have no Apache Beam: train-drafter must start, and read the prepared
+    (messages) prompts, with Beam unimportable."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "messages": [{"role": "user", "content": "hi"}]}]), path)
+    code = f"""
+import sys
+sys.modules["apache_beam"] = None  # any import of it now fails
+
+class Tok:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(m["role"] + ":" + m["content"] + "|" for m in messages) + "assistant:"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {{"input_ids": list(text.encode())}}
+
+from dflash_batch.jobs._train_cli import read_prompts, train_drafter_command
+prompts, bad = read_prompts({str(path)!r}, Tok())
+assert prompts == [("a", list(b"user:hi|assistant:"))] and not bad, (prompts, bad)
+train_drafter_command(["--help"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--online / --offline" in r.stdout and "--time-budget" in r.stdout

@@ -11,9 +11,11 @@ from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._engine import (CHUNK_STEPS, DEFAULT_PROMPT_BUCKETS, Phases, SlotEngine, bucket_for,
                                           falls_back_to_ar)
+from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import PROPOSERS, init_spec_state, spec_decode, spec_prefill
+from dflash_batch.decoder._spmd import bind_phases
 from dflash_batch.schemas import MODES  # the completions contract's ``mode`` column names them
 
 DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
@@ -30,11 +32,12 @@ class Decoder:
 
     def __init__(self, target: TargetModel, *, mode: str = "ar", batch_size: int = 8, max_new_tokens: int = 256,
                  prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS, chunk_steps: int = CHUNK_STEPS,
-                 prefill_chunk: int = 64, drafter=None, block_size: int | str = "auto"):
+                 prefill_chunk: int = 64, drafter=None, block_size: int | str = "auto", mesh=None):
         """``drafter`` is (DrafterConfig, params), required by ``dflash`` and ``hybrid``. ``block_size`` is the
         verified block length L (drafts per step + 1) of the speculative modes, or "auto":
         chosen per batch among AUTO_BLOCKS (1 = AR included) from measured step costs and
-        observed acceptance."""
+        observed acceptance. ``mesh``: a ``('data', 'model')`` mesh the target was loaded onto
+        (``load_target(..., mesh=)``); None decodes on one device."""
         uses_drafter = mode in DRAFTER_MODES
         largest = drafter[0].block_size if (uses_drafter and drafter is not None) else 16
         if block_size == "auto":
@@ -56,6 +59,8 @@ class Decoder:
             raise ValueError(f"{block_size=} must be >= 1 for mode {mode!r}")
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError(f"{batch_size=} and {max_new_tokens=} must be >= 1")
+        self.mesh = mesh if is_sharded(mesh) else None
+        drafter = check_mesh(self.mesh, target, drafter if uses_drafter else None, batch_size)
         self.target = target
         self.mode = mode
         self.batch_size = batch_size
@@ -68,6 +73,11 @@ class Decoder:
             self.blocks = (1,)
         self.block_size = max(self.blocks)
         self._engines: dict[int, SlotEngine] = {}
+
+    @property
+    def mesh_description(self) -> str:
+        """The chips this decoder spans, e.g. ``cpu x6, data 2 x model 3``."""
+        return describe(self.mesh)
 
     @property
     def compile_seconds(self) -> float:
@@ -95,21 +105,23 @@ class Decoder:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
         b, cap, blk = self.batch_size, self.max_new_tokens, self.block_size
         if self.mode == "ar":
-            return Phases(
-                prefill=lambda s, *args, feed=True: ar_prefill(params, cfg, eos, s, *args)[0],  # no drafter
-                decode=lambda s, stop_first, block, n, gate: ar_decode(params, s, stop_first, n, cfg=cfg,
-                                                                       eos_ids=eos),
+            return bind_phases(
+                prefill=lambda p, dp, s, *args: ar_prefill(p, cfg, eos, s, *args[:-1])[0],  # no drafter to feed
+                decode=lambda p, dp, s, stop_first, n, gate, block: ar_decode(p, s, stop_first, n, cfg=cfg,
+                                                                              eos_ids=eos),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
+                params=params, dparams=None, mesh=self.mesh,
             )
         dcfg, dparams = self.drafter if self.drafter is not None else (None, None)
         static = dict(cfg=cfg, eos_ids=eos, dcfg=dcfg, mode=self.mode)
         gated = falls_back_to_ar(self.blocks)
-        return Phases(
-            prefill=lambda s, *args, feed=True: spec_prefill(params, dparams, s, *args, feed=feed, **static),
-            decode=lambda s, stop_first, block, n, gate: spec_decode(
-                params, dparams, s, stop_first, n, np.float32(gate), block=block, gated=gated, **static),
+        return bind_phases(
+            prefill=lambda p, dp, s, *args: spec_prefill(p, dp, s, *args[:-1], feed=args[-1], **static),
+            decode=lambda p, dp, s, stop_first, n, gate, block: spec_decode(
+                p, dp, s, stop_first, n, gate, block=block, gated=gated, **static),
             init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk,
                                           extra=init_spec_state(b, cache_len, dcfg, blk)),
+            params=params, dparams=dparams, mesh=self.mesh,
             blocks=self.blocks,
             drafter_context=dcfg is not None,
         )

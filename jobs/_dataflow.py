@@ -45,6 +45,8 @@ TPU_MACHINE_TYPES: dict[tuple[str, str], str] = {
     ("tpu-v6e-slice", "2x4"): "ct6e-standard-8t",
     ("tpu-v5p-slice", "2x2x1"): "ct5p-hightpu-4t",
 }
+# TPU type -> chip generation, for HBM per chip (decoder.HBM_PER_CHIP).
+TPU_CHIPS = {"tpu-v5-lite-podslice": "v5e", "tpu-v6e-slice": "v6e", "tpu-v5p-slice": "v5p"}
 HARNESS_THREADS = 2  # one process drives the chip; a few threads keep reads and writes moving
 _DROPPED_FLAGS = ("--direct_num_workers=", "--direct_running_mode=", "--progress_dir=")
 
@@ -83,6 +85,31 @@ def check_dataflow(spec) -> list[str]:
                                                               r.sdk_container_image):
         problems.append(f"runner.sdk_container_image must be an image reference, got {r.sdk_container_image!r}")
     return problems
+
+
+def tpu_plan(spec):
+    """The job's mesh layout and memory plan on one worker of its TPU type and topology;
+    SubmitRefused naming the setting to change when it cannot fit. None when the model's
+    config.json cannot be read from this machine (a gs:// model, offline)."""
+    from dflash_batch.decoder import HBM_PER_CHIP, chip_count
+    from dflash_batch.pipeline._model import model_configs
+    from dflash_batch.pipeline._options import JobConfig, parse_options
+    from dflash_batch.pipeline._preflight import JobRefused, check_layout
+
+    r = spec.runner
+    local = dataclasses.replace(spec, runner=dataclasses.replace(r, name="direct"))
+    config = JobConfig.from_options(parse_options(local.pipeline_argv()))
+    try:
+        model_configs(config.model, config.drafter, config.mode)
+    except Exception:  # noqa: BLE001 - e.g. a gs:// model with no credentials or network here
+        return None
+    chip = TPU_CHIPS[r.tpu_type]
+    try:
+        return check_layout(config, chip_count(r.tpu_topology), HBM_PER_CHIP[chip],
+                            where=f"{r.tpu_type} {r.tpu_topology} ({chip_count(r.tpu_topology)} {chip} chips)",
+                            topology_field="runner.tpu_topology")
+    except JobRefused as e:
+        raise SubmitRefused([str(e)]) from None
 
 
 def _model_problems(spec) -> list[str]:
@@ -238,6 +265,16 @@ def submit_command(job_file: Path, overrides: tuple[str, ...], dry_run: bool, re
     problems = check_dataflow(spec)
     if problems:
         _refuse(str(SpecError(problems, source=str(job_file))))
+    try:
+        plan = tpu_plan(spec)
+    except SubmitRefused as e:
+        _refuse(str(SpecError(e.problems, source=str(job_file))))
+    if dry_run:
+        where = f"{spec.runner.tpu_type} {spec.runner.tpu_topology}"
+        if plan is None:
+            click.echo(f"memory plan on {where}: skipped (the model's config.json is not readable from here)")
+        else:
+            click.echo(f"memory plan on {where}:\n" + "\n".join(f"  {line}" for line in plan.lines()))
     argv = dataflow_argv(spec)
     if dry_run:
         request = dry_run_request(argv)

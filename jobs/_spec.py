@@ -15,7 +15,9 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [decode]
     mode = "ar"                            # ar | dflash | ngram | hybrid
     block_size = "auto"                    # verified block length of dflash/ngram; auto: measured
-    batch_size = 8                         # decoder slots per static batch
+    batch_size = 8                         # decoder slots per static batch (a worker's global batch)
+    data_parallel = "auto"                 # replicas over the worker's chips; auto: the chips left by
+    tensor_parallel = "auto"               #   the smallest tensor-parallel degree that fits memory
     max_new_tokens = 256                   # the static completion capacity; rows may ask for less
     temperature = 0.0                      # defaults for rows that leave these null
     top_p = 1.0
@@ -86,6 +88,8 @@ class DecodeSpec:
     mode: str = "ar"
     block_size: int | str = "auto"
     batch_size: int = 8
+    data_parallel: int | str = "auto"
+    tensor_parallel: int | str = "auto"
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -148,6 +152,7 @@ class JobSpec:
             f"--input={self.input}", f"--output={self.output}", f"--model={self.model.target}",
             f"--drafter={self.model.drafter}", f"--decode_mode={d.mode}", f"--block_size={d.block_size}",
             f"--batch_size={d.batch_size}", f"--max_new_tokens={d.max_new_tokens}",
+            f"--data_parallel={d.data_parallel}", f"--tensor_parallel={d.tensor_parallel}",
             f"--temperature={d.temperature!r}", f"--top_p={d.top_p!r}", f"--seed={d.seed}",
             f"--prompt_template={self.prompt.template}", f"--prompt_instruction={self.prompt.instruction}",
             f"--prompt_buckets={','.join(map(str, d.prompt_buckets))}", f"--rows_per_batch={p.rows_per_batch}",
@@ -183,6 +188,10 @@ def _positive(v: Any) -> str | None:
 
 def _block(v: Any) -> str | None:
     return None if v == "auto" or (_is_int(v) and v > 0) else f"must be 'auto' or a positive integer, got {_show(v)}"
+
+
+def _parallel(v: Any) -> str | None:
+    return None if v == "auto" or (_is_int(v) and v >= 1) else f"must be 'auto' or a positive integer, got {_show(v)}"
 
 
 def _non_negative(v: Any) -> str | None:
@@ -234,7 +243,8 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text},
-    "decode": {"mode": _choice(MODES), "block_size": _block, "batch_size": _positive,
+    "decode": {"mode": _choice(MODES), "block_size": _block, "batch_size": _positive, "data_parallel": _parallel,
+               "tensor_parallel": _parallel,
                "max_new_tokens": _positive, "temperature": _temperature, "top_p": _top_p, "seed": _integer,
                "prompt_buckets": _buckets},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
@@ -322,6 +332,10 @@ def _cross_checks(spec: JobSpec) -> None:
     if d.mode in DRAFTER_MODES and spec.model.drafter == "none":
         problems.append(f"model.drafter must name a drafter (default, a folder or gs://) for decode.mode {d.mode!r}, "
                         "got 'none'")
+    if d.data_parallel != "auto" and d.batch_size % d.data_parallel:
+        problems.append(f"decode.batch_size {d.batch_size} is not divisible by decode.data_parallel "
+                        f"{d.data_parallel} (each replica takes an equal share of the batch): use a multiple of "
+                        f"{d.data_parallel}")
     if spec.runner.name == "dataflow":
         for key in ("project", "region", "temp_location"):
             if getattr(spec.runner, key) is None:

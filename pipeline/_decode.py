@@ -32,7 +32,8 @@ STATS = "batch_stats"
 def model_key(config: JobConfig) -> ModelKey:
     return ModelKey(model=config.model, drafter=config.drafter, mode=config.mode, batch_size=config.batch_size,
                     max_new_tokens=config.max_new_tokens, prompt_buckets=config.prompt_buckets,
-                    block_size=config.block_size)
+                    block_size=config.block_size, data_parallel=config.data_parallel,
+                    tensor_parallel=config.tensor_parallel)
 
 
 def drafter_id(config: JobConfig) -> str | None:

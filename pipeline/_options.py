@@ -45,6 +45,10 @@ class JobOptions(PipelineOptions):
         parser.add_argument("--block_size", type=_block_size, default="auto",
                             help="Verified block length of dflash/ngram, or 'auto' (chosen from measured costs).")
         parser.add_argument("--batch_size", type=int, default=8, help="Decoder slots per static batch.")
+        parser.add_argument("--data_parallel", type=_block_size, default="auto",
+                            help="Data-parallel degree over the worker's chips, or 'auto'.")
+        parser.add_argument("--tensor_parallel", type=_block_size, default="auto",
+                            help="Tensor-parallel degree, or 'auto' (the smallest that fits memory).")
         parser.add_argument("--max_new_tokens", type=int, default=256)
         parser.add_argument("--temperature", type=float, default=0.0, help="Default for rows without one.")
         parser.add_argument("--top_p", type=float, default=1.0, help="Default for rows without one.")
@@ -87,6 +91,8 @@ class JobConfig:
     name: str = "job"
     spec_json: str = "{}"
     progress_dir: str | None = None
+    data_parallel: int | str = "auto"
+    tensor_parallel: int | str = "auto"
 
     def __post_init__(self):
         problems = []
@@ -102,6 +108,10 @@ class JobConfig:
         for flag in ("batch_size", "max_new_tokens", "rows_per_batch", "shards_per_bucket"):
             if getattr(self, flag) < 1:
                 problems.append(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        for flag in ("data_parallel", "tensor_parallel"):
+            v = getattr(self, flag)
+            if v != "auto" and not (isinstance(v, int) and v >= 1):
+                problems.append(f"--{flag} must be 'auto' or >= 1, got {v!r}")
         if self.output_shards < 0:
             problems.append(f"--output_shards must be >= 0, got {self.output_shards}")
         if not 0 < self.top_p <= 1 or self.temperature < 0:
@@ -135,6 +145,7 @@ class JobConfig:
             rows_per_batch=o.rows_per_batch or ROWS_PER_SLOT * batch_size,
             shards_per_bucket=o.shards_per_bucket or workers,
             output_shards=o.output_shards, name=o.spec_name, spec_json=o.spec_json, progress_dir=o.progress_dir,
+            data_parallel=o.data_parallel, tensor_parallel=o.tensor_parallel,
         )
 
 

@@ -121,7 +121,7 @@ def job_stats_record(config: JobConfig, run_id: str, started: float, sums: dict[
         "mode": config.mode,
         "block_size": str(block),
         "batch_size": config.batch_size,
-        "hardware": ", ".join(sums["hardware"]) or None,
+        "hardware": "; ".join(sums["hardware"]) or None,
         "model": config.model,
         "drafter": drafter_id(config),
         # Beyond the schema:

@@ -148,3 +148,26 @@ def test_the_spec_becomes_the_pipeline_flags(spec_file):
     assert config.block_size == "auto"
     eight = load_spec(spec_file, ["decode.mode=ngram", "decode.block_size=8"]).pipeline_argv()
     assert JobConfig.from_options(parse_options(eight)).block_size == 8
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("decode.data_parallel=0", "decode.data_parallel must be 'auto' or a positive integer, got 0"),
+    ("decode.tensor_parallel=two", "decode.tensor_parallel must be 'auto' or a positive integer, got 'two'"),
+    ("decode.tensor_parallel=1.5", "decode.tensor_parallel must be 'auto' or a positive integer, got 1.5"),
+])
+def test_parallel_degrees_must_be_auto_or_positive(spec_file, override, problem):
+    assert problem in _problems(spec_file, override)
+
+
+def test_a_batch_that_data_parallel_does_not_divide_is_refused(spec_file):
+    problems = _problems(spec_file, "decode.batch_size=6", "decode.data_parallel=4")
+    assert any(p.startswith("decode.batch_size 6 is not divisible by decode.data_parallel 4") and "multiple of 4" in p
+               for p in problems)
+
+
+def test_parallel_degrees_reach_the_pipeline(spec_file):
+    spec = load_spec(spec_file, ["decode.data_parallel=2", "decode.tensor_parallel=3", "decode.batch_size=4"])
+    config = JobConfig.from_options(parse_options(spec.pipeline_argv()))
+    assert (config.data_parallel, config.tensor_parallel) == (2, 3)
+    default = JobConfig.from_options(parse_options(load_spec(spec_file).pipeline_argv()))
+    assert (default.data_parallel, default.tensor_parallel) == ("auto", "auto")

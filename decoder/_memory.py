@@ -214,3 +214,27 @@ def local_capacity() -> int:
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(devices)
+
+
+def memory_table(models: dict, slices: list[tuple[str, str, int]], batch_size: int, cache_len: int,
+                 dtypes: tuple[tuple[str, int], ...] = (("float32", 4), ("bfloat16", 2))) -> str:
+    """A markdown table of ``choose_layout`` per model and TPU slice: the D x T chosen and the GB per
+    chip, for each weight/cache dtype. ``models``: name -> (TargetConfig, DrafterConfig or None);
+    ``slices``: (label, chip generation, chips)."""
+    head = "| model | slice | " + " | ".join(f"{name}: D x T, GB per chip" for name, _ in dtypes) + " |"
+    lines = [head, "|---|---|" + "---|" * len(dtypes)]
+    for name, (cfg, dcfg) in models.items():
+        for label, gen, chips in slices:
+            cells = []
+            for _, nbytes in dtypes:
+                kw = dict(batch_size=batch_size, cache_len=cache_len, dtype_bytes=nbytes, cache_bytes=nbytes,
+                          block=dcfg.block_size if dcfg is not None else 1)
+                try:
+                    p = choose_layout(cfg, dcfg, chips=chips, capacity=HBM_PER_CHIP[gen], **kw)
+                    cells.append(f"{p.data} x {p.model}, {p.total / GB:.1f} of {HBM_PER_CHIP[gen] / GB:.0f}")
+                except LayoutError:
+                    t = max(legal_tensor_parallel(cfg, dcfg, chips))
+                    p = plan(cfg, dcfg, data=chips // t, model=t, capacity=HBM_PER_CHIP[gen], **kw)
+                    cells.append(f"does not fit ({p.data} x {p.model} needs {p.total / GB:.1f})")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -45,7 +45,7 @@ class DecoderCell:
         kw = {"prompt_buckets": tuple(prompt_buckets)} if prompt_buckets else {}
         self.mode, self.block_size, self.requests = label or mode, block_size, requests
         self.decoder = Decoder(target, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               drafter=drafter, block_size=block_size, **kw)
+                               drafter=drafter, block_size=block_size, mesh=target.mesh, **kw)
         self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
         self.runs: list[float] = []
         self.learning_runs: list[float] = []

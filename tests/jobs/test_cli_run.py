@@ -146,3 +146,10 @@ def test_bench_hf_generate_gives_the_same_tokens_as_ar(job_file):
     hf = rows[1]
     assert hf["identical_fraction"] == 1.0  # transformers' greedy decode of the same checkpoint, token for token
     assert len(hf["runs"]) == 2 and min(hf["runs"]) > 0
+
+
+def test_bench_refuses_a_mesh_this_machine_lacks(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--modes", "ngram",
+                                       "--data-parallel", "2", "--num-prompts", "2", "--repeats", "1"])
+    assert result.exit_code == 1, result.output
+    assert "--data-parallel" in result.output and "needs 2 chips, but cpu x1 has 1" in result.output

@@ -38,11 +38,16 @@ class DecodeConfig:
     step + 1) of the speculative modes, or "auto" (chosen per batch from measured costs).
     batch_size: slots of each static batch. max_new_tokens: the completion capacity of a slot.
     prompt_buckets: the static prompt lengths a batch is compiled for. prefill_chunk: tokens
-    per prefill pass. chunk_steps: decode steps between the host's looks at the batch."""
+    per prefill pass. chunk_steps: decode steps between the host's looks at the batch.
+    data_parallel, tensor_parallel: the ('data', 'model') mesh over this worker's chips, each
+    "auto" (the smallest tensor parallel that fits, the other chips data parallel) or a
+    positive integer; batch_size is the worker's global batch."""
 
     mode: str = "ar"
     block_size: int | str = "auto"
     batch_size: int = 8
+    data_parallel: int | str = "auto"
+    tensor_parallel: int | str = "auto"
     max_new_tokens: int = 256
     prompt_buckets: tuple[int, ...] = DEFAULT_PROMPT_BUCKETS
     prefill_chunk: int = 64
@@ -63,6 +68,10 @@ class DecodeConfig:
             out.append(("mode", f"must be one of {'/'.join(('ar', *PROPOSERS))}, got {_show(self.mode)}"))
         if not (self.block_size == "auto" or (_int(self.block_size) and self.block_size > 0)):
             out.append(("block_size", f"must be 'auto' or a positive integer, got {_show(self.block_size)}"))
+        for name in ("data_parallel", "tensor_parallel"):
+            v = getattr(self, name)
+            if not (v == "auto" or (_int(v) and v > 0)):
+                out.append((name, f"must be 'auto' or a positive integer, got {_show(v)}"))
         for name in ("batch_size", "max_new_tokens", "prefill_chunk", "chunk_steps"):
             v = getattr(self, name)
             if not (_int(v) and v > 0):

@@ -12,9 +12,11 @@ from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._decode_config import DecodeConfig
 from dflash_batch.decoder._drafter import Drafter
 from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, bucket_for, falls_back_to_ar
+from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import init_spec_state, spec_decode, spec_prefill
+from dflash_batch.decoder._spmd import bind_phases
 
 DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
 AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
@@ -26,10 +28,12 @@ class Decoder:
     Requests are grouped by prompt-length bucket; each bucket runs on its own static batch of
     ``config.batch_size`` slots whose cache holds the bucket plus ``config.max_new_tokens``.
     Engines compile once, on first use or ``warmup``. ``drafter`` is required by the modes
-    in ``DRAFTER_MODES`` and unused by the others.
+    in ``DRAFTER_MODES`` and unused by the others. ``mesh``: a ``('data', 'model')`` mesh the
+    target was loaded onto (``load_target(..., mesh=)``); None decodes on one device.
     """
 
-    def __init__(self, target: TargetModel, config: DecodeConfig = DecodeConfig(), drafter: Drafter | None = None):
+    def __init__(self, target: TargetModel, config: DecodeConfig = DecodeConfig(), drafter: Drafter | None = None,
+                 mesh=None):
         mode = config.mode
         if mode in DRAFTER_MODES:
             if drafter is None:
@@ -46,10 +50,16 @@ class Decoder:
             self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)
         else:
             self.blocks = (config.block_size,)
+        self.mesh = mesh if is_sharded(mesh) else None
         self.target = target
         self.config = config
-        self.drafter = drafter
+        self.drafter = check_mesh(self.mesh, target, drafter, config.batch_size)
         self._engines: dict[int, SlotEngine] = {}
+
+    @property
+    def mesh_description(self) -> str:
+        """The chips this decoder spans, e.g. ``cpu x6, data 2 x model 3``."""
+        return describe(self.mesh)
 
     @property
     def mode(self) -> str:
@@ -87,21 +97,22 @@ class Decoder:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
         b, cap, blk = self.config.batch_size, self.config.max_new_tokens, max(self.blocks)
         if self.mode == "ar":
-            return Phases(
-                prefill=lambda s, *args: ar_prefill(params, cfg, eos, s, *args)[0],
-                decode=lambda s, stop_first, block, n, gate: ar_decode(params, s, stop_first, n, cfg=cfg,
-                                                                       eos_ids=eos),
+            return bind_phases(
+                prefill=lambda p, d, s, *args: ar_prefill(p, cfg, eos, s, *args)[0],
+                decode=lambda p, d, s, stop_first, n, gate, block: ar_decode(p, s, stop_first, n, cfg=cfg,
+                                                                             eos_ids=eos),
                 init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
+                params=params, drafter=None, mesh=self.mesh,
             )
         drafter, static = self.drafter, dict(cfg=cfg, eos_ids=eos, mode=self.mode)
         gated = falls_back_to_ar(self.blocks)
         dcfg = drafter.config if drafter is not None else None
-        return Phases(
-            prefill=lambda s, *args: spec_prefill(params, drafter, s, *args, **static),
-            decode=lambda s, stop_first, block, n, gate: spec_decode(
-                params, drafter, s, stop_first, n, np.float32(gate), block=block, gated=gated, **static),
+        return bind_phases(
+            prefill=lambda p, d, s, *args: spec_prefill(p, d, s, *args, **static),
+            decode=lambda p, d, s, stop_first, n, gate, block: spec_decode(
+                p, d, s, stop_first, n, gate, block=block, gated=gated, **static),
             init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg, blk)),
-            blocks=self.blocks,
+            params=params, drafter=drafter, mesh=self.mesh, blocks=self.blocks,
         )
 
     def reset(self, bucket: int | None = None) -> None:

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder._config import TargetConfig, read_rope
-from dflash_batch.decoder._layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from dflash_batch.decoder._layers import apply_rope, mlp, qkv_proj, rms_norm, rope_inv_freq
+from dflash_batch.decoder._mesh import is_sharded, layout_params
 from dflash_batch.decoder._target import Params, embed, lm_head
 from dflash_batch.kernels import draft_attention
 
@@ -219,8 +220,13 @@ def _check_d2t(cfg: DrafterConfig, d2t: np.ndarray) -> None:
         raise ValueError("d2t must hold distinct absolute target ids (EAGLE-3 offset tables are not accepted)")
 
 
-def params_from_tensors(cfg: DrafterConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32) -> Params:
-    """Maps z-lab tensor names to the stacked, fused, [in, out] layout, checking every shape."""
+def params_from_tensors(cfg: DrafterConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32,
+                        host: bool = False) -> Params:
+    """Maps z-lab tensor names to the stacked, fused, [in, out] layout, checking every shape.
+
+    With ``host``, the arrays stay numpy on the host (for placing onto a mesh shard by shard).
+    """
+    as_array = (lambda a, dt: np.asarray(a, np.dtype(dt))) if host else jnp.asarray
     want = _hf_shapes(cfg)
     missing = sorted(set(want) - set(tensors))
     unexpected = sorted(set(tensors) - set(want))  # an ignored tensor could silently change results
@@ -234,15 +240,15 @@ def params_from_tensors(cfg: DrafterConfig, tensors: Mapping[str, np.ndarray], d
         return np.asarray(tensors[name], np.float32)
 
     def stack(fn) -> jax.Array:
-        return jnp.asarray(np.stack([fn(f"layers.{i}.") for i in range(cfg.num_layers)]), dtype)
+        return as_array(np.stack([fn(f"layers.{i}.") for i in range(cfg.num_layers)]), dtype)
 
     def fused(*names: str):
         return lambda p: np.concatenate([get(p + n).T for n in names], axis=1)
 
     params: Params = {
-        "fc": jnp.asarray(get("fc.weight").T, dtype),  # [n_f*D, D]
-        "hidden_norm": jnp.asarray(get("hidden_norm.weight"), dtype),
-        "norm": jnp.asarray(get("norm.weight"), dtype),
+        "fc": as_array(get("fc.weight").T, dtype),  # [n_f*D, D]
+        "hidden_norm": as_array(get("hidden_norm.weight"), dtype),
+        "norm": as_array(get("norm.weight"), dtype),
         "layers": {
             "attn_norm": stack(lambda p: get(p + "input_layernorm.weight")),
             "qkv": stack(fused("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
@@ -255,12 +261,12 @@ def params_from_tensors(cfg: DrafterConfig, tensors: Mapping[str, np.ndarray], d
         },
     }
     if cfg.mask_embedding:
-        params["mask_embedding"] = jnp.asarray(get("mask_embedding"), dtype)
+        params["mask_embedding"] = as_array(get("mask_embedding"), dtype)
     if cfg.draft_vocab_size is not None:
         d2t = np.asarray(tensors["d2t"])
         _check_d2t(cfg, d2t)
-        params["lm_head"] = jnp.asarray(get("lm_head.weight").T, dtype)  # [D, V_d]
-        params["d2t"] = jnp.asarray(d2t, jnp.int32)
+        params["lm_head"] = as_array(get("lm_head.weight").T, dtype)  # [D, V_d]
+        params["d2t"] = as_array(d2t, jnp.int32)
     return params
 
 
@@ -298,14 +304,25 @@ class Drafter:
     params: Params
 
 
-def load_drafter(folder: str | Path, dtype=jnp.float32) -> Drafter:
-    """Loads a z-lab format drafter from a local folder or ``gs://`` prefix."""
+def load_drafter(folder: str | Path, dtype=jnp.float32, mesh=None) -> Drafter:
+    """Loads a z-lab format drafter from a local folder or ``gs://`` prefix; with a ``mesh`` of
+    more than one device, straight into its shards, laid out like the target's layers."""
     from dflash_batch.decoder._checkpoint import read_safetensors
     from dflash_batch.decoder._registry import resolve_model_dir
 
     path = resolve_model_dir(str(folder))
     cfg = DrafterConfig.from_hf(json.loads((path / "config.json").read_text()))
+    if is_sharded(mesh):
+        return Drafter(cfg, layout_params(params_from_tensors(cfg, read_safetensors(path), dtype, host=True), cfg, mesh))
     return Drafter(cfg, params_from_tensors(cfg, read_safetensors(path), dtype))
+
+
+def place_drafter(drafter: Drafter, mesh) -> Drafter:
+    """A drafter (host or one device) laid out on ``mesh``: for drafters made in memory
+    (training, tests). Loading with ``load_drafter(..., mesh=)`` never gathers them."""
+    if not is_sharded(mesh):
+        return drafter
+    return Drafter(drafter.config, layout_params(jax.device_get(drafter.params), drafter.config, mesh))
 
 
 def save_drafter(folder: str | Path, cfg: DrafterConfig, params: Params, dtype=jnp.bfloat16) -> Path:
@@ -394,13 +411,17 @@ def context_kv(dparams: Params, dcfg: DrafterConfig, target_feats: jax.Array,
     inv_freq = rope_inv_freq(dcfg)
     kv_cols = dcfg.num_heads * h  # only the k|v columns of the fused qkv: context rows have no query
 
-    def one_layer(qkv, k_norm):
-        k, v = jnp.split(c @ qkv[:, kv_cols:], 2, axis=-1)  # [B, T, K*H] each
-        k = rms_norm(k.reshape(b, t, k_heads, h), k_norm, dcfg.rms_norm_eps)  # [B, T, K, H]
+    def one_layer(w):
+        if "qkv" in w:
+            k, v = jnp.split(c @ w["qkv"][:, kv_cols:], 2, axis=-1)  # [B, T, K*H] each
+        else:  # tensor-parallel layout: separate projections
+            k, v = c @ w["k"], c @ w["v"]
+        k = rms_norm(k.reshape(b, t, k_heads, h), w["k_norm"], dcfg.rms_norm_eps)  # [B, T, K, H]
         return apply_rope(k, positions, inv_freq), v.reshape(b, t, k_heads, h)
 
     layers = dparams["layers"]
-    return jax.vmap(one_layer)(layers["qkv"], layers["k_norm"])  # [draft_layers, B, T, K, H] each
+    wanted = {n: layers[n] for n in ("qkv", "k", "v", "k_norm") if n in layers}
+    return jax.vmap(one_layer)(wanted)  # [draft_layers, B, T, K, H] each
 
 
 def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, target_cfg: TargetConfig,
@@ -441,13 +462,13 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
     def layer(x, xs):
         w, ck, cv = xs  # ck, cv [B, K, S, H]
         hn = rms_norm(x, w["attn_norm"], eps)
-        q, k, v = jnp.split(hn @ w["qkv"], [n * h, (n + k_heads) * h], axis=-1)  # [B, L, (N + 2K) H] split
+        q, k, v = qkv_proj(hn, w, n * h, k_heads * h)  # [B, L, N H], [B, L, K H] x 2
         q = apply_rope(rms_norm(q.reshape(bsz, blk, n, h), w["q_norm"], eps), positions, inv_freq)  # [B, L, N, H]
         k = apply_rope(rms_norm(k.reshape(bsz, blk, k_heads, h), w["k_norm"], eps), positions, inv_freq)  # [B, L, K, H]
         v = v.reshape(bsz, blk, k_heads, h)  # [B, L, K, H]
         o = draft_attention(q.reshape(bsz, blk, k_heads, g, h), ck, cv, ctx_len, k, v)  # [B, L, K, G, H]
         x = x + o.reshape(bsz, blk, n * h) @ w["o"]
-        x = x + swiglu(rms_norm(x, w["mlp_norm"], eps), w["gate_up"], w["down"])
+        x = x + mlp(rms_norm(x, w["mlp_norm"], eps), w)
         return x, None
 
     x, _ = jax.lax.scan(layer, x, (dparams["layers"], ctx_k, ctx_v))  # [B, L, D]

@@ -53,3 +53,18 @@ def swiglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
     gu = x @ gate_up  # [B, T, 2F]
     gate, up = jnp.split(gu, 2, axis=-1)
     return (jax.nn.silu(gate) * up) @ down
+
+
+def qkv_proj(x: jax.Array, w: dict, q_cols: int, kv_cols: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [.., N H], k and v [.., K H] from a layer's fused ``qkv`` [D, (N + 2K) H], or from its
+    separate ``q``, ``k``, ``v`` (the tensor-parallel layout, where each chip holds whole heads)."""
+    if "qkv" in w:
+        return tuple(jnp.split(x @ w["qkv"], [q_cols, q_cols + kv_cols], axis=-1))
+    return x @ w["q"], x @ w["k"], x @ w["v"]
+
+
+def mlp(x: jax.Array, w: dict) -> jax.Array:
+    """A layer's SwiGLU MLP, fused (``gate_up``) or in the tensor-parallel layout (``gate``, ``up``)."""
+    if "gate_up" in w:
+        return swiglu(x, w["gate_up"], w["down"])
+    return (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]

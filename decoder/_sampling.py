@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dflash_batch.decoder._mesh import unshard_vocab
+
 
 def row_key(seed: int) -> np.ndarray:
     """Raw uint32[2] threefry key data for a row's seed (host side, once per request).
@@ -50,7 +52,7 @@ def sample(
 
     def stochastic() -> jax.Array:
         temp = jnp.where(temperature > 0, temperature, 1.0)[:, None, None]
-        scaled = logits / temp
+        scaled = unshard_vocab(logits) / temp  # on a mesh: sorting along V needs whole rows
         scaled = jax.lax.cond(jnp.any(top_p < 1.0), nucleus_filter, lambda s, _: s, scaled, top_p)
         fold = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(None, 0)), in_axes=(0, 0))
         pos_keys = fold(jax.random.wrap_key_data(keys), positions.astype(jnp.uint32))  # [B, T]

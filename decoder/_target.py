@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from dflash_batch.decoder._layers import apply_rope, mlp, qkv_proj, rms_norm, rope_inv_freq
 from dflash_batch.kernels import verify_attention
 
 Params = dict[str, Any]
@@ -87,8 +87,7 @@ def forward(
     def layer(x, xs):
         w, l = xs
         hn = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-        qkv = hn @ w["qkv"]  # [B, T, (N + 2K) H]
-        q, k, v = jnp.split(qkv, [cfg.num_heads * h, (cfg.num_heads + n_kv) * h], axis=-1)
+        q, k, v = qkv_proj(hn, w, cfg.num_heads * h, n_kv * h)  # [B, T, N H], [B, T, K H] x 2
         q = q.reshape(bsz, t, cfg.num_heads, h)
         k = k.reshape(bsz, t, n_kv, h)
         v = v.reshape(bsz, t, n_kv, h)
@@ -105,7 +104,7 @@ def forward(
         # Cache rows < start, then the block causally: kernels/ picks Pallas or plain jnp.
         o = verify_attention(qg, k_cache, v_cache, start, k, v)  # [B, T, K, G, H]
         x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]
-        x = x + swiglu(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w["gate_up"], w["down"])
+        x = x + mlp(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w)
         return x, (k, v, x if collect_layers else None)
 
     layer_ids = jnp.arange(cfg.num_layers)

@@ -45,8 +45,9 @@ class DecoderCell:
                  prompt_buckets: Sequence[int] | None = None, label: str | None = None):
         kw = {"prompt_buckets": tuple(prompt_buckets)} if prompt_buckets else {}
         self.mode, self.block_size, self.requests = label or mode, block_size, requests
-        config = DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size, **kw)
-        self.decoder = Decoder(target, config, drafter if mode in DRAFTER_MODES else None)
+        config = DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size,
+                              **kw)
+        self.decoder = Decoder(target, config, drafter if mode in DRAFTER_MODES else None, mesh=target.mesh)
         self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
         self.runs: list[float] = []
         self.learning_runs: list[float] = []

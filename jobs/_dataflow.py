@@ -25,6 +25,8 @@ the real submission would send, except for the staged file contents.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -45,6 +47,8 @@ TPU_MACHINE_TYPES: dict[tuple[str, str], str] = {
     ("tpu-v6e-slice", "2x4"): "ct6e-standard-8t",
     ("tpu-v5p-slice", "2x2x1"): "ct5p-hightpu-4t",
 }
+# TPU type -> chip generation, for HBM per chip (decoder.HBM_PER_CHIP).
+TPU_CHIPS = {"tpu-v5-lite-podslice": "v5e", "tpu-v6e-slice": "v6e", "tpu-v5p-slice": "v5p"}
 HARNESS_THREADS = 2  # one process drives the chip; a few threads keep reads and writes moving
 
 
@@ -82,6 +86,31 @@ def check_dataflow(spec) -> list[str]:
                                                               r.sdk_container_image):
         problems.append(f"runner.sdk_container_image must be an image reference, got {r.sdk_container_image!r}")
     return problems
+
+
+def tpu_plan(spec):
+    """The job's mesh layout and memory plan on one worker of its TPU type and topology;
+    SubmitRefused naming the setting to change when it cannot fit. None when the model's
+    config.json cannot be read from this machine (a gs:// model, offline)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from dflash_batch.decoder import DRAFTER_MODES, HBM_PER_CHIP, chip_count
+    from dflash_batch.pipeline import JobRefused, check_layout, job_config, model_configs
+
+    r = spec.runner
+    drafter = spec.model.drafter if spec.decode.mode in DRAFTER_MODES else None
+    config = dataclasses.replace(job_config(spec, PipelineOptions([])), drafter=drafter)
+    try:
+        model_configs(spec.model.target, drafter, spec.decode.mode)
+    except Exception:  # noqa: BLE001 - e.g. a gs:// model with no credentials or network here
+        return None
+    chip = TPU_CHIPS[r.tpu_type]
+    try:
+        return check_layout(config, chip_count(r.tpu_topology), HBM_PER_CHIP[chip],
+                            where=f"{r.tpu_type} {r.tpu_topology} ({chip_count(r.tpu_topology)} {chip} chips)",
+                            topology_field="runner.tpu_topology")
+    except JobRefused as e:
+        raise SubmitRefused([str(e)]) from None
 
 
 def _model_problems(spec) -> list[str]:
@@ -235,6 +264,16 @@ def submit_command(job_file: Path, overrides: tuple[str, ...], dry_run: bool, re
     problems = check_dataflow(spec)
     if problems:
         _refuse(str(SpecError(problems, source=str(job_file))))
+    try:
+        plan = tpu_plan(spec)
+    except SubmitRefused as e:
+        _refuse(str(SpecError(e.problems, source=str(job_file))))
+    if dry_run:
+        where = f"{spec.runner.tpu_type} {spec.runner.tpu_topology}"
+        if plan is None:
+            click.echo(f"memory plan on {where}: skipped (the model's config.json is not readable from here)")
+        else:
+            click.echo(f"memory plan on {where}:\n" + "\n".join(f"  {line}" for line in plan.lines()))
     if dry_run:
         request = dry_run_request(spec)
         path = request_file or Path(f"{spec.name}.dataflow-request.json")

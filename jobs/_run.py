@@ -189,6 +189,11 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
         click.echo(f"  model {spec.model.target}, mode {spec.decode.mode}, batch {spec.decode.batch_size}, "
                    f"runner direct ({spec.runner.direct_running_mode}, {spec.runner.direct_num_workers} worker(s))",
                    err=True)
+        if pre.plan is not None:
+            from dflash_batch.pipeline import describe_devices
+
+            click.echo(f"  mesh {describe_devices()}, data {pre.plan.data} x model {pre.plan.model}; "
+                       f"{pre.plan.total / 1e9:.2f} GB per device planned", err=True)
         from dflash_batch.jobs._ledger import ledger_entry
 
         try:

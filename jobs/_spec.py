@@ -15,7 +15,9 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [decode]
     mode = "ar"                            # ar | dflash | ngram | hybrid
     block_size = "auto"                    # verified block length of dflash/ngram; auto: measured
-    batch_size = 8                         # decoder slots per static batch
+    batch_size = 8                         # decoder slots per static batch (a worker's global batch)
+    data_parallel = "auto"                 # replicas over the worker's chips; auto: the chips left by
+    tensor_parallel = "auto"               #   the smallest tensor-parallel degree that fits memory
     max_new_tokens = 256                   # the static completion capacity; rows may ask for less
     temperature = 0.0                      # defaults for rows that leave these null
     top_p = 1.0
@@ -322,6 +324,10 @@ def _cross_checks(spec: JobSpec) -> None:
     if d.mode in DRAFTER_MODES and spec.model.drafter == "none":
         problems.append(f"model.drafter must name a drafter (default, a folder or gs://) for decode.mode {d.mode!r}, "
                         "got 'none'")
+    if d.data_parallel != "auto" and d.batch_size % d.data_parallel:
+        problems.append(f"decode.batch_size {d.batch_size} is not divisible by decode.data_parallel "
+                        f"{d.data_parallel} (each replica takes an equal share of the batch): use a multiple of "
+                        f"{d.data_parallel}")
     if spec.runner.name == "dataflow":
         for key in ("project", "region", "temp_location"):
             if getattr(spec.runner, key) is None:

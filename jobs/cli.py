@@ -111,10 +111,13 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
               help="Also run a second AR decoder in the same rounds: its ratio to AR is the bench's own noise.")
 @click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate (greedy) on the same prompts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@click.option("--data-parallel", default=None, help="Data-parallel degree or 'auto' [default: the job's, else 1].")
+@click.option("--tensor-parallel", default=None, help="Tensor-parallel degree or 'auto' [default: the job's, else 1].")
 def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None,
           num_prompts: int | None,
           batch_sizes: list[int], block_sizes: list[int], modes: str, max_new_tokens: int | None, repeats: int,
-          learning_rounds: int, ar_control: bool, with_hf: bool, as_json: bool) -> None:
+          learning_rounds: int, ar_control: bool, with_hf: bool, as_json: bool, data_parallel: str | None,
+          tensor_parallel: str | None) -> None:
     """AR vs DFlash vs n-gram vs hybrid (and transformers) on the same prompts, in one run.
 
     With JOB_FILE, the prompts are the job's own input rows, rendered by its template, with its
@@ -140,8 +143,11 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     elif overrides:
         raise click.UsageError("--set needs a JOB_FILE")
     model, drafter, max_new_tokens = model or DEFAULT_MODEL, drafter or "default", max_new_tokens or 128
-    target = load_target(model)
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    mesh = _bench_mesh(model, drafter, mode_list, batch_sizes, max_new_tokens, spec,
+                       data_parallel or (spec.decode.data_parallel if spec else 1),
+                       tensor_parallel or (spec.decode.tensor_parallel if spec else 1))
+    target = load_target(model, mesh=mesh)
     dft = None
     if set(DRAFTER_MODES) & set(mode_list):
         try:
@@ -154,7 +160,7 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
         if folder is None:
             mode_list = [m for m in mode_list if m not in DRAFTER_MODES]
         else:
-            dft = load_drafter(folder)
+            dft = load_drafter(folder, mesh=mesh)
     if spec is None:
         reqs = _requests(target, "test", most, max_new_tokens)
         source = "ACLSum test abstracts, greedy"
@@ -170,6 +176,44 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
                    f"rounds after {learning_rounds} uncounted (tokens/s: median; vs AR: median of same-round "
                    "ratios); tau includes the bonus token")
         click.echo(format_table(rows))
+
+
+def _degree(name: str, value) -> int | str:
+    if value == "auto" or (isinstance(value, int) and value >= 1):
+        return value
+    if isinstance(value, str) and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"must be 'auto' or a positive integer, got {value!r}", param_hint=f"--{name}")
+
+
+def _bench_mesh(model: str, drafter: str, modes: list[str], batch_sizes: list[int], max_new_tokens: int, spec,
+                data_parallel, tensor_parallel):
+    """The bench's mesh (None: one device), checked like a job's against this machine's devices."""
+    from dflash_batch.decoder import DEFAULT_PROMPT_BUCKETS, DRAFTER_MODES, DecodeConfig, LayoutError, make_mesh
+    from dflash_batch.pipeline import ModelKey, describe_devices, layout
+
+    d, t = _degree("data-parallel", data_parallel), _degree("tensor-parallel", tensor_parallel)
+    if (d, t) == (1, 1):
+        return None
+    spec_mode = next((m for m in modes if m in DRAFTER_MODES), None) if drafter != "none" else None
+    decode = DecodeConfig(mode=spec_mode or "ar", batch_size=max(batch_sizes), max_new_tokens=max_new_tokens,
+                          prompt_buckets=tuple(spec.decode.prompt_buckets if spec else DEFAULT_PROMPT_BUCKETS),
+                          data_parallel=d, tensor_parallel=t)
+    key = ModelKey(model=model, drafter=drafter if spec_mode else None, decode=decode)
+    try:
+        plan = layout(key)
+    except LayoutError as e:
+        raise click.ClickException(f"--{e.setting.replace('_', '-')}: {e}") from None
+    uneven = [b for b in batch_sizes if b % plan.data]
+    if uneven:
+        raise click.BadParameter(f"{uneven} are not multiples of the data-parallel degree {plan.data}",
+                                 param_hint="--batch-sizes")
+    import jax
+
+    if jax.default_backend() == "cpu":
+        click.echo(f"bench: simulating a data {plan.data} x model {plan.model} mesh on {describe_devices()} "
+                   "(CPU devices of one host): speed figures here mean nothing", err=True)
+    return make_mesh(plan.data, plan.model)
 
 
 from dflash_batch.jobs._run import run_command  # noqa: E402

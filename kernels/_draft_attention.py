@@ -10,12 +10,14 @@ anything, NaN included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from dflash_batch.kernels import _block_attention as _ba
 from dflash_batch.kernels._dispatch import kernel_mode
+from dflash_batch.kernels._sharded import on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,5 +82,6 @@ def draft_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: j
     if mode == "reference":
         return reference_draft_attention(q, ctx_k, ctx_v, ctx_len, k_block, v_block,
                                          cache_layout=cache_layout, out_dtype=out_dtype)
-    return _draft_attention_pallas(q, ctx_k, ctx_v, ctx_len, k_block, v_block, block_sizes=block_sizes,
-                                   cache_layout=cache_layout, interpret=interp, out_dtype=out_dtype)
+    kernel = functools.partial(_draft_attention_pallas, block_sizes=block_sizes, cache_layout=cache_layout,
+                               interpret=interp, out_dtype=out_dtype)
+    return on_mesh(kernel, q, ctx_k, ctx_v, ctx_len, k_block, v_block, cache_layout)  # per device on a mesh

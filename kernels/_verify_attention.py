@@ -11,12 +11,14 @@ anything, NaN included.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from dflash_batch.kernels import _block_attention as _ba
 from dflash_batch.kernels._dispatch import kernel_mode
+from dflash_batch.kernels._sharded import on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,5 +86,6 @@ def verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     if mode == "reference":
         return reference_verify_attention(q, k_cache, v_cache, lengths, k_new, v_new,
                                           cache_layout=cache_layout, out_dtype=out_dtype)
-    return _verify_attention_pallas(q, k_cache, v_cache, lengths, k_new, v_new, block_sizes=block_sizes,
-                                    cache_layout=cache_layout, interpret=interp, out_dtype=out_dtype)
+    kernel = functools.partial(_verify_attention_pallas, block_sizes=block_sizes, cache_layout=cache_layout,
+                               interpret=interp, out_dtype=out_dtype)
+    return on_mesh(kernel, q, k_cache, v_cache, lengths, k_new, v_new, cache_layout)  # per device on a mesh

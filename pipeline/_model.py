@@ -9,8 +9,9 @@ A dictionary keyed by everything that shapes the compiled programs (``ModelKey``
 that, and also lets several jobs in one process (tests, benchmarks) reuse a compiled decoder.
 
 Threads: a worker may run bundles on several threads. Decoding holds ``LoadedModel.lock``, so
-one batch at a time uses the decoder's static slots; on an accelerator there is one device per
-process anyway (on TPU only one process may own the chip, hence one SDK process per worker).
+one batch at a time uses the decoder's static slots. One decoder spans every chip of the
+process, on a data x model mesh (``layout``); on TPU only one process may own the chips, hence
+one SDK process per worker.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, enable_compilation_cache, load_drafter, \
-    load_target, resolve_drafter_dir, resolve_model_dir
+from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, MemoryPlan, TargetConfig, \
+    cache_length, choose_layout, describe, enable_compilation_cache, load_drafter, load_target, local_capacity, \
+    make_mesh, resolve_drafter_dir, resolve_model_dir
 
 # Loads per model in this process: what the tests read to prove "once per process".
 load_counts: collections.Counter[str] = collections.Counter()
@@ -57,22 +59,62 @@ class LoadedModel:
     warm: set[int] = dataclasses.field(default_factory=set)  # buckets compiled (the decode step keeps it)
 
 
-def _hardware() -> str:
+def model_configs(model: str, drafter: str | None, mode: str) -> tuple[TargetConfig, DrafterConfig | None]:
+    """The target's and (drafter modes) the drafter's configs, from their config.json files only."""
+    from dflash_batch.pipeline._io import join, read_json
+
+    def read(location: str) -> dict:
+        cfg = read_json(join(location, "config.json")) if location.startswith("gs://") else \
+            json.loads((resolve_model_dir(location) / "config.json").read_text())
+        if cfg is None:
+            raise ValueError(f"{location!r} has no config.json")
+        return cfg
+
+    tcfg = TargetConfig.from_hf(read(model))
+    dcfg = None
+    if mode in DRAFTER_MODES:
+        location = drafter if drafter and drafter.startswith("gs://") else str(resolve_drafter_dir(drafter, model))
+        dcfg = DrafterConfig.from_hf(read(location))
+    return tcfg, dcfg
+
+
+def layout(key: ModelKey, chips: int | None = None, capacity: int | None = None, where: str = "",
+           tcfg=None, dcfg=None) -> MemoryPlan:
+    """The mesh layout (and memory plan) of a job on ``chips`` chips of ``capacity`` bytes (default:
+    this process's devices); LayoutError names the setting to change."""
     import jax
 
-    devices = jax.devices()
-    return f"{jax.default_backend()}:{devices[0].device_kind} x{len(devices)}"
+    if tcfg is None:
+        tcfg, dcfg = model_configs(key.model, key.drafter, key.decode.mode)
+    if chips is None:
+        chips, capacity = len(jax.local_devices()), local_capacity()
+        where = where or describe_devices()
+    d = key.decode
+    block = 1 if d.mode == "ar" else d.block_size if d.block_size != "auto" else (
+        dcfg.block_size if dcfg is not None else 16)
+    return choose_layout(tcfg, dcfg, chips=chips, capacity=capacity, batch_size=d.batch_size,
+                         cache_len=cache_length(max(d.prompt_buckets), d.max_new_tokens), block=block,
+                         data_parallel=d.data_parallel, tensor_parallel=d.tensor_parallel, where=where)
+
+
+def describe_devices() -> str:
+    import jax
+
+    devices = jax.local_devices()
+    return f"{jax.default_backend()} x{len(devices)}"
 
 
 def _load(key: ModelKey) -> LoadedModel:
     t0 = time.perf_counter()
     enable_compilation_cache()
-    target = load_target(key.model)
+    p = layout(key)  # refuses a layout the local devices cannot hold before anything loads
+    mesh = make_mesh(p.data, p.model)
+    target = load_target(key.model, mesh=mesh)
     drafter = None
     if key.decode.mode in DRAFTER_MODES:
-        drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model))
-    decoder = Decoder(target, key.decode, drafter)
-    return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, _hardware())
+        drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model), mesh=mesh)
+    decoder = Decoder(target, key.decode, drafter, mesh=mesh)
+    return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, describe(mesh))
 
 
 def shared_model(key: ModelKey, before_load: Callable[[], None] | None = None) -> tuple[LoadedModel, bool]:

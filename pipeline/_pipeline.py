@@ -44,7 +44,7 @@ from dflash_batch.pipeline._config import JobConfig, job_config
 from dflash_batch.pipeline._decode import STATS, Decode
 from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, \
     PARQUET_SUFFIX, delete, join, read_json, use_anonymous_gcs_for_emulator, write_json
-from dflash_batch.pipeline._preflight import Preflight, preflight
+from dflash_batch.pipeline._preflight import Preflight, check_layout, preflight
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE, SKIPPED, CountDeadLetters, CountSkipped, KeyById, \
     OnePerId, ToRows, Validate
 from dflash_batch.pipeline._stats import BatchStatsFn, WriteJobStats, job_id
@@ -148,6 +148,8 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     FileSystems.set_options(options)
     config = job_config(spec, options, progress_dir)
     pre = (check or preflight)(config)
+    if check is None and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
+        pre = dataclasses.replace(pre, plan=check_layout(config))  # this machine's devices, before loading
     config = dataclasses.replace(config, drafter=pre.drafter)
     run_id = run_id or new_run_id()
     started = time.time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import pyarrow as pa
 
@@ -40,6 +41,7 @@ class Preflight:
     previous_completions: tuple[str, ...]  # completion files an earlier run left in the output
     drafter: str | None  # resolved location (mode dflash only)
     manifest: dict
+    plan: Any = None  # the memory plan on this machine's devices (local runs; MemoryPlan)
 
 
 def result_manifest(config: JobConfig) -> dict:
@@ -125,3 +127,22 @@ def preflight(config: JobConfig) -> Preflight:
         raise JobRefused("output", f"{config.output} already holds completion files but no {MANIFEST_FILE}, so "
                                    "they cannot be checked against this job. Use a new output folder or empty this one")
     return Preflight(tuple(files), schema, rows_in, completions_schema, tuple(previous), drafter, manifest)
+
+
+LAYOUT_FIELDS = {"data_parallel": "decode.data_parallel", "tensor_parallel": "decode.tensor_parallel",
+                 "batch_size": "decode.batch_size"}
+
+
+def check_layout(config: JobConfig, chips: int | None = None, capacity: int | None = None, where: str = "",
+                 topology_field: str = "decode.batch_size"):
+    """The job's mesh layout and memory plan on ``chips`` chips of ``capacity`` bytes (default: this
+    machine's devices), or JobRefused naming the setting to change (``topology_field`` when only
+    more or larger chips would do)."""
+    from dflash_batch.decoder import LayoutError
+    from dflash_batch.pipeline._decode import model_key
+    from dflash_batch.pipeline._model import layout
+
+    try:
+        return layout(model_key(config), chips, capacity, where)
+    except LayoutError as e:
+        raise JobRefused(LAYOUT_FIELDS.get(e.setting, topology_field), str(e)) from None

@@ -164,7 +164,7 @@ def job_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "buckets": {b: _bucket_record(s) for b, s in sorted(buckets.items(), key=lambda kv: int(kv[0]))},
         "padding_waste": padding_waste(buckets),
         "finish_reasons": finish,
-        "hardware": ", ".join(sorted(hardware)) or None,
+        "hardware": "; ".join(sorted(hardware)) or None,
     }
 
 

@@ -228,3 +228,10 @@ def test_a_failed_run_exits_1_and_a_refused_spec_exits_2(job_file, monkeypatch, 
 def test_run_help_names_the_runner_it_uses():
     text = CliRunner().invoke(main, ["run", "--help"]).output
     assert "FnApiRunner" in text and "exit status" in text.lower()
+
+
+def test_bench_refuses_a_mesh_this_machine_lacks(job_file):
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--modes", "ngram",
+                                       "--data-parallel", "2", "--num-prompts", "2", "--repeats", "1"])
+    assert result.exit_code == 1, result.output
+    assert "--data-parallel" in result.output and "needs 2 chips, but cpu x1 has 1" in result.output

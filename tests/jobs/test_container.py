@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
+import os
+import subprocess
+
 import apache_beam
+import pytest
+
+from dflash_batch.jobs._dataflow import TPU_MACHINE_TYPES
+from dflash_batch.jobs.tpu_env import DOCUMENTED, tpu_env
 
 DOCKERFILE = Path(__file__).parents[2] / "jobs" / "container" / "Dockerfile"
+ENTRYPOINT = DOCKERFILE.parent / "entrypoint.sh"
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -29,17 +38,60 @@ def test_the_base_image_is_beams_sdk_at_our_version():
     assert base == f"apache/beam_python3.11_sdk:{apache_beam.version.__version__}"
 
 
-def test_it_installs_jax_tpu_and_this_package():
-    runs = " ".join(a for k, a in instructions() if k == "RUN")
-    assert '"jax[tpu]"' in runs and "libtpu_releases" in runs
-    assert "pip install --no-cache-dir /opt/dflash_batch/src" in runs
-    assert any(k == "COPY" and a.startswith(". /opt/dflash_batch/src") for k, a in instructions())
-
-
-def test_it_keeps_beams_boot_entrypoint_and_sets_single_host_tpu_env():
+def test_it_installs_jax_tpu_pinned_with_libtpu_and_this_package():
     ins = instructions()
-    assert json.loads(next(a for k, a in ins if k == "ENTRYPOINT")) == ["/opt/apache/beam/boot"]
-    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for k, a in ins if k == "ENV")))
-    assert env["TPU_HOST_BOUNDS"] == "1,1,1" and env["TPU_WORKER_ID"] == "0"
-    assert env["TPU_WORKER_HOSTNAMES"] == "localhost" and env["TPU_SKIP_MDS_QUERY"] == "1"
-    assert env["TPU_CHIPS_PER_HOST_BOUNDS"] == "${TPU_CHIPS_PER_HOST_BOUNDS}"
+    runs = " ".join(a for k, a in ins if k == "RUN")
+    args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
+    assert '"jax[tpu]==${JAX_VERSION}"' in runs and "libtpu_releases" in runs  # the extra pins libtpu
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["JAX_VERSION"])
+    assert "pip install --no-cache-dir /opt/dflash_batch/src" in runs
+    assert any(k == "COPY" and a.startswith(". /opt/dflash_batch/src") for k, a in ins)
+
+
+def test_the_entrypoint_sets_the_tpu_env_then_execs_beams_boot():
+    ins = instructions()
+    assert json.loads(next(a for k, a in ins if k == "ENTRYPOINT")) == ["/opt/dflash_batch/entrypoint.sh"]
+    assert ("COPY", "jobs/container/entrypoint.sh /opt/dflash_batch/entrypoint.sh") in ins
+    script = ENTRYPOINT.read_text()
+    assert 'BEAM_BOOT="${BEAM_BOOT:-/opt/apache/beam/boot}"' in script and 'exec "$BEAM_BOOT" "$@"' in script
+    assert "ALLOW_MULTIPLE_LIBTPU_LOAD" not in DOCKERFILE.read_text().replace(
+        "so ALLOW_MULTIPLE_LIBTPU_LOAD is never set", "") + script
+
+
+def test_googles_documented_v5e_1x1_values_are_what_the_1x1_worker_gets():
+    assert tpu_env("ct5lp-hightpu-1t") == DOCUMENTED
+
+
+# Every slice `submit` accepts -> (TPU_ACCELERATOR_TYPE, TPU_CHIPS_PER_HOST_BOUNDS).
+EXPECTED = {
+    ("tpu-v5-lite-podslice", "1x1"): ("v5litepod-1", "1,1,1"),
+    ("tpu-v5-lite-podslice", "2x2"): ("v5litepod-4", "2,2,1"),
+    ("tpu-v5-lite-podslice", "2x4"): ("v5litepod-8", "2,4,1"),
+    ("tpu-v6e-slice", "1x1"): ("v6e-1", "1,1,1"),
+    ("tpu-v6e-slice", "2x2"): ("v6e-4", "2,2,1"),
+    ("tpu-v6e-slice", "2x4"): ("v6e-8", "2,4,1"),
+    ("tpu-v5p-slice", "2x2x1"): ("v5p-8", "2,2,1"),
+}
+
+
+def test_every_accepted_slice_has_its_tpu_env():
+    assert set(EXPECTED) == set(TPU_MACHINE_TYPES)
+
+
+@pytest.mark.parametrize("slice_", sorted(EXPECTED), ids=lambda s: f"{s[0]}-{s[1]}")
+def test_the_entrypoint_exports_the_slices_values(slice_, tmp_path):
+    machine = TPU_MACHINE_TYPES[slice_]
+    env = {**os.environ, "DFLASH_TPU_MACHINE_TYPE": f"projects/1/machineTypes/{machine}", "BEAM_BOOT": "env"}
+    env.pop("TPU_ACCELERATOR_TYPE", None)
+    out = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, check=True).stdout
+    got = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("TPU_"))
+    accelerator, bounds = EXPECTED[slice_]
+    assert got == {**DOCUMENTED, "TPU_ACCELERATOR_TYPE": accelerator, "TPU_CHIPS_PER_HOST_BOUNDS": bounds}
+    chips = math.prod(int(x) for x in slice_[1].split("x"))
+    assert math.prod(int(x) for x in bounds.split(",")) == chips  # the bounds hold every chip of the slice
+
+
+def test_an_unknown_machine_starts_boot_without_tpu_env(tmp_path):
+    env = {**os.environ, "DFLASH_TPU_MACHINE_TYPE": "n1-standard-4", "BEAM_BOOT": "env"}
+    result = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, check=True)
+    assert "TPU_ACCELERATOR_TYPE=" not in result.stdout and "no TPU environment" in result.stderr

@@ -167,3 +167,32 @@ def test_the_pipeline_config_holds_the_spec_and_what_it_derives(spec_file):
     assert d.block_size == "auto"
     eight = load_spec(spec_file, ["decode.mode=ngram", "decode.block_size=8"])
     assert job_config(eight, PipelineOptions(eight.beam_options())).spec.decode.block_size == 8
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("decode.data_parallel=0", "decode.data_parallel must be 'auto' or a positive integer, got 0"),
+    ("decode.tensor_parallel=two", "decode.tensor_parallel must be 'auto' or a positive integer, got 'two'"),
+    ("decode.tensor_parallel=1.5", "decode.tensor_parallel must be 'auto' or a positive integer, got 1.5"),
+])
+def test_parallel_degrees_must_be_auto_or_positive(spec_file, override, problem):
+    assert problem in _problems(spec_file, override)
+
+
+def test_a_batch_that_data_parallel_does_not_divide_is_refused(spec_file):
+    problems = _problems(spec_file, "decode.batch_size=6", "decode.data_parallel=4")
+    assert any(p.startswith("decode.batch_size 6 is not divisible by decode.data_parallel 4") and "multiple of 4" in p
+               for p in problems)
+
+
+def test_parallel_degrees_reach_the_pipeline(spec_file):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from dflash_batch.pipeline import model_key
+    from dflash_batch.pipeline._config import job_config
+
+    spec = load_spec(spec_file, ["decode.data_parallel=2", "decode.tensor_parallel=3", "decode.batch_size=4"])
+    key = model_key(job_config(spec, PipelineOptions(spec.beam_options())))
+    assert (key.decode.data_parallel, key.decode.tensor_parallel) == (2, 3)
+    default = load_spec(spec_file)
+    key = model_key(job_config(default, PipelineOptions(default.beam_options())))
+    assert (key.decode.data_parallel, key.decode.tensor_parallel) == ("auto", "auto")

@@ -75,3 +75,29 @@ def test_refused_specs_exit_2_naming_the_field(tmp_path, runner, override, field
     assert result.exit_code == 2, result.output
     assert field in result.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_dry_run_prints_the_memory_plan_of_the_topology(tmp_path):
+    args = ["submit", str(spec_file(tmp_path, "tpu-v6e-slice", "2x2", "ct6e-standard-4t")), "--dry-run",
+            "--request-file", str(tmp_path / "r.json"), "--set", "decode.batch_size=8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "memory plan on tpu-v6e-slice 2x2:" in result.output
+    assert "mesh: data 4 x model 1" in result.output and "of 32.00 GB per chip (90% usable): fits" in result.output
+
+
+@pytest.mark.parametrize("override, field", [
+    ("decode.batch_size=1000000", "runner.tpu_topology"),  # the KV cache alone outgrows a v5e chip
+    ("decode.tensor_parallel=2", "decode.tensor_parallel"),  # SmolLM2's 9 query heads
+    ("decode.data_parallel=2", "decode.data_parallel"),  # a 1x1 slice has one chip
+])
+def test_a_job_that_cannot_fit_the_slice_exits_2_naming_the_setting(tmp_path, override, field, monkeypatch):
+    import dflash_batch.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "build", lambda *a, **k: pytest.fail("work started"))
+    args = ["submit", str(spec_file(tmp_path, "tpu-v5-lite-podslice", "1x1", "ct5lp-hightpu-1t")), "--dry-run",
+            "--request-file", str(tmp_path / "r.json"), "--set", override]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert field in result.output
+    assert not (tmp_path / "r.json").exists()

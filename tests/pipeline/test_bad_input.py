@@ -150,3 +150,24 @@ def test_dflash_without_a_shipped_drafter_is_refused(chat_model_dir, tmp_path):
     write_prompts(tmp_path / "x.parquet", [{"id": "a", "prompt": "hi"}])
     e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", mode="dflash", drafter="default")
     assert e.field == "model.drafter" and "no default drafter" in str(e)
+
+
+# ---- mesh layouts this machine cannot run (the test process has one device) -------------------
+
+def test_tensor_parallel_that_does_not_split_the_heads_is_refused(chat_model_dir, tmp_path):
+    write_prompts(tmp_path / "x.parquet", [{"id": "a", "prompt": "hi"}])
+    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", tensor_parallel=3)
+    assert e.field == "decode.tensor_parallel"
+    assert "4 query heads are not divisible by 3" in str(e) and "degrees that can: [1]" in str(e)
+
+
+def test_more_replicas_than_devices_is_refused(chat_model_dir, tmp_path):
+    write_prompts(tmp_path / "x.parquet", [{"id": "a", "prompt": "hi"}])
+    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", data_parallel=2)
+    assert e.field == "decode.data_parallel" and "needs 2 chips, but cpu x1 has 1" in str(e)
+
+
+def test_a_batch_the_devices_cannot_hold_is_refused(chat_model_dir, tmp_path):
+    write_prompts(tmp_path / "x.parquet", [{"id": "a", "prompt": "hi"}])
+    e = _refusal(chat_model_dir, tmp_path, tmp_path / "x.parquet", batch_size=10**8)
+    assert e.field == "decode.batch_size" and "does not fit cpu x1" in str(e)

@@ -85,7 +85,7 @@ def forward(
     x = embed(params, tokens)  # [B, T, D]
 
     def layer(x, xs):
-        w, l = xs
+        w, idx = xs  # the layer's weights and its index in the cache
         hn = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
         q, k, v = qkv_proj(hn, w, cfg.num_heads * h, n_kv * h)  # [B, T, N H], [B, T, K H] x 2
         q = q.reshape(bsz, t, cfg.num_heads, h)
@@ -98,9 +98,9 @@ def forward(
         k = apply_rope(k, positions, inv_freq)
         qg = q.reshape(bsz, t, n_kv, g, h)
         if slot is None:
-            k_cache, v_cache = cache.k[l], cache.v[l]  # [B, K, S, H]
+            k_cache, v_cache = cache.k[idx], cache.v[idx]  # [B, K, S, H]
         else:
-            k_cache, v_cache = cache.k[l, slot][None], cache.v[l, slot][None]  # [1, K, S, H]
+            k_cache, v_cache = cache.k[idx, slot][None], cache.v[idx, slot][None]  # [1, K, S, H]
         # Cache rows < start, then the block causally: kernels/ picks Pallas or plain jnp.
         o = verify_attention(qg, k_cache, v_cache, start, k, v)  # [B, T, K, G, H]
         x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]

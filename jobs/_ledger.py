@@ -32,7 +32,7 @@ STATUSES = ("running", "succeeded", "failed", "submitted")
 GONE = "failed (process gone)"
 _COLUMNS = ("job_id", "name", "spec_json", "spec_sha256", "runner", "started_at", "ended_at", "status",
             "output", "dataflow_job_id", "pid", "host", "error")
-_SCHEMA = f"""CREATE TABLE IF NOT EXISTS jobs (
+_SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, name TEXT NOT NULL, spec_json TEXT NOT NULL, spec_sha256 TEXT NOT NULL,
     runner TEXT NOT NULL, started_at TEXT NOT NULL, ended_at TEXT, status TEXT NOT NULL,
     output TEXT, dataflow_job_id TEXT, pid INTEGER, host TEXT, error TEXT)"""

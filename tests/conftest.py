@@ -37,13 +37,6 @@ def tiny_llama(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def tiny_drafter(tiny_llama):
     """A random DFlash drafter (2 layers, block 8) for the tiny Llama."""
-    import jax
+    from tiny_models import random_drafter
 
-    from dflash_batch.decoder._drafter import Drafter, DrafterConfig, init_drafter_params
-
-    c = tiny_llama.config
-    dcfg = DrafterConfig(block_size=8, mask_token_id=3, target_layer_ids=(0, 2), num_layers=2,
-                         hidden_size=c.hidden_size, intermediate_size=96, num_heads=c.num_heads,
-                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                         rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size)
-    return Drafter(dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0), scale=0.3))
+    return random_drafter(tiny_llama.config, block_size=8)

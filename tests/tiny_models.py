@@ -36,3 +36,18 @@ def make_tiny_checkpoint(folder: Path, family: str, seed: int = 0, **overrides) 
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def random_drafter(target_config, block_size: int):
+    """A random 2-layer DFlash drafter shaped for a tiny target (context from its layers 0 and 2)."""
+    import jax
+
+    from dflash_batch.decoder import Drafter, DrafterConfig
+    from dflash_batch.decoder._drafter import init_drafter_params
+
+    c = target_config
+    dcfg = DrafterConfig(block_size=block_size, mask_token_id=3, target_layer_ids=(0, 2), num_layers=2,
+                         hidden_size=c.hidden_size, intermediate_size=96, num_heads=c.num_heads,
+                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
+                         rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size)
+    return Drafter(dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0), scale=0.3))

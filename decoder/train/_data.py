@@ -59,6 +59,25 @@ def read_samples(path: Path) -> dict[str, Sample]:
     return out
 
 
+class PackedSequences:
+    """Sequences stored one after another: sequence i spans rows ``offsets[i]:offsets[i+1]``, of
+    which the first ``prompt_lens[i]`` are its prompt (subclasses hold ids, offsets, prompt_lens)."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def seq_lens(self) -> np.ndarray:  # [n]
+        return np.diff(self.offsets).astype(np.int32)
+
+    @property
+    def response_tokens(self) -> int:
+        return int((self.seq_lens - self.prompt_lens).sum())
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
 def generate_responses(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]], path: Path, *,
                        max_new_tokens: int, batch_size: int = 8, mode: str = "ar", drafter=None,
                        block_size: int = 16, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,

@@ -34,7 +34,7 @@ from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._target import Params, final_norm, forward, lm_head
-from dflash_batch.decoder.train._data import Sample
+from dflash_batch.decoder.train._data import PackedSequences, Sample
 
 LENGTH_STEP = 64  # sequences are padded to a multiple of this: few compiled shapes, little padding
 
@@ -62,7 +62,7 @@ def _extract(params: Params, tokens: jax.Array, logits_from: jax.Array, *, cfg: 
 
 
 @dataclasses.dataclass
-class FeatureCache:
+class FeatureCache(PackedSequences):
     """Read access to a finished cache. Sequence i spans rows offsets[i]:offsets[i+1]."""
 
     folder: Path
@@ -75,20 +75,6 @@ class FeatureCache:
     topk_probs: np.ndarray  # [N, k] fp16
     scale: np.ndarray  # [n_f, D] float32, per-channel RMS of the features
     layer_ids: tuple[int, ...]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def seq_lens(self) -> np.ndarray:  # [n]
-        return np.diff(self.offsets).astype(np.int32)
-
-    @property
-    def response_tokens(self) -> int:
-        return int((self.seq_lens - self.prompt_lens).sum())
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
 def _identity(samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int, target_name: str) -> str:

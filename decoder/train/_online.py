@@ -25,11 +25,11 @@ from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._target import Params, final_norm, forward, lm_head
 from dflash_batch.decoder.train._blocks import draft_soft_labels
-from dflash_batch.decoder.train._data import Sample
+from dflash_batch.decoder.train._data import PackedSequences, Sample
 
 
 @dataclasses.dataclass
-class TokenSequences:
+class TokenSequences(PackedSequences):
     """Training sequences without target outputs: what online training reads.
     Sequence i spans tokens offsets[i]:offsets[i+1] (the same layout as a ``FeatureCache``)."""
 
@@ -46,20 +46,6 @@ class TokenSequences:
         return cls(ids=[s.id for s in samples], tokens=np.concatenate([s.token_ids for s in samples]).astype(np.int32),
                    offsets=np.concatenate([[0], np.cumsum(lens)]),
                    prompt_lens=np.array([len(s.prompt_ids) for s in samples], np.int32))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def seq_lens(self) -> np.ndarray:  # [n]
-        return np.diff(self.offsets).astype(np.int32)
-
-    @property
-    def response_tokens(self) -> int:
-        return int((self.seq_lens - self.prompt_lens).sum())
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
 def _target_pass(params: Params, cfg: TargetConfig, tokens: jax.Array, layer_ids: tuple[int, ...]) -> jax.Array:

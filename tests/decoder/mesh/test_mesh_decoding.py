@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 
 from compile_counter import count_compiles
-from dflash_batch.decoder import DecodeConfig, Decoder, Drafter, Request, load_target, make_mesh
+from dflash_batch.decoder import DecodeConfig, Decoder, Request, load_target, make_mesh
 from dflash_batch.decoder._cache import KVCache
-from dflash_batch.decoder._drafter import DrafterConfig, init_drafter_params
 from dflash_batch.decoder._mesh import active
 from dflash_batch.decoder._target import forward
-from tiny_models import make_tiny_checkpoint
+from tiny_models import make_tiny_checkpoint, random_drafter
 
 MESHES = [(1, 1), (8, 1), (2, 4), (4, 2), (1, 2)]  # D x T
 SPEC_MODES = ("dflash", "ngram", "hybrid")
@@ -42,13 +41,7 @@ def wide_qwen3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def drafter(wide_dir):
-    t = load_target(str(wide_dir), with_tokenizer=False)
-    c = t.config
-    dcfg = DrafterConfig(block_size=4, mask_token_id=3, target_layer_ids=(0, 2), num_layers=2,
-                         hidden_size=c.hidden_size, intermediate_size=96, num_heads=c.num_heads,
-                         num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                         rms_norm_eps=c.rms_norm_eps, vocab_size=c.vocab_size)
-    return Drafter(dcfg, init_drafter_params(dcfg, jax.random.PRNGKey(0), scale=0.3))
+    return random_drafter(load_target(str(wide_dir), with_tokenizer=False).config, block_size=4)
 
 
 _targets: dict = {}

@@ -148,9 +148,9 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     FileSystems.set_options(options)
     config = job_config(spec, options, progress_dir)
     pre = (check or preflight)(config)
+    config = dataclasses.replace(config, drafter=pre.drafter)
     if check is None and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
         pre = dataclasses.replace(pre, plan=check_layout(config))  # this machine's devices, before loading
-    config = dataclasses.replace(config, drafter=pre.drafter)
     run_id = run_id or new_run_id()
     started = time.time()
     p = test_pipeline if test_pipeline is not None else _new_pipeline(options)

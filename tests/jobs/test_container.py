@@ -9,6 +9,7 @@ from pathlib import Path
 
 import os
 import subprocess
+import sys
 
 import apache_beam
 import pytest
@@ -81,7 +82,10 @@ def test_every_accepted_slice_has_its_tpu_env():
 @pytest.mark.parametrize("slice_", sorted(EXPECTED), ids=lambda s: f"{s[0]}-{s[1]}")
 def test_the_entrypoint_exports_the_slices_values(slice_, tmp_path):
     machine = TPU_MACHINE_TYPES[slice_]
-    env = {**os.environ, "DFLASH_TPU_MACHINE_TYPE": f"projects/1/machineTypes/{machine}", "BEAM_BOOT": "env"}
+    # The image's python3 has the package installed; here that is the interpreter running the tests.
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "DFLASH_TPU_MACHINE_TYPE": f"projects/1/machineTypes/{machine}",
+           "BEAM_BOOT": "env"}
     env.pop("TPU_ACCELERATOR_TYPE", None)
     out = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, check=True).stdout
     got = dict(line.split("=", 1) for line in out.splitlines() if line.startswith("TPU_"))

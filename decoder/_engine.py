@@ -151,6 +151,7 @@ class BatchRun:
         self._seen_hist = np.zeros(engine.state.hist.shape, np.int64)  # per slot, already given to the policy
         self._seen_gated = int(_gated(engine.state))
         self._probe_steps = max(EXPLORE_STEPS, -(-EXPLORE_ROW_STEPS // b))
+        self._done, self._n_out = np.zeros((b,), bool), np.zeros((b,), np.int32)  # as of the last decode call
 
     def results(self) -> Iterator[Result]:
         """Runs the steps until every request is decoded, yielding each result as its row finishes."""
@@ -198,19 +199,21 @@ class BatchRun:
         steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
         e.state, _ = e.phases.decode(e.state, jnp.asarray(self._next is not None), block, np.int32(steps),
                                      e.policy.gate(block))
-        hist, gated = jax.device_get((e.state.hist, _gated(e.state)))
+        # One host round trip per call: what the policy learns and what ``harvest`` reads (a copy
+        # per result: the refill zeroes a slot's row of ``_seen_hist``).
+        hist, gated, self._done, self._n_out = jax.device_get(
+            (e.state.hist, _gated(e.state), e.state.done, e.state.n_out))
         e.policy.observe(block, (hist - self._seen_hist).sum(axis=0), int(gated) - self._seen_gated)
         self._seen_hist, self._seen_gated = hist.astype(np.int64), int(gated)
 
     def harvest(self) -> list[Result]:
         """The rows that finished in the last decode call, as results; their slots are free again."""
         e = self.engine
-        done, n_out = jax.device_get((e.state.done, e.state.n_out))
+        done, n_out, hist = self._done, self._n_out, self._seen_hist
         ended = [i for i, r in enumerate(self.rows) if r is not None and (done[i] or r[0].stop)]
         if not ended:
             return []
-        out, hist, drafted, accepted, eos = jax.device_get(
-            (e.state.out, e.state.hist, e.state.drafted, e.state.accepted, e.state.eos))
+        out, drafted, accepted, eos = jax.device_get((e.state.out, e.state.drafted, e.state.accepted, e.state.eos))
         results, stopped_rows = [], []
         for i in ended:
             req, t0 = self.rows[i]
@@ -226,7 +229,7 @@ class BatchRun:
                 reason = "eos" if eos[i] else "length"
             results.append(Result(
                 id=req.id, prompt_tokens=len(req.token_ids), token_ids=tokens, text=text, finish_reason=reason,
-                decode_steps=int(hist[i].sum()), accepted_per_step=np.asarray(hist[i], np.int64),
+                decode_steps=int(hist[i].sum()), accepted_per_step=np.array(hist[i], np.int64),
                 draft_tokens_proposed=int(drafted[i]), draft_tokens_accepted=int(accepted[i]),
                 decode_seconds=time.perf_counter() - t0, bucket=e.max_prompt_len))
             self.rows[i] = None

@@ -128,10 +128,6 @@ class SlotEngine:
             self.warmup()
         return BatchRun(self, requests)
 
-    def run(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Decodes every request, yielding each result as soon as its row finishes."""
-        return self.start(requests).results()
-
 
 class BatchRun:
     """One stream of requests through an engine's slots, in named steps:
@@ -199,8 +195,7 @@ class BatchRun:
         steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
         e.state, _ = e.phases.decode(e.state, jnp.asarray(self._next is not None), block, np.int32(steps),
                                      e.policy.gate(block))
-        # One host round trip per call: what the policy learns and what ``harvest`` reads (a copy
-        # per result: the refill zeroes a slot's row of ``_seen_hist``).
+        # One host round trip per call: what the policy learns and what ``harvest`` reads.
         hist, gated, self._done, self._n_out = jax.device_get(
             (e.state.hist, _gated(e.state), e.state.done, e.state.n_out))
         e.policy.observe(block, (hist - self._seen_hist).sum(axis=0), int(gated) - self._seen_gated)
@@ -229,7 +224,8 @@ class BatchRun:
                 reason = "eos" if eos[i] else "length"
             results.append(Result(
                 id=req.id, prompt_tokens=len(req.token_ids), token_ids=tokens, text=text, finish_reason=reason,
-                decode_steps=int(hist[i].sum()), accepted_per_step=np.array(hist[i], np.int64),
+                decode_steps=int(hist[i].sum()),
+                accepted_per_step=np.array(hist[i], np.int64),  # a copy: refill zeroes the slot's row
                 draft_tokens_proposed=int(drafted[i]), draft_tokens_accepted=int(accepted[i]),
                 decode_seconds=time.perf_counter() - t0, bucket=e.max_prompt_len))
             self.rows[i] = None

@@ -99,6 +99,9 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Weight of the loss to the target's distribution (the rest on its tokens).")
 @click.option("--top-k", default=32, show_default=True, type=click.IntRange(1), help="Distribution entries kept.")
+@click.option("--teacher", default="topk", show_default=True, type=click.Choice(["topk", "full"]),
+              help="Distillation target: the target's top-k entries, or its full distribution over the draft "
+              "vocabulary (KL; computed in each step from the target's output-head input).")
 @click.option("--lr", default=6e-4, show_default=True, type=float)
 @click.option("--warmup", default=0.04, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--weight-decay", default=0.01, show_default=True, type=float)
@@ -130,7 +133,7 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
                           eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
                           target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
                           init_from: str, source_layers: tuple[int, ...] | None, standardize: bool, distill: float,
-                          top_k: int, lr: float, warmup: float,
+                          top_k: int, teacher: str, lr: float, warmup: float,
                           weight_decay: float, gamma: float | None, seed: int, checkpoint_every: int, eval_every: int,
                           resume: bool, stop_at: int | None, test_prompts: Path | None, test_limit: int,
                           test_max_new_tokens: int, online: bool | None, time_budget: float, gen_budget: float | None,
@@ -169,7 +172,7 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
                        init_from_target=init_from == "target", source_layers=source_layers,
                        standardize=standardize)
     tcfg = TrainConfig(steps=steps, batch_size=batch, anchors=anchors, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                       gamma=gamma, distill=distill, top_k=top_k, seed=seed, checkpoint_every=checkpoint_every,
+                       gamma=gamma, distill=distill, top_k=top_k, teacher=teacher, seed=seed, checkpoint_every=checkpoint_every,
                        eval_every=eval_every)
     try:
         summary = train_drafter(tgt, prompts, out, work_dir=work_dir, spec=spec, tcfg=tcfg,
@@ -282,8 +285,10 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         "",
         f"- Steps: {s['step']} of {t['steps']}; {t['batch_size']} sequences x {t['anchors']} blocks per step; "
         f"AdamW lr {t['lr']}, warmup {t['warmup']:.0%}, cosine, clip {t['clip']}, weight decay {t['weight_decay']}; "
-        f"loss: {1 - t['distill']:.2g} x hard labels + {t['distill']:.2g} x target top-{t['top_k']} distribution, "
-        f"position weights exp(-(k-1)/gamma).",
+        f"loss: {1 - t['distill']:.2g} x hard labels + {t['distill']:.2g} x "
+        + ("the target's full distribution over the draft vocabulary (KL), " if t.get("teacher") == "full" else
+           f"target top-{t['top_k']} distribution, ") +
+        "position weights exp(-(k-1)/gamma).",
         f"- Shipped weights: the step-{s.get('exported_step', s['step'])} drafter, the evaluated one with the best "
         "held-out tau (the last step's when none was evaluated).",
         f"- Predicted tokens: {s['predicted_tokens']:,}; training wall time {s['train_seconds'] / 3600:.2f} h "

@@ -7,7 +7,10 @@ trainer needs:
     [N, n_f, D] in one ``.npy`` file opened as a memory map (N = tokens of all sequences);
   * the target's next-token distribution at every position, as its top-k ids [N, k]
     int32 and probabilities [N, k] fp16, for distillation. Row t holds the distribution
-    of token t+1, i.e. of the label a block drafts at position t+1.
+    of token t+1, i.e. of the label a block drafts at position t+1;
+  * the input of the target's output head at the same rows (its last layer after the
+    final norm), [N, D] fp16: ~20% of the features' bytes, from which the trainer computes
+    the target's whole distribution over the draft vocabulary (``TrainConfig.teacher``).
 Per channel, the root mean square of the features is stored too (``scale`` [n_f, D]):
 a few SmolLM2 channels carry activations of 100-500, and the trainer divides by it.
 
@@ -42,7 +45,8 @@ LENGTH_STEP = 64  # sequences are padded to a multiple of this: few compiled sha
 @functools.partial(jax.jit, static_argnames=("cfg", "layer_ids", "top_k", "n_logits"))
 def _extract(params: Params, tokens: jax.Array, logits_from: jax.Array, *, cfg: TargetConfig,
              layer_ids: tuple[int, ...], top_k: int, n_logits: int) -> tuple[jax.Array, ...]:
-    """tokens [1, T] -> (features [T, n_f, D] fp16, top-k ids [R, k], top-k probs [R, k] fp16, r0).
+    """tokens [1, T] -> (features [T, n_f, D] fp16, top-k ids [R, k], top-k probs [R, k] fp16,
+    head inputs [R, D] fp16, r0).
 
     The output head runs only on the R = ``n_logits`` rows from r0 = min(logits_from, T - R):
     the response's rows, where distillation needs distributions. Over a whole summarization
@@ -55,10 +59,12 @@ def _extract(params: Params, tokens: jax.Array, logits_from: jax.Array, *, cfg: 
                            logits_at=jnp.zeros((1,), jnp.int32), collect_layers=layer_ids + (last,))
     r0 = jnp.clip(logits_from, 0, t - n_logits)
     h = jax.lax.dynamic_slice_in_dim(hidden[0, :, -1], r0, n_logits, axis=0)  # [R, D], after the last layer
-    logits = lm_head(params, final_norm(params, cfg, h))  # [R, V]
+    head_in = final_norm(params, cfg, h)
+    logits = lm_head(params, head_in)  # [R, V]
     vals, ids = jax.lax.top_k(logits, top_k)  # [R, k]
     probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-    return hidden[0, :, :-1].astype(jnp.float16), ids.astype(jnp.int32), probs.astype(jnp.float16), r0
+    return (hidden[0, :, :-1].astype(jnp.float16), ids.astype(jnp.int32), probs.astype(jnp.float16),
+            head_in.astype(jnp.float16), r0)
 
 
 @dataclasses.dataclass
@@ -73,12 +79,16 @@ class FeatureCache(PackedSequences):
     feats: np.ndarray  # [N, n_f, D] fp16 (memory map)
     topk_ids: np.ndarray  # [N, k] int32
     topk_probs: np.ndarray  # [N, k] fp16
+    head_in: np.ndarray  # [N, D] fp16 (memory map): the output head's input, row t for token t+1
     scale: np.ndarray  # [n_f, D] float32, per-channel RMS of the features
     layer_ids: tuple[int, ...]
 
 
+CACHE_FORMAT = 2  # 2: with head_in.npy
+
+
 def _identity(samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int, target_name: str) -> str:
-    h = hashlib.sha256(json.dumps([target_name, list(layer_ids), top_k]).encode())
+    h = hashlib.sha256(json.dumps([target_name, list(layer_ids), top_k, CACHE_FORMAT]).encode())
     for s in samples:
         h.update(s.id.encode())
         h.update(s.token_ids.tobytes())
@@ -88,8 +98,8 @@ def _identity(samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int,
 def _reusable_prefix(folder: Path, meta: dict, samples: Sequence[Sample], layer_ids: tuple[int, ...], top_k: int,
                      target_name: str) -> int:
     """How many leading ``samples`` an existing cache already holds unchanged (0 if none)."""
-    if not meta or (meta.get("layer_ids"), meta.get("top_k"), meta.get("target")) != (list(layer_ids), top_k,
-                                                                                      target_name):
+    if not meta or (meta.get("layer_ids"), meta.get("top_k"), meta.get("target"), meta.get("format")) != (
+            list(layer_ids), top_k, target_name, CACHE_FORMAT):
         return 0
     try:
         tokens, offsets = np.load(folder / "tokens.npy"), np.load(folder / "offsets.npy")
@@ -133,9 +143,11 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
     feats = np.lib.format.open_memmap(folder / f"feats.npy{suffix}", mode, np.float16, (n_rows, n_f, d))
     topk_ids = np.lib.format.open_memmap(folder / f"topk_ids.npy{suffix}", mode, np.int32, (n_rows, top_k))
     topk_probs = np.lib.format.open_memmap(folder / f"topk_probs.npy{suffix}", mode, np.float16, (n_rows, top_k))
+    head_in = np.lib.format.open_memmap(folder / f"head_in.npy{suffix}", mode, np.float16, (n_rows, d))
+    arrays = {"feats.npy": feats, "topk_ids.npy": topk_ids, "topk_probs.npy": topk_probs, "head_in.npy": head_in}
     if reuse:  # the data set grew (or changed at its end): keep the rows of its unchanged first sequences
         rows = int(offsets[reuse])
-        for new, name in ((feats, "feats.npy"), (topk_ids, "topk_ids.npy"), (topk_probs, "topk_probs.npy")):
+        for name, new in arrays.items():
             old = np.load(folder / name, mmap_mode="r")
             for a in range(0, rows, 65536):
                 new[a : min(rows, a + 65536)] = old[a : min(rows, a + 65536)]
@@ -144,7 +156,7 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
             (folder / f"{name}.new").replace(folder / name)
     if fresh:
         meta = {"identity": ident, "done": reuse, "layer_ids": list(layer_ids), "top_k": top_k,
-                "ids": [s.id for s in samples], "target": str(target.path)}
+                "ids": [s.id for s in samples], "target": str(target.path), "format": CACHE_FORMAT}
         np.save(folder / "tokens.npy", np.concatenate([s.token_ids for s in samples]).astype(np.int32))
         np.save(folder / "offsets.npy", offsets)
         np.save(folder / "prompt_lens.npy", np.array([len(s.prompt_ids) for s in samples], np.int32))
@@ -158,14 +170,15 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
         padded = np.zeros((1, t), np.int32)
         padded[0, : len(toks)] = toks
         p = len(samples[i].prompt_ids)
-        f, ki, kp, r0 = jax.device_get(_extract(target.params, padded, np.int32(p - 1), cfg=target.config,
+        f, ki, kp, hi, r0 = jax.device_get(_extract(target.params, padded, np.int32(p - 1), cfg=target.config,
                                                 layer_ids=layer_ids, top_k=top_k, n_logits=n_logits))
         lo, n = int(offsets[i]), len(toks)
         feats[lo : lo + n] = f[:n]
         keep = slice(p - 1 - int(r0), n - 1 - int(r0))  # rows P-1..T-2 of the sequence
         topk_ids[lo + p - 1 : lo + n - 1], topk_probs[lo + p - 1 : lo + n - 1] = ki[keep], kp[keep]
+        head_in[lo + p - 1 : lo + n - 1] = hi[keep]
         if i + 1 == len(samples) or time.perf_counter() - t_last > 30:  # record progress twice a minute
-            for a in (feats, topk_ids, topk_probs):
+            for a in arrays.values():
                 a.flush()
             meta["done"] = i + 1
             meta_path.write_text(json.dumps(meta))
@@ -175,7 +188,7 @@ def build_feature_cache(target: TargetModel, samples: Sequence[Sample], folder: 
     if "scale" not in meta:
         meta["scale"] = _channel_rms(feats).tolist()
         meta_path.write_text(json.dumps(meta))
-    del feats, topk_ids, topk_probs
+    del feats, topk_ids, topk_probs, head_in, arrays
     return open_feature_cache(folder)
 
 
@@ -197,5 +210,5 @@ def open_feature_cache(folder: Path) -> FeatureCache:
         folder=folder, ids=list(meta["ids"]), tokens=np.load(folder / "tokens.npy"),
         offsets=np.load(folder / "offsets.npy"), prompt_lens=np.load(folder / "prompt_lens.npy"),
         feats=np.load(folder / "feats.npy", mmap_mode="r"), topk_ids=np.load(folder / "topk_ids.npy", mmap_mode="r"),
-        topk_probs=np.load(folder / "topk_probs.npy", mmap_mode="r"),
+        topk_probs=np.load(folder / "topk_probs.npy", mmap_mode="r"), head_in=np.load(folder / "head_in.npy", mmap_mode="r"),
         scale=np.asarray(meta["scale"], np.float32), layer_ids=tuple(meta["layer_ids"]))

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._drafter import DrafterConfig
+from dflash_batch.decoder._mesh import make_mesh
 from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._blocks import make_batch, make_token_batch
 from dflash_batch.decoder.train._features import FeatureCache
@@ -56,6 +57,7 @@ class TrainConfig:
     gamma: float | None = None  # loss decay; None: the paper's value for the block size
     distill: float = 0.5  # weight of the soft (target distribution) loss; 1 - distill on hard labels
     top_k: int = 32  # target distribution entries kept for distillation
+    teacher: str = "topk"  # soft labels: "topk" entries, or the "full" distribution over the draft vocabulary
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -68,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"{self.distill=} must be in [0, 1]")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"{self.warmup=} must be in [0, 1)")
+        if self.teacher not in ("topk", "full"):
+            raise ValueError(f"{self.teacher=} must be 'topk' or 'full'")
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
@@ -99,10 +103,19 @@ def _frozen(params: Params) -> Params:
     return {k: v for k, v in params.items() if k != "d2t"}
 
 
+def draft_vocab_logits(target_params: Params, d2t: jax.Array | None, head_in: jax.Array) -> jax.Array:
+    """The target's logits [..., V'] over the draft vocabulary (target ids ``d2t`` [V'], or
+    all of them) from its output head's input [..., D]: only the V' rows of the head run."""
+    w = target_params.get("lm_head")
+    rows = target_params["embed"] if w is None else w.T  # [V, D]
+    if d2t is not None:
+        rows = jnp.take(rows, d2t, axis=0)
+    return jnp.einsum("...D,VD->...V", head_in, rows, preferred_element_type=jnp.float32)
+
+
 def _default_mesh() -> Mesh:
-    """Every device on the ``data`` axis (the drafter is small: no model parallelism).
-    The one place the trainer builds a mesh: to be pointed at the project's shared mesh builder."""
-    return jax.make_mesh((jax.device_count(), 1), ("data", "model"))
+    """Every local device on the ``data`` axis (the drafter is small: no model parallelism)."""
+    return make_mesh(jax.local_device_count(), 1)
 
 
 class Trainer:
@@ -150,18 +163,20 @@ class Trainer:
         """``tree`` replicated over the mesh (parameters, optimiser state, constants)."""
         return jax.device_put(tree, self._replicated)
 
-    def _inputs(self, target_params, batch) -> dict:
-        """The batch with the target's outputs: read from it (offline) or computed (online)."""
-        if not self.online:
-            return batch
-        feats, soft_ids, soft_probs = target_outputs(target_params, self.target_config, batch,
-                                                     layer_ids=tuple(self.dcfg.target_layer_ids),
-                                                     top_k=self.tcfg.top_k, t2d=self._t2d)
-        return dict(batch, feats=feats, soft_ids=soft_ids, soft_probs=soft_probs)
+    def _inputs(self, target_params, d2t, batch) -> dict:
+        """The batch with the target's outputs: read from it (offline) or computed (online),
+        and with ``teacher="full"`` the target's logits over the draft vocabulary."""
+        if self.online:
+            batch = dict(batch, **target_outputs(target_params, self.target_config, batch,
+                                                 layer_ids=tuple(self.dcfg.target_layer_ids),
+                                                 top_k=self.tcfg.top_k, t2d=self._t2d))
+        if self.tcfg.teacher == "full":
+            batch = dict(batch, teacher_logits=draft_vocab_logits(target_params, d2t, batch["head_in"]))
+        return batch
 
     def _loss(self, trainable, d2t, target_params, batch):
         params = dict(trainable, **({"d2t": d2t} if d2t is not None else {}))
-        batch = self._inputs(target_params, batch)
+        batch = self._inputs(target_params, d2t, batch)
         logits = packed_draft_logits(params, self.dcfg, target_params, batch["feats"], self.inv_scale,
                                      batch["block_tokens"], batch["anchor_pos"])
         return block_loss(logits, batch, self.weights, self.tcfg.distill)

@@ -7,9 +7,11 @@ exp(-(k-1)/gamma) (DFlash paper: gamma 7 for L=16, 5 for L=10, 4 for L=8).
 
 Two targets per position, mixed by ``distill`` (0: hard labels only, 1: distributions only):
   * hard: -log p(x_(anchor+k)), the token the target will verify (its greedy choice);
-  * soft: cross-entropy to the target's own top-k distribution of that token (the KL up
-    to a constant). It carries the target's uncertainty for free (the logits come with
-    the feature pass) and gives every vocabulary row a gradient, not only the argmax's.
+  * soft: cross-entropy to the target's own distribution of that token (the KL up to a
+    constant). It carries the target's uncertainty for free (the logits come with the
+    feature pass) and gives more vocabulary rows a gradient than the argmax's. The teacher
+    is either its top-k entries (``soft_ids``/``soft_probs``), or, when the batch holds
+    ``teacher_logits``, its whole distribution over the draft vocabulary.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def block_loss(logits: jax.Array, batch: dict, weights: jax.Array, distill: floa
 
     logits [B, A, L-1, V'] fp32; batch holds ``labels``, ``label_valid``, ``label_exists``
     [B, A, L-1], ``soft_ids``, ``soft_probs`` [B, A, L-1, k] and ``anchor_valid`` [B, A]
-    (see ``_blocks.make_batch``); weights [L-1].
+    (see ``_blocks.make_batch``); weights [L-1]. With ``teacher_logits`` [B, A, L-1, V'] in
+    ``batch`` the soft term is the cross-entropy to their softmax instead of the top-k.
     Returns (loss, metrics) with metrics:
       acc1: top-1 accuracy at block position 1;
       acc: top-1 accuracy over all positions with a label;
@@ -62,8 +65,12 @@ def block_loss(logits: jax.Array, batch: dict, weights: jax.Array, distill: floa
     hard_ok = batch["label_valid"]
     exists = batch["label_exists"]
     hard = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]  # [B, A, L-1]
-    soft = -jnp.sum(jnp.take_along_axis(logp, batch["soft_ids"], axis=-1) * batch["soft_probs"], axis=-1)
-    has_soft = jnp.sum(batch["soft_probs"], axis=-1) > 0
+    if "teacher_logits" in batch:
+        soft = -jnp.sum(jax.nn.softmax(batch["teacher_logits"], axis=-1) * logp, axis=-1)
+        has_soft = exists
+    else:
+        soft = -jnp.sum(jnp.take_along_axis(logp, batch["soft_ids"], axis=-1) * batch["soft_probs"], axis=-1)
+        has_soft = jnp.sum(batch["soft_probs"], axis=-1) > 0
     w_hard = w * hard_ok * (1.0 - distill)
     w_soft = w * has_soft * distill
     denom = jnp.maximum(jnp.sum(w * exists), 1e-6)

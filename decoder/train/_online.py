@@ -8,7 +8,8 @@ grow without bound. The step computes exactly what the cache would have held:
   2. context features: the collected layers, rounded to fp16 as the cache stores them;
   3. the target's top-k next-token distribution only at the rows the labels need
      (``label_rows``), rounded to fp16 as the cache stores it;
-  4. the soft labels of ``_blocks.draft_soft_labels``, the same rule the offline batch uses.
+  4. the soft labels of ``_blocks.draft_soft_labels``, the same rule the offline batch uses;
+  5. the output head's input at those rows, rounded to fp16 as the cache stores it.
 Everything is under ``stop_gradient``: the target is frozen.
 """
 
@@ -57,21 +58,23 @@ def _target_pass(params: Params, cfg: TargetConfig, tokens: jax.Array, layer_ids
 
 
 def target_outputs(params: Params, cfg: TargetConfig, batch: dict, *, layer_ids: tuple[int, ...], top_k: int,
-                   t2d: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(feats [B, S, n_f, D] fp16, soft_ids [B, A, L-1, k], soft_probs [B, A, L-1, k]) of a
-    ``make_token_batch`` batch: what ``make_batch`` reads from a cache, computed in the step."""
+                   t2d: jax.Array | None) -> dict[str, jax.Array]:
+    """feats [B, S, n_f, D] fp16, soft_ids / soft_probs [B, A, L-1, k] and head_in [B, A, L-1, D]
+    fp16 of a ``make_token_batch`` batch: what ``make_batch`` reads from a cache, computed in the step."""
     params = jax.lax.stop_gradient(params)
     hidden = _target_pass(params, cfg, batch["tokens"], layer_ids)  # [B, S, n_f + 1, D]
     b, a, l1 = batch["label_rows"].shape
     rows = batch["label_rows"].reshape(b, a * l1)
     h = jnp.take_along_axis(hidden[:, :, -1], rows[..., None], axis=1)  # [B, A*(L-1), D]
-    logits = lm_head(params, final_norm(params, cfg, h)).astype(jnp.float32)  # [B, A*(L-1), V]
+    head_in = final_norm(params, cfg, h)
+    logits = lm_head(params, head_in).astype(jnp.float32)  # [B, A*(L-1), V]
     vals, ids = jax.lax.top_k(logits, top_k)  # [B, A*(L-1), k]
     probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)).astype(jnp.float16)
     soft_ids, soft_probs = draft_soft_labels(ids.reshape(b, a, l1, top_k), probs.reshape(b, a, l1, top_k),
                                              batch["label_exists"], t2d, xp=jnp)
-    feats = jax.lax.stop_gradient(hidden[:, :, :-1].astype(jnp.float16))
-    return feats, jax.lax.stop_gradient(soft_ids), jax.lax.stop_gradient(soft_probs)
+    out = {"feats": hidden[:, :, :-1].astype(jnp.float16), "soft_ids": soft_ids, "soft_probs": soft_probs,
+           "head_in": head_in.astype(jnp.float16).reshape(b, a, l1, -1)}
+    return jax.lax.stop_gradient(out)
 
 
 def feature_scale(params: Params, cfg: TargetConfig, data: TokenSequences, layer_ids: Sequence[int], *,

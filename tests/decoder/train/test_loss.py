@@ -47,6 +47,28 @@ def test_loss_is_the_weighted_mean_of_position_losses():
         np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+def test_full_teacher_loss_is_the_cross_entropy_to_the_teachers_whole_distribution():
+    """With teacher logits the soft term is -sum_v softmax(teacher)_v log p_v over every draft id,
+    so it differs from the top-1 rule (a test that would pass with the top-k path would fail here)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 3, 5, 11)).astype(np.float32)
+    teacher = rng.normal(size=(2, 3, 5, 11)).astype(np.float32) * 2
+    labels = rng.integers(0, 11, size=(2, 3, 5))
+    valid = rng.random((2, 3, 5)) > 0.3
+    w = loss_weights(6)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    q = np.exp(teacher) / np.exp(teacher).sum(-1, keepdims=True)
+    soft = -(q * logp).sum(-1)
+    hard = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    batch = dict(_batch(labels, valid), teacher_logits=jnp.asarray(teacher))
+    for distill in (1.0, 0.4):
+        want = (w * valid * ((1 - distill) * hard + distill * soft)).sum() / (w * valid).sum()
+        loss, _ = block_loss(jnp.asarray(logits), batch, jnp.asarray(w), distill)
+        np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    top1, _ = block_loss(jnp.asarray(logits), _batch(labels, valid), jnp.asarray(w), 1.0)
+    assert abs(float(top1) - (w * valid * soft).sum() / (w * valid).sum()) > 1e-2
+
+
 def test_accepted_length_metric_stops_at_the_first_miss():
     labels = np.zeros((1, 2, 4), np.int64)
     logits = np.full((1, 2, 4, 3), -5.0, np.float32)

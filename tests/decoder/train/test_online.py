@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_training import SPEC, TRAIN
 
+from dflash_batch.decoder import KVCache, forward
 from dflash_batch.decoder.train import (
     Sample, Trainer, TokenSequences, build_feature_cache, drafter_config, feature_inv_scale, feature_scale,
     init_params, target_to_draft,
@@ -61,6 +63,31 @@ def test_online_loss_and_step_equal_the_offline_ones(both):
     pb, _, sb = online.step(copy(params), online.init_opt(params), b)
     np.testing.assert_allclose(float(sb["grad_norm"]), float(sa["grad_norm"]), rtol=1e-4)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), pb, pa)
+
+
+def test_full_teacher_is_the_targets_own_logits_online_and_offline(tiny32, both):
+    """teacher="full": the teacher logits are the target's logits at each label's row over the
+    draft vocabulary, from the cached head input (offline) as from the live target pass (online)."""
+    offline, online, params, cache, tokens = both
+    full = dataclasses.replace(offline.tcfg, teacher="full")
+    inv, t2d = np.asarray(offline.inv_scale), offline.t2d
+    off_full = Trainer(offline.dcfg, offline.target_params, cache, full, inv_scale=inv, t2d=t2d)
+    on_full = Trainer(online.dcfg, online.target_params, tokens, full, inv_scale=inv, t2d=t2d,
+                      target_config=online.target_config)
+    seqs = np.array([0, 2, 5, 7])
+    a = off_full.batch(seqs, np.random.default_rng(9))
+    b = on_full.batch(seqs, np.random.default_rng(9))
+    la, _ = off_full.loss(params, a)
+    lb, _ = on_full.loss(params, b)
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    d2t = params["d2t"]
+    teacher = np.asarray(off_full._inputs(off_full.target_params, d2t, a)["teacher_logits"])  # [B, A, L-1, V']
+    for row, i in enumerate(seqs):
+        toks = jnp.asarray(tokens.tokens[tokens.rows(int(i))])[None]
+        logits, _, _ = forward(tiny32.params, tiny32.config, toks, jnp.zeros((1,), jnp.int32),
+                               KVCache.init(tiny32.config, 1, toks.shape[1]))
+        want = np.asarray(logits[0])[a["label_rows"][row]][..., np.asarray(d2t)]
+        np.testing.assert_allclose(teacher[row], want, atol=2e-2)  # the head input is stored as fp16
 
 
 def test_feature_scale_from_the_target_pass_matches_the_caches(tiny32, both):

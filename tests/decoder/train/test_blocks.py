@@ -31,9 +31,10 @@ def _cache(n_f=1, d=2, k=3):
     topk_ids = np.stack([tokens + 1, tokens + 2, tokens + 3], axis=1)  # the "distribution" of row t's next token
     topk_probs = np.tile(np.array([0.5, 0.3, 0.2], np.float16), (rows, 1))
     feats = np.arange(rows * n_f * d, dtype=np.float16).reshape(rows, n_f, d)
+    head_in = np.arange(rows * d, dtype=np.float16).reshape(rows, d) + 1000  # row t's head input
     return FeatureCache(folder=None, ids=["a", "b"], tokens=tokens, offsets=np.array([0, 8, 14]),
                         prompt_lens=np.array(plens, np.int32), feats=feats, topk_ids=topk_ids, topk_probs=topk_probs,
-                        scale=np.ones((n_f, d), np.float32), layer_ids=(0,))
+                        head_in=head_in, scale=np.ones((n_f, d), np.float32), layer_ids=(0,))
 
 
 def test_block_is_anchor_then_masks_and_labels_are_the_following_tokens():
@@ -56,6 +57,8 @@ def test_block_is_anchor_then_masks_and_labels_are_the_following_tokens():
                     # soft label of x_(p+k): the distribution cached at row p+k-1
                     assert b["soft_ids"][row, ai, k - 1].tolist() == [toks[p + k - 1] + j for j in (1, 2, 3)]
                     np.testing.assert_allclose(b["soft_probs"][row, ai, k - 1], [0.5, 0.3, 0.2], atol=1e-3)
+                    # and the head input of that same row (the full teacher's source)
+                    np.testing.assert_array_equal(b["head_in"][row, ai, k - 1], c.head_in[c.rows(seq)][p + k - 1])
                 else:
                     assert b["soft_probs"][row, ai, k - 1].sum() == 0
 

@@ -48,14 +48,18 @@ def test_online_batch_draws_the_same_blocks_as_the_offline_batch(both):
     assert "feats" not in b and b["tokens"].shape[1] >= a["feats"].shape[1]  # online: the data set's longest
 
 
+def _same_blocks_same_loss(offline, online, params, seqs, seed):
+    """Both trainers' batches of ``seqs`` from the same anchor draw, and their losses (asserted equal)."""
+    a = offline.batch(np.asarray(seqs), np.random.default_rng(seed))
+    b = online.batch(np.asarray(seqs), np.random.default_rng(seed))
+    (la, ma), (lb, mb) = offline.loss(params, a), online.loss(params, b)
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    return a, b, ma, mb
+
+
 def test_online_loss_and_step_equal_the_offline_ones(both):
     offline, online, params, _, _ = both
-    seqs = np.array([1, 2, 4, 6])
-    a = offline.batch(seqs, np.random.default_rng(7))
-    b = online.batch(seqs, np.random.default_rng(7))
-    la, ma = offline.loss(params, a)
-    lb, mb = online.loss(params, b)
-    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    a, b, ma, mb = _same_blocks_same_loss(offline, online, params, [1, 2, 4, 6], seed=7)
     for k in ma:
         np.testing.assert_allclose(float(mb[k]), float(ma[k]), rtol=1e-5, err_msg=k)
     copy = lambda t: jax.tree.map(lambda x: jax.numpy.array(x, copy=True), t)  # noqa: E731 (the step donates)
@@ -74,12 +78,8 @@ def test_full_teacher_is_the_targets_own_logits_online_and_offline(tiny32, both)
     off_full = Trainer(offline.dcfg, offline.target_params, cache, full, inv_scale=inv, t2d=t2d)
     on_full = Trainer(online.dcfg, online.target_params, tokens, full, inv_scale=inv, t2d=t2d,
                       target_config=online.target_config)
-    seqs = np.array([0, 2, 5, 7])
-    a = off_full.batch(seqs, np.random.default_rng(9))
-    b = on_full.batch(seqs, np.random.default_rng(9))
-    la, _ = off_full.loss(params, a)
-    lb, _ = on_full.loss(params, b)
-    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    seqs = [0, 2, 5, 7]
+    a, _, _, _ = _same_blocks_same_loss(off_full, on_full, params, seqs, seed=9)
     d2t = params["d2t"]
     teacher = np.asarray(off_full._inputs(off_full.target_params, d2t, a)["teacher_logits"])  # [B, A, L-1, V']
     for row, i in enumerate(seqs):

@@ -77,6 +77,9 @@ def test_model_card_and_tau_plot_describe_the_run(tiny_run, tmp_path):
     test = {"prompts": 4, "max_new_tokens": 32, "source": "t.parquet", "dflash_b16": {"tau": 1.3, "tau_mean": 1.3},
             "ngram_b16": {"tau": 2.1, "tau_mean": 2.4}}
     assert "1.30 vs 2.10, so this drafter does NOT beat it" in model_card({**summary, "test": test})
+    assert f"target top-{summary['train_config']['top_k']} distribution" in card
+    full = {**summary, "train_config": {**summary["train_config"], "teacher": "full"}}
+    assert "the target's full distribution over the draft vocabulary (KL)" in model_card(full)
     png = plot_tau_curve(summary["evals"], tmp_path / "tau.png", 8)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert plot_tau_curve(summary["evals"][:1], tmp_path / "one.png", 8) is None  # one point is no curve

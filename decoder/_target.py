@@ -33,6 +33,14 @@ def lm_head(params: Params, x: jax.Array) -> jax.Array:
     return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
 
 
+def head_rows(params: Params, ids=None) -> jax.Array:
+    """The output head's rows [V', D] for token ``ids`` [V'] (every token when None), so that
+    ``lm_head(params, x)[..., ids] == x @ head_rows(params, ids).T``."""
+    w = params.get("lm_head")
+    rows = params["embed"] if w is None else w.T
+    return rows if ids is None else jnp.take(rows, jnp.asarray(ids), axis=0)
+
+
 def final_norm(params: Params, cfg: TargetConfig, x: jax.Array) -> jax.Array:
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 

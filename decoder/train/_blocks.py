@@ -111,15 +111,16 @@ def _fill_blocks(out: dict, row: int, blocks: dict) -> None:
 
 
 def make_batch(cache: FeatureCache, seqs: np.ndarray, rng: np.random.Generator, *, n_anchors: int, block_size: int,
-               seq_len: int, mask_token_id: int, t2d: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               seq_len: int, mask_token_id: int, t2d: np.ndarray | None = None, head_in: bool = False
+               ) -> dict[str, np.ndarray]:
     """One packed batch from sequences ``seqs`` [B] of ``cache`` (offline training).
 
     Returns numpy arrays: the blocks of ``sample_blocks`` stacked over B, and
       feats [B, S, n_f, D] fp16 (zero past each sequence),
       soft_ids [B, A, L-1, k] int32 (draft ids), soft_probs [B, A, L-1, k] float32
       (sums to 1 over each valid label's in-vocabulary top-k entries, 0 elsewhere),
-      head_in [B, A, L-1, D] fp16: the target's output-head input at each label's row
-      (the whole teacher distribution, computed in the step when ``TrainConfig.teacher`` is "full").
+      with ``head_in``, head_in [B, A, L-1, D] fp16: the target's output-head input at each label's
+      row (the whole teacher distribution is computed from it in the step: ``TrainConfig.teacher``).
     """
     b, a, blk, k = len(seqs), n_anchors, block_size, cache.topk_ids.shape[1]
     n_f, d = cache.feats.shape[1:]
@@ -127,7 +128,8 @@ def make_batch(cache: FeatureCache, seqs: np.ndarray, rng: np.random.Generator, 
     out["feats"] = np.zeros((b, seq_len, n_f, d), np.float16)
     out["soft_ids"] = np.zeros((b, a, blk - 1, k), np.int32)
     out["soft_probs"] = np.zeros((b, a, blk - 1, k), np.float32)
-    out["head_in"] = np.zeros((b, a, blk - 1, d), np.float16)
+    if head_in:
+        out["head_in"] = np.zeros((b, a, blk - 1, d), np.float16)
     for row, i in enumerate(seqs):
         r = cache.rows(int(i))
         n = r.stop - r.start
@@ -140,7 +142,8 @@ def make_batch(cache: FeatureCache, seqs: np.ndarray, rng: np.random.Generator, 
         rows = blocks["label_rows"]
         out["soft_ids"][row], out["soft_probs"][row] = draft_soft_labels(
             np.asarray(cache.topk_ids[r])[rows], np.asarray(cache.topk_probs[r])[rows], blocks["label_exists"], t2d)
-        out["head_in"][row] = np.asarray(cache.head_in[r])[rows]
+        if head_in:
+            out["head_in"][row] = np.asarray(cache.head_in[r])[rows]
     return out
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._drafter import DrafterConfig, init_drafter_params
-from dflash_batch.decoder._target import Params
+from dflash_batch.decoder._target import Params, head_rows
 
 
 def feature_inv_scale(scale: np.ndarray, standardize: bool) -> np.ndarray:
@@ -66,9 +66,7 @@ def init_params(dcfg: DrafterConfig, target_params: Params, target_cfg: TargetCo
     if dcfg.mask_embedding:
         params["mask_embedding"] = jnp.asarray(embed.mean(axis=0))
     if d2t is not None:
-        head = target_params.get("lm_head")
-        rows = embed[np.asarray(d2t)] if head is None else np.asarray(head, np.float32)[:, np.asarray(d2t)].T
-        params["lm_head"] = jnp.asarray(rows.T)  # [D, V_d]
+        params["lm_head"] = jnp.asarray(head_rows(target_params, d2t), jnp.float32).T  # [D, V_d]
     params["norm"] = jnp.asarray(target_params["final_norm"], jnp.float32)
     if not from_target:
         return _own(params)

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._drafter import DrafterConfig
 from dflash_batch.decoder._mesh import make_mesh
-from dflash_batch.decoder._target import Params
+from dflash_batch.decoder._target import Params, head_rows
 from dflash_batch.decoder.train._blocks import make_batch, make_token_batch
 from dflash_batch.decoder.train._features import FeatureCache
 from dflash_batch.decoder.train._online import TokenSequences, target_outputs
@@ -106,11 +106,7 @@ def _frozen(params: Params) -> Params:
 def draft_vocab_logits(target_params: Params, d2t: jax.Array | None, head_in: jax.Array) -> jax.Array:
     """The target's logits [..., V'] over the draft vocabulary (target ids ``d2t`` [V'], or
     all of them) from its output head's input [..., D]: only the V' rows of the head run."""
-    w = target_params.get("lm_head")
-    rows = target_params["embed"] if w is None else w.T  # [V, D]
-    if d2t is not None:
-        rows = jnp.take(rows, d2t, axis=0)
-    return jnp.einsum("...D,VD->...V", head_in, rows, preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,VD->...V", head_in, head_rows(target_params, d2t), preferred_element_type=jnp.float32)
 
 
 def _default_mesh() -> Mesh:
@@ -166,11 +162,12 @@ class Trainer:
     def _inputs(self, target_params, d2t, batch) -> dict:
         """The batch with the target's outputs: read from it (offline) or computed (online),
         and with ``teacher="full"`` the target's logits over the draft vocabulary."""
+        full = self.tcfg.teacher == "full"
         if self.online:
             batch = dict(batch, **target_outputs(target_params, self.target_config, batch,
                                                  layer_ids=tuple(self.dcfg.target_layer_ids),
-                                                 top_k=self.tcfg.top_k, t2d=self._t2d))
-        if self.tcfg.teacher == "full":
+                                                 top_k=0 if full else self.tcfg.top_k, t2d=self._t2d))
+        if full:
             batch = dict(batch, teacher_logits=draft_vocab_logits(target_params, d2t, batch["head_in"]))
         return batch
 
@@ -208,9 +205,11 @@ class Trainer:
             longest = int(self.data.seq_lens.max())
         else:
             longest = int(self.data.seq_lens[np.asarray(seqs)].max())
-        build = make_token_batch if self.online else make_batch
-        return build(self.data, seqs, rng, n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size,
-                     seq_len=-(-longest // SEQ_STEP) * SEQ_STEP, mask_token_id=self.dcfg.mask_token_id, t2d=self.t2d)
+        kw = dict(n_anchors=self.tcfg.anchors, block_size=self.dcfg.block_size, seq_len=-(-longest // SEQ_STEP) * SEQ_STEP,
+                  mask_token_id=self.dcfg.mask_token_id, t2d=self.t2d)
+        if self.online:
+            return make_token_batch(self.data, seqs, rng, **kw)
+        return make_batch(self.data, seqs, rng, head_in=self.tcfg.teacher == "full", **kw)
 
     def step(self, params, opt_state, batch):
         return self._step(params, opt_state, self.target_params, batch)

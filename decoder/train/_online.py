@@ -60,20 +60,21 @@ def _target_pass(params: Params, cfg: TargetConfig, tokens: jax.Array, layer_ids
 def target_outputs(params: Params, cfg: TargetConfig, batch: dict, *, layer_ids: tuple[int, ...], top_k: int,
                    t2d: jax.Array | None) -> dict[str, jax.Array]:
     """feats [B, S, n_f, D] fp16, soft_ids / soft_probs [B, A, L-1, k] and head_in [B, A, L-1, D]
-    fp16 of a ``make_token_batch`` batch: what ``make_batch`` reads from a cache, computed in the step."""
+    fp16 of a ``make_token_batch`` batch: what ``make_batch`` reads from a cache, computed in the step.
+    ``top_k`` 0 leaves out the soft labels (a full-distribution teacher needs no top-k of the whole head)."""
     params = jax.lax.stop_gradient(params)
     hidden = _target_pass(params, cfg, batch["tokens"], layer_ids)  # [B, S, n_f + 1, D]
     b, a, l1 = batch["label_rows"].shape
     rows = batch["label_rows"].reshape(b, a * l1)
     h = jnp.take_along_axis(hidden[:, :, -1], rows[..., None], axis=1)  # [B, A*(L-1), D]
     head_in = final_norm(params, cfg, h)
-    logits = lm_head(params, head_in).astype(jnp.float32)  # [B, A*(L-1), V]
-    vals, ids = jax.lax.top_k(logits, top_k)  # [B, A*(L-1), k]
-    probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)).astype(jnp.float16)
-    soft_ids, soft_probs = draft_soft_labels(ids.reshape(b, a, l1, top_k), probs.reshape(b, a, l1, top_k),
-                                             batch["label_exists"], t2d, xp=jnp)
-    out = {"feats": hidden[:, :, :-1].astype(jnp.float16), "soft_ids": soft_ids, "soft_probs": soft_probs,
-           "head_in": head_in.astype(jnp.float16).reshape(b, a, l1, -1)}
+    out = {"feats": hidden[:, :, :-1].astype(jnp.float16), "head_in": head_in.astype(jnp.float16).reshape(b, a, l1, -1)}
+    if top_k:
+        logits = lm_head(params, head_in).astype(jnp.float32)  # [B, A*(L-1), V]
+        vals, ids = jax.lax.top_k(logits, top_k)  # [B, A*(L-1), k]
+        probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True)).astype(jnp.float16)
+        out["soft_ids"], out["soft_probs"] = draft_soft_labels(
+            ids.reshape(b, a, l1, top_k), probs.reshape(b, a, l1, top_k), batch["label_exists"], t2d, xp=jnp)
     return jax.lax.stop_gradient(out)
 
 

@@ -40,7 +40,7 @@ def _cache(n_f=1, d=2, k=3):
 def test_block_is_anchor_then_masks_and_labels_are_the_following_tokens():
     c = _cache()
     b = make_batch(c, np.array([0, 1]), np.random.default_rng(0), n_anchors=3, block_size=4, seq_len=8,
-                   mask_token_id=99)
+                   mask_token_id=99, head_in=True)
     for row, seq in enumerate([0, 1]):
         toks = c.tokens[c.rows(seq)]
         n = len(toks)

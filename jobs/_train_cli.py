@@ -92,6 +92,10 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               "its embedding is replaced by a learned one].")
 @click.option("--init", "init_from", default="target", show_default=True, type=click.Choice(["target", "random"]),
               help="Start draft layers from target layers, or from noise.")
+@click.option("--init-from", "init_drafter", help="Continue training this drafter (a folder, gs:// prefix, or "
+              "'default': the one shipped for the target), e.g. to fine-tune a published one on your domain: its shape, "
+              "feature layers and draft vocabulary "
+              "replace --layers, --block-size, --target-layers, --draft-vocab and --init.")
 @click.option("--source-layers", callback=_int_tuple, help="Target layers the draft layers start from "
               "(comma-separated, one per draft layer) [default: the ones after the deepest feature layer].")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
@@ -132,7 +136,8 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
                           max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
                           eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
                           target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
-                          init_from: str, source_layers: tuple[int, ...] | None, standardize: bool, distill: float,
+                          init_from: str, init_drafter: str | None, source_layers: tuple[int, ...] | None,
+                          standardize: bool, distill: float,
                           top_k: int, teacher: str, lr: float, warmup: float,
                           weight_decay: float, gamma: float | None, seed: int, checkpoint_every: int, eval_every: int,
                           resume: bool, stop_at: int | None, test_prompts: Path | None, test_limit: int,
@@ -170,7 +175,7 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     spec = DrafterSpec(num_layers=layers, block_size=block_size, target_layer_ids=target_layers,
                        draft_vocab_size=draft_vocab or None, mask_token_id=mask_token_id,
                        init_from_target=init_from == "target", source_layers=source_layers,
-                       standardize=standardize)
+                       standardize=standardize, init_drafter=init_drafter)
     tcfg = TrainConfig(steps=steps, batch_size=batch, anchors=anchors, lr=lr, warmup=warmup, weight_decay=weight_decay,
                        gamma=gamma, distill=distill, top_k=top_k, teacher=teacher, seed=seed, checkpoint_every=checkpoint_every,
                        eval_every=eval_every)
@@ -270,7 +275,8 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         "",
         f"{d['num_hidden_layers']} draft layer(s) of the target's own layer shape (hidden {d['hidden_size']}, "
         f"{d['num_attention_heads']} heads / {d['num_key_value_heads']} KV heads, MLP {d['intermediate_size']}), "
-        + ("started from target layers." if spec["init_from_target"] else "started from noise.")
+        + (f"continued from the drafter `{spec['init_drafter']}`." if spec.get("init_drafter") else
+           "started from target layers." if spec["init_from_target"] else "started from noise.")
         + (f" {shape_note}" if shape_note else ""),
         "",
         "## Training data",
@@ -304,7 +310,8 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         "",
     ]
     if first:
-        lines.append(f"- Held-out prompts, untrained drafter: tau {first.get('decoder_tau', float('nan')):.3f}.")
+        start = "the drafter it continued" if spec.get("init_drafter") else "untrained drafter"
+        lines.append(f"- Held-out prompts, {start}: tau {first.get('decoder_tau', float('nan')):.3f}.")
     if last:
         lines.append(f"- Held-out prompts at step {last['step']}: tau {last.get('decoder_tau', float('nan')):.3f} "
                      f"(block {d['block_size']}, {s.get('eval_max_new_tokens', '')} new tokens).")

@@ -102,6 +102,14 @@ def _own(params: Params) -> Params:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
 
 
+def params_from_drafter(params: Params, inv_scale: np.ndarray) -> Params:
+    """Training parameters that continue a saved drafter (fine-tuning): the inverse of
+    ``export_params``, so that exporting them unchanged gives the drafter back."""
+    out = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    out["fc"] = out["fc"] / jnp.asarray(np.asarray(inv_scale, np.float32).reshape(-1, 1))  # [n_f*D, D]
+    return _own(out)
+
+
 def export_params(params: Params, inv_scale: np.ndarray) -> Params:
     """Inference parameters: the standardisation folded into ``fc`` (plain z-lab weights)."""
     out = dict(params)

@@ -8,7 +8,8 @@ Steps (each cached in ``work_dir``, so a rerun or ``resume`` skips what is done)
      features and top-k distributions (``_features``). Online: only estimate the
      features' scale; the training step runs the target itself (``_online``).
   4. Choose the draft vocabulary from the training responses (``_vocab``).
-  5. Initialise the drafter from the target (``_init``) and train (``_loop``), with
+  5. Initialise the drafter from the target (``_init``), or continue a saved drafter
+     (``DrafterSpec.init_drafter``: fine-tuning to a new domain), and train (``_loop``), with
      periodic tau evaluations through the real Decoder (``_eval``).
   6. Fold the feature standardisation into ``fc`` and save (``save_drafter``, bf16) the
      evaluated drafter with the best held-out decoder tau: a small data set is memorised
@@ -32,12 +33,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dflash_batch.decoder._checkpoint import TargetModel
+from dflash_batch.decoder._registry import resolve_drafter_dir
 from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
 from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._data import generate_responses
 from dflash_batch.decoder.train._eval import decode_tau
 from dflash_batch.decoder.train._features import build_feature_cache
-from dflash_batch.decoder.train._init import export_params, feature_inv_scale, init_params
+from dflash_batch.decoder.train._init import export_params, feature_inv_scale, init_params, params_from_drafter
 from dflash_batch.decoder.train._loop import TrainConfig, Trainer, train_loop
 from dflash_batch.decoder.train._online import TokenSequences, feature_scale
 from dflash_batch.decoder.train._vocab import coverage, select_draft_vocab, target_to_draft, token_counts
@@ -57,6 +59,9 @@ class DrafterSpec:
     source_layers: tuple[int, ...] | None = None  # target layers the draft layers copy; None: after the deepest feature
     standardize: bool = True
     intermediate_size: int | None = None  # None: the target's (required when initialising from it)
+    # A saved drafter to continue training from (a folder, gs:// prefix, or "default": the one shipped
+    # for the target): its shape, features and draft vocabulary replace every field above.
+    init_drafter: str | None = None
 
     def layer_ids(self, num_target_layers: int) -> tuple[int, ...]:
         if self.target_layer_ids is not None:
@@ -123,7 +128,11 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     work_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     online = jax.default_backend() != "cpu" if online is None else online
-    dcfg = drafter_config(spec, target)
+    base_dir = resolve_drafter_dir(spec.init_drafter, target.name) if spec.init_drafter else None
+    base = load_drafter(base_dir) if base_dir is not None else None
+    if base is not None:
+        base.config.check_target(target.config)
+    dcfg = base.config if base is not None else drafter_config(spec, target)
 
     # 2. Responses (the prompt set is frozen once generation ends, so a resumed call trains on the same data).
     t0 = time.perf_counter()
@@ -174,8 +183,9 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
     counts = token_counts([resp[i] for i in train_idx], dcfg.vocab_size)
     held_counts = token_counts([resp[i] for i in held_idx], dcfg.vocab_size)
     d2t = t2d = None
-    if dcfg.draft_vocab_size is not None:
-        d2t = select_draft_vocab(counts, dcfg.draft_vocab_size, always=target.eos_token_ids)
+    if dcfg.draft_vocab_size is not None:  # a continued drafter keeps its vocabulary (its lm_head's columns)
+        d2t = (np.asarray(base.params["d2t"]) if base is not None else
+               select_draft_vocab(counts, dcfg.draft_vocab_size, always=target.eos_token_ids))
         t2d = target_to_draft(d2t, dcfg.vocab_size)
     vocab = {"size": dcfg.out_vocab_size,
              "train_coverage": coverage(counts, d2t) if d2t is not None else 1.0,
@@ -184,8 +194,11 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
 
     # 5. Initialise and train.
     inv_scale = feature_inv_scale(scale, spec.standardize)
-    params = init_params(dcfg, target.params, target.config, jax.random.PRNGKey(tcfg.seed), inv_scale=inv_scale,
-                         d2t=d2t, from_target=spec.init_from_target, source_layers=spec.source_layers)
+    if base is not None:
+        params = params_from_drafter(base.params, inv_scale)
+    else:
+        params = init_params(dcfg, target.params, target.config, jax.random.PRNGKey(tcfg.seed), inv_scale=inv_scale,
+                             d2t=d2t, from_target=spec.init_from_target, source_layers=spec.source_layers)
     trainer = Trainer(dcfg, target.params, data, tcfg, inv_scale=inv_scale, t2d=t2d,
                       target_config=target.config if online else None, mesh=mesh)
     held_prompts = [(ids[i], prompts[i][1]) for i in held_idx]

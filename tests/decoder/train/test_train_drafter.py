@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 from tiny_training import N_HELD_OUT, SPEC, tiny_prompts
 
@@ -83,3 +84,57 @@ def test_model_card_and_tau_plot_describe_the_run(tiny_run, tmp_path):
     png = plot_tau_curve(summary["evals"], tmp_path / "tau.png", 8)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert plot_tau_curve(summary["evals"][:1], tmp_path / "one.png", 8) is None  # one point is no curve
+
+
+def test_continued_params_export_back_to_the_saved_drafter(tiny_run):
+    from dflash_batch.decoder.train._init import export_params, params_from_drafter
+
+    _, out, _ = tiny_run
+    saved = load_drafter(out).params
+    inv_scale = np.random.default_rng(0).uniform(0.5, 4.0, size=(saved["fc"].shape[0] // saved["fc"].shape[1],
+                                                                 saved["fc"].shape[1])).astype(np.float32)
+    train = params_from_drafter(saved, inv_scale)
+    assert not np.allclose(np.asarray(train["fc"]), np.asarray(saved["fc"]))  # training sees standardised features
+    back = export_params(train, inv_scale)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(saved):
+        got = dict(jax.tree_util.tree_leaves_with_path(back))[path]
+        assert got.dtype == leaf.dtype, path
+        np.testing.assert_allclose(np.asarray(got), np.asarray(leaf), rtol=1e-6, atol=1e-7, err_msg=str(path))
+
+
+def test_training_continues_a_saved_drafter(tiny32, tiny_run, tmp_path):
+    """--init-from: the run starts from the saved drafter (its held-out tau, shape and draft
+    vocabulary), not from the target, and fine-tunes it on the data it is given."""
+    import dataclasses
+    import shutil
+
+    from dflash_batch.decoder.train import DrafterSpec, train_drafter
+    from tiny_training import TRAIN
+
+    summary, out, work = tiny_run
+    cont_work = tmp_path / "work"
+    cont_work.mkdir()
+    shutil.copy(work / "responses.jsonl", cont_work)  # the same data: nothing generated again
+    shutil.copytree(work / "features", cont_work / "features")
+    spec = DrafterSpec(num_layers=2, block_size=4, draft_vocab_size=16, init_drafter=str(out))  # the drafter's win
+    tcfg = dataclasses.replace(TRAIN, steps=20, eval_every=20, lr=3e-4)
+    cont = train_drafter(tiny32, tiny_prompts(), tmp_path / "continued", work_dir=cont_work, spec=spec, tcfg=tcfg,
+                         max_new_tokens=32, eval_prompts=N_HELD_OUT, eval_max_new_tokens=32, progress=False,
+                         log=lambda _: None)
+    base, tuned = load_drafter(out), load_drafter(tmp_path / "continued")
+    assert tuned.config == base.config
+    np.testing.assert_array_equal(np.asarray(tuned.params["d2t"]), np.asarray(base.params["d2t"]))
+    assert not np.allclose(np.asarray(tuned.params["fc"]), np.asarray(base.params["fc"]))  # it was trained
+
+    prompts = tiny_prompts()
+    _, held = split_prompts([p[0] for p in prompts], N_HELD_OUT, seed=0)
+    saved_tau = decode_tau(tiny32, [prompts[i] for i in held], drafter=base, max_new_tokens=32)["tau"]
+    start, end = cont["evals"][0], cont["evals"][-1]
+    assert (start["step"], end["step"]) == (0, 20)
+    assert abs(start["decoder_tau"] - saved_tau) < 0.02  # step 0 is the saved drafter itself
+    assert start["decoder_tau"] > summary["evals"][0]["decoder_tau"] + 0.25  # not an untrained start
+
+    from dflash_batch.jobs._train_cli import model_card
+
+    card = model_card(cont)
+    assert f"continued from the drafter `{out}`" in card and "the drafter it continued: tau" in card

@@ -53,6 +53,21 @@ def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
     return out, bad
 
 
+def deadlines(t_start: float, time_budget: float, gen_budget: float | None, eval_reserve: float | None
+              ) -> tuple[float | None, float | None]:
+    """(end of response generation, end of training) as ``time.time()`` values, None for no limit.
+
+    A generation budget also works without a time budget: the data set then grows by the hour,
+    and training runs to its step count.
+    """
+    gen_deadline = deadline = None
+    if gen_budget is not None or time_budget:
+        gen_deadline = t_start + (0.4 * time_budget if gen_budget is None else gen_budget)
+    if time_budget:
+        deadline = t_start + time_budget - (0.2 * time_budget if eval_reserve is None else eval_reserve)
+    return gen_deadline, deadline
+
+
 def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
     if not value:
         return None
@@ -156,10 +171,7 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     from dflash_batch.decoder.train import DrafterSpec, TrainConfig, train_drafter
 
     t_start = time.time()
-    gen_deadline = deadline = None
-    if time_budget:
-        gen_deadline = t_start + (0.4 * time_budget if gen_budget is None else gen_budget)
-        deadline = t_start + time_budget - (0.2 * time_budget if eval_reserve is None else eval_reserve)
+    gen_deadline, deadline = deadlines(t_start, time_budget, gen_budget, eval_reserve)
     tgt = load_target(target)
     prompts, bad = read_prompts(prompts_path, tgt.tokenizer, template, limit)
     if bad:

@@ -70,3 +70,12 @@ train_drafter_command(["--help"])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--online / --offline" in r.stdout and "--time-budget" in r.stdout
+
+
+def test_budgets_become_deadlines():
+    from dflash_batch.jobs._train_cli import deadlines
+
+    assert deadlines(100.0, 0.0, None, None) == (None, None)  # no budget: no limit
+    assert deadlines(100.0, 1000.0, None, None) == (500.0, 900.0)  # 40% generation, 20% kept for evaluation
+    assert deadlines(100.0, 1000.0, 50.0, 300.0) == (150.0, 800.0)
+    assert deadlines(100.0, 0.0, 60.0, None) == (160.0, None)  # generation by the hour, training to its end

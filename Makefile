@@ -27,13 +27,15 @@ demo: $(STAMP)
 	$(VENV)/bin/dflash-batch run jobs/examples/aclsum_summarize.toml
 	$(VENV)/bin/dflash-batch audit aclsum-output
 
+# -P: the repository root is the package's own folder; on the path, its kernels/ would shadow the
+# `kernels` package that transformers imports.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -P -m pytest -q
 
 # Your own loop: everything but the end-to-end tests on the real default model.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -P -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -36,9 +36,9 @@ flags() {
 }
 
 mkdir -p "$WORK"
-[ -f "$WORK/prompts.parquet" ] || "$PY" -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" \
+[ -f "$WORK/prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" \
   --set full --splits train,val --limit "$LIMIT"
-[ -f "$WORK/test-prompts.parquet" ] || "$PY" -m dflash_batch.jobs.cli make-example-input --split test \
+[ -f "$WORK/test-prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs.cli make-example-input --split test \
   "$WORK/test-prompts.parquet"
 
 for r in $RECIPES; do
@@ -54,7 +54,7 @@ for r in $RECIPES; do
   fi
   echo "recipe $r: $extra"
   # shellcheck disable=SC2086
-  "$PY" -m dflash_batch.jobs.cli train-drafter \
+  "$PY" -P -m dflash_batch.jobs.cli train-drafter \
     --target smollm2-135m-instruct --prompts "$WORK/prompts.parquet" --max-prompt-tokens 380 \
     --out "$d/drafter" --work-dir "$d" --offline \
     --max-new-tokens 128 --gen-batch 16 \
@@ -68,4 +68,4 @@ for r in $RECIPES; do
     $extra
 done
 
-"$PY" -m dflash_batch.jobs._recipe_table "$WORK" $RECIPES --shipped decoder/drafters/smollm2-135m-instruct
+"$PY" -P -m dflash_batch.jobs._recipe_table "$WORK" $RECIPES --shipped decoder/drafters/smollm2-135m-instruct

@@ -11,7 +11,10 @@
 # answered by then are the training set, frozen for reruns). Training: `train-drafter --init-from`,
 # so step 0 is the starting drafter itself and the held-out curve shows what fine-tuning adds;
 # evaluation on the first 32 ACLSum test abstracts, 128 new tokens, as the shipped drafter's card.
-# Extra arguments go to `dflash-batch train-drafter`. Everything slow is cached in $WORK.
+# PROMPT_SET=FILE trains on a recorded prompt set instead of the one a generation budget yields (the
+# shipped drafter's: decoder/drafters/smollm2-135m-instruct/training-prompt-set.json), so a rerun on
+# any machine sees the same data. Extra arguments go to `dflash-batch train-drafter`. Everything slow
+# is cached in $WORK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,14 +25,16 @@ OUT=${OUT:-$WORK/drafter}
 LIMIT=${LIMIT:-1500}
 STEPS=${STEPS:-600}
 GEN_BUDGET=${GEN_BUDGET:-2700}
+PROMPT_SET=${PROMPT_SET:-}
 
 mkdir -p "$WORK"
-[ -f "$WORK/prompts.parquet" ] || "$PY" -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" \
+[ -f "$WORK/prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" \
   --set full --splits train,val --limit "$LIMIT"
-[ -f "$WORK/test-prompts.parquet" ] || "$PY" -m dflash_batch.jobs.cli make-example-input --split test \
+[ -z "$PROMPT_SET" ] || [ -f "$WORK/prompt-set.json" ] || cp "$PROMPT_SET" "$WORK/prompt-set.json"
+[ -f "$WORK/test-prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs.cli make-example-input --split test \
   "$WORK/test-prompts.parquet"
 
-"$PY" -m dflash_batch.jobs.cli train-drafter \
+"$PY" -P -m dflash_batch.jobs.cli train-drafter \
   --target smollm2-135m-instruct --prompts "$WORK/prompts.parquet" --max-prompt-tokens 380 \
   --init-from "$INIT" --out "$OUT" --work-dir "$WORK" --offline \
   --max-new-tokens 128 --gen-batch 16 --gen-budget "$GEN_BUDGET" \

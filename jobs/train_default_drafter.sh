@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces the shipped drafter decoder/drafters/smollm2-135m-instruct/ in one command:
+# Reproduces the shipped drafter decoder/drafters/smollm2-135m-instruct/ in one command, in two stages:
+# 1. the recipe below on the 935 section prompts (-> $STAGE1), 2. jobs/finetune_drafter.sh continues
+# it on the shipped drafter's recorded 885 prompts of the larger in-domain set (-> $OUT).
 #
 #     bash jobs/train_default_drafter.sh            # from the repository root, after `make install`
 #     bash jobs/train_default_drafter.sh --resume   # continue after an interruption (same settings)
@@ -33,21 +35,22 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-.train-work/smollm2}
 OUT=${OUT:-decoder/drafters/smollm2-135m-instruct}
+STAGE1=${STAGE1:-$WORK/stage1-drafter}
 STEPS=${STEPS:-1500}
 
 mkdir -p "$WORK"
-"$PY" -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" --set sections --splits train,val --limit 0
+"$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" --set sections --splits train,val --limit 0
 # The evaluation set: the 100 whole ACLSum test abstracts, as the default job and `bench` read them.
-"$PY" -m dflash_batch.jobs.cli make-example-input --split test "$WORK/test-prompts.parquet"
+"$PY" -P -m dflash_batch.jobs.cli make-example-input --split test "$WORK/test-prompts.parquet"
 
 RETRIES=${RETRIES:-0}
 args=("$@")
 for ((attempt = 0; ; attempt++)); do
   rc=0
-  "$PY" -m dflash_batch.jobs.cli train-drafter \
+  "$PY" -P -m dflash_batch.jobs.cli train-drafter \
     --target smollm2-135m-instruct \
     --prompts "$WORK/prompts.parquet" \
-    --out "$OUT" \
+    --out "$STAGE1" \
     --work-dir "$WORK" \
     --max-new-tokens 128 --gen-batch 8 \
     --eval-prompts 16 --eval-max-new-tokens 64 \
@@ -70,6 +73,7 @@ the target's verify pass." \
     "${args[@]}" || rc=$?
   # 75: stopped by SIGTERM after checkpointing; >= 128: killed by a signal (resumes from the last
   # periodic checkpoint, at most --checkpoint-every steps back). Anything else is an error.
+  [[ $rc -eq 0 ]] && break
   if [[ ($rc -ne 75 && $rc -lt 128) || $attempt -ge $RETRIES ]]; then
     exit "$rc"
   fi
@@ -77,3 +81,11 @@ the target's verify pass." \
   [[ " ${args[*]} " == *" --resume "* ]] || args+=(--resume)
   sleep "${RETRY_SLEEP:-10}"
 done
+
+# 2. Fine-tune on the larger in-domain set (its own work dir; --resume continues it too). A stage 1
+# ended early with --stop-at is not finished: stage 2 waits for the rerun that finishes it.
+[[ " ${args[*]} " == *" --stop-at "* ]] && exit 0
+stage2=()
+[[ " ${args[*]} " == *" --resume "* ]] && stage2+=(--resume)
+INIT="$STAGE1" OUT="$OUT" WORK="$WORK/finetune" PROMPT_SET="$OUT/training-prompt-set.json" \
+  bash jobs/finetune_drafter.sh "${stage2[@]}"

@@ -85,10 +85,10 @@ if ! "$PY" -c "import dflash_batch" 2>/dev/null; then  # a bare host: the checko
 fi
 mkdir -p "$WORK"
 if [[ ! -f "$WORK/prompts.parquet" ]]; then
-  "$PY" -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" --set full --limit "$LIMIT"
+  "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" --set full --limit "$LIMIT"
 fi
 if [[ ! -f "$WORK/test-prompts.parquet" ]]; then
-  "$PY" -m dflash_batch.jobs._train_prompts --out "$WORK/test-prompts.parquet" --set eval
+  "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/test-prompts.parquet" --set eval
 fi
 if [[ "${1:-}" == "--prepare" ]]; then
   echo "prompt files ready in $WORK"
@@ -135,7 +135,7 @@ gen_left=$((GEN_BUDGET - ($(date +%s) - T0)))
 ((gen_left > 0)) || gen_left=0
 echo "train-drafter: ${left}s left of ${BUDGET}s (generation ${gen_left}s, evaluation reserve ${EVAL_RESERVE}s)"
 rc=0
-"$PY" -m dflash_batch.jobs._train_cli \
+"$PY" -P -m dflash_batch.jobs._train_cli \
   --target "$TARGET" --prompts "$WORK/prompts.parquet" --out "$DRAFTER" --work-dir "$WORK" \
   --max-new-tokens "$MAX_NEW" --max-prompt-tokens "$MAX_PROMPT" --gen-batch "$GEN_BATCH" \
   --eval-prompts "$EVAL_PROMPTS" --eval-max-new-tokens 64 \

@@ -11,6 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Python processes the tests start (``-c``, ``-m``) must not put the repository root first on their
+# path: its top-level folders (kernels/, decoder/, ...) would shadow installed packages of the same
+# name (transformers imports a ``kernels`` package). ``make test`` runs pytest itself with ``-P``.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 @pytest.fixture(scope="session")

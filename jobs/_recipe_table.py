@@ -19,7 +19,7 @@ CHANGES = {
     "kl": "KL to the full distribution only (distill 1.0, no hard labels)",
     "b8": "trained at block 8 (compare at decode block 8)",
     "l1": "one draft layer instead of two",
-    "shipped": "the shipped drafter (938 abstract/section prompts, 1500 steps), for reference",
+    "shipped": "the shipped drafter (its card: decoder/drafters/smollm2-135m-instruct/README.md), for reference",
 }
 TEST_COLUMNS = ("dflash_b16", "dflash_b8", "ngram_b16", "hybrid_b16")
 

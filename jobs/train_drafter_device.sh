@@ -36,7 +36,7 @@
 #   * generation until 230 s from the start (model import and compiles included). A prompt is ~250 tokens
 #     (prompt set: 28,285 prompts, mean 248 tokens) plus 128 new: ~95 GFLOP, nothing for an H200; at batch 256 a
 #     decode step is latency-bound (~3 ms: 30 layers of small kernels), so ~1-2 s per 256 prompts, i.e.
-#     ~20k prompts (~2M response tokens) in the budget, against 938 prompts / 95k tokens for the current drafter.
+#     ~20k prompts (~2M response tokens) in the budget, against 1,823 prompts / 183k tokens for the current drafter.
 #     On this project's 2-core CPU the same decoder makes ~47 tokens/s (938 prompts took 34 min).
 #   * training until EVAL_RESERVE before the end (~180 s). Per step, BATCH=32 sequences of S=512: the target's
 #     forward over 16k tokens at ~0.25 GFLOP/token plus its head on the 7.7k label rows is ~4.5 TFLOP; the

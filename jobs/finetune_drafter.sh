@@ -42,8 +42,8 @@ mkdir -p "$WORK"
   --steps "$STEPS" --batch 4 --anchors 16 --distill 0.5 --top-k 32 \
   --lr 1e-3 --warmup 0.04 --seed 0 --checkpoint-every 100 \
   --test-prompts "$WORK/test-prompts.parquet" --test-limit 32 --test-max-new-tokens 128 \
-  --data-note "Continued from the drafter '$INIT' on the first $LIMIT prompts of the in-domain ACLSum train+val \
-set (abstracts under the job's instruction, then sections and windows under five summarization instructions); \
+  --data-note "Continued from the drafter '$INIT' on prompts of the in-domain ACLSum train+val set (of its first \
+$LIMIT: those answered within the generation budget, or those of PROMPT_SET when given; abstracts under the job's instruction, then sections and windows under five summarization instructions); \
 ACLSum (Takeshita et al., 2024) is distributed on PyPI as \`aclsum\` (MIT); the texts are ACL Anthology papers \
 (CC BY 4.0). The ACLSum test split is not used for training." \
   "$@"

@@ -96,10 +96,12 @@ def test_continued_params_export_back_to_the_saved_drafter(tiny_run):
     train = params_from_drafter(saved, inv_scale)
     assert not np.allclose(np.asarray(train["fc"]), np.asarray(saved["fc"]))  # training sees standardised features
     back = export_params(train, inv_scale)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(saved):
-        got = dict(jax.tree_util.tree_leaves_with_path(back))[path]
-        assert got.dtype == leaf.dtype, path
-        np.testing.assert_allclose(np.asarray(got), np.asarray(leaf), rtol=1e-6, atol=1e-7, err_msg=str(path))
+
+    def same(path, want, got):
+        assert got.dtype == want.dtype, path
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7, err_msg=str(path))
+
+    jax.tree_util.tree_map_with_path(same, saved, back)  # also fails if the two trees' structures differ
 
 
 def test_training_continues_a_saved_drafter(tiny32, tiny_run, tmp_path):

@@ -27,7 +27,7 @@ class VerifyBlockSizes:
 
     block_s: cache rows per grid step (a multiple of 8; the whole cache when S <= block_s).
     block_kv_heads: kv heads per grid step (must divide K); None = all K heads.
-    Defaults are untuned: no accelerator has run them yet (see kernels/bench.py).
+    Defaults are untuned: no accelerator has run them yet (see tools/kernel_bench.py).
     """
 
     block_s: int = 512

@@ -16,10 +16,11 @@ from dflash_batch.decoder.train._loop import TrainConfig, Trainer, train_loop
 from dflash_batch.decoder.train._loss import block_loss, default_gamma, loss_weights
 from dflash_batch.decoder.train._online import TokenSequences, feature_scale, target_outputs
 from dflash_batch.decoder.train._packed import attention_mask, context_mask, packed_draft_logits
-from dflash_batch.decoder.train._run import DrafterSpec, drafter_config, split_prompts, train_drafter
+from dflash_batch.decoder.train._run import SUMMARY_FILE, DrafterSpec, drafter_config, split_prompts, train_drafter
 from dflash_batch.decoder.train._vocab import coverage, select_draft_vocab, target_to_draft, token_counts
 
 __all__ = [
+    "SUMMARY_FILE",
     "DrafterSpec", "FeatureCache", "Sample", "TokenSequences", "TrainConfig", "Trainer", "attention_mask",
     "block_loss", "build_feature_cache", "context_mask", "coverage", "decode_tau", "default_gamma",
     "draft_soft_labels", "drafter_config", "export_params", "feature_inv_scale", "feature_scale",

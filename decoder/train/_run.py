@@ -248,8 +248,13 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         "timings": timings, "eval_max_new_tokens": eval_max_new_tokens, "max_new_tokens": max_new_tokens,
         "last_log": meta["history"][-1] if meta["history"] else {}, "evals": meta["evals"], "hardware": hardware(),
     }
-    (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
+    (work_dir / "summary.json").write_text(text)
+    (out_dir / SUMMARY_FILE).write_text(text)  # beside the drafter: what it is and how it was made
     return summary
+
+
+SUMMARY_FILE = "training_summary.json"
 
 
 def _online_scale(target: TargetModel, data: TokenSequences, layer_ids: Sequence[int], path: Path) -> np.ndarray:

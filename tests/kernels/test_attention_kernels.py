@@ -235,16 +235,6 @@ def test_dispatch_follows_the_context_when_impl_is_none(monkeypatch):
     assert len(calls) == 4
 
 
-def test_bench_runs_on_cpu(capsys):
-    from dflash_batch.kernels import bench
-
-    if jax.default_backend() != "cpu":
-        pytest.skip("the CPU path of the benchmark")
-    assert bench.main(["--batches", "2", "--contexts", "24", "--blocks", "8", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "No accelerator" in out and "verify smollm2-135m" in out and "draft  smollm2-135m" in out
-
-
 @pytest.mark.parametrize("op", ["verify", "draft"])
 @pytest.mark.parametrize("k,g,h,dtype,kb", [(3, 3, 64, jnp.bfloat16, None), (8, 4, 128, jnp.bfloat16, 2),
                                             (2, 8, 16, jnp.float32, None)],

@@ -67,10 +67,24 @@ def test_best_drafter_keeps_the_higher_tau_and_ignores_another_runs(tiny_run, tm
     assert BestDrafter(tmp_path / "best", "run-b").load() is None  # another run's best is not ours
 
 
-def test_model_card_and_tau_plot_describe_the_run(tiny_run, tmp_path):
-    from dflash_batch.jobs._train_cli import model_card, plot_tau_curve
+def _card_tool():
+    """tools/model_card.py: the card is research tooling beside the package, not part of it."""
+    import importlib.util
+    from pathlib import Path
 
-    summary, _, _ = tiny_run
+    path = Path(__file__).resolve().parents[3] / "tools" / "model_card.py"
+    spec = importlib.util.spec_from_file_location("model_card", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_card_and_tau_plot_describe_the_run(tiny_run, tmp_path):
+    tool = _card_tool()
+    model_card, plot_tau_curve = tool.model_card, tool.plot_tau_curve
+    summary, out, _ = tiny_run
+    written = json.loads((out / "training_summary.json").read_text())  # what train-drafter leaves for the card
+    assert written["exported_step"] == summary["exported_step"] and written["evals"] == summary["evals"]
     card = model_card(summary, data_note="random prompts", shape_note="tiny")
     assert f"the step-{summary['exported_step']} drafter" in card and "random prompts" in card
     rows = [line for line in card.splitlines() if line.startswith("| 200 |")]
@@ -136,7 +150,5 @@ def test_training_continues_a_saved_drafter(tiny32, tiny_run, tmp_path):
     assert abs(start["decoder_tau"] - saved_tau) < 0.02  # step 0 is the saved drafter itself
     assert start["decoder_tau"] > summary["evals"][0]["decoder_tau"] + 0.25  # not an untrained start
 
-    from dflash_batch.jobs._train_cli import model_card
-
-    card = model_card(cont)
+    card = _card_tool().model_card(cont)
     assert f"continued from the drafter `{out}`" in card and "the drafter it continued: tau" in card

@@ -3,11 +3,11 @@
 # held-out decoder tau and ACLSum-test tau (dflash at block 16 and 8, n-gram and hybrid beside them),
 # predicted tokens and training time per recipe, with the shipped drafter on the same test prompts.
 #
-#     bash jobs/compare_drafter_recipes.sh                       # from the repository root, after `make install`
-#     LIMIT=2000 STEPS=3000 bash jobs/compare_drafter_recipes.sh # larger, on a faster machine
-#     RECIPES="base full" bash jobs/compare_drafter_recipes.sh   # a subset (base is always needed first)
+#     bash tools/compare_drafter_recipes.sh                       # from the repository root, after `make install`
+#     LIMIT=2000 STEPS=3000 bash tools/compare_drafter_recipes.sh # larger, on a faster machine
+#     RECIPES="base full" bash tools/compare_drafter_recipes.sh   # a subset (base is always needed first)
 #
-# Each recipe is the current one (jobs/train_default_drafter.sh) with one change (jobs/_recipe_table.py
+# Each recipe is the current one (tools/train_default_drafter.sh) with one change (tools/recipe_table.py
 # names them): base, full (KL to the target's full distribution over the draft vocabulary for the soft
 # half), kl (that KL only), b8 (trained at block 8), l1 (one draft layer). The data are the first LIMIT
 # prompts of the larger in-domain set (`--set full`: sections, windows, five instructions; never a test
@@ -36,7 +36,7 @@ flags() {
 }
 
 mkdir -p "$WORK"
-[ -f "$WORK/prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" \
+[ -f "$WORK/prompts.parquet" ] || "$PY" tools/train_prompts.py --out "$WORK/prompts.parquet" \
   --set full --splits train,val --limit "$LIMIT"
 [ -f "$WORK/test-prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs.cli make-example-input --split test \
   "$WORK/test-prompts.parquet"
@@ -64,8 +64,9 @@ for r in $RECIPES; do
     --init target --standardize --distill 0.5 --top-k 32 \
     --lr 2e-3 --warmup 0.04 --seed 0 --checkpoint-every 100 --resume \
     --test-prompts "$WORK/test-prompts.parquet" --test-limit "$TEST_LIMIT" --test-max-new-tokens "$TEST_MAX_NEW" \
-    --data-note "Recipe comparison '$r': the first $LIMIT prompts of the in-domain ACLSum train+val set." \
     $extra
+  "$PY" tools/model_card.py "$d/drafter" \
+    --data-note "Recipe comparison '$r': the first $LIMIT prompts of the in-domain ACLSum train+val set."
 done
 
-"$PY" -P -m dflash_batch.jobs._recipe_table "$WORK" $RECIPES --shipped decoder/drafters/smollm2-135m-instruct
+"$PY" tools/recipe_table.py "$WORK" $RECIPES --shipped decoder/drafters/smollm2-135m-instruct

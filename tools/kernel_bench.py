@@ -1,6 +1,6 @@
 """Times the attention kernels against their jnp references at realistic sizes.
 
-    python -m dflash_batch.kernels.bench [--quick] [--json out.json] ...
+    python tools/kernel_bench.py [--quick] [--json out.json] ...
 
 Shapes: SmolLM2-135M (K=3 kv heads, G=3, H=64) and Qwen3-8B (K=8, G=4, H=128), batch
 1-64, cache capacity 512-8192 with ragged lengths (uniform in [S/2, S], one row at 0),

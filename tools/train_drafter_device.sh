@@ -4,8 +4,8 @@
 # runs inside each step; nothing per token goes to disk), evaluate held-out tau on ACLSum test
 # (block 16, 128 new tokens, with n-gram and hybrid beside it), write the bf16 drafter and its card.
 #
-#     bash jobs/train_drafter_device.sh --prepare       # here, on the CPU: build the prompt files that travel
-#     RESULTS=$OUT bash jobs/train_drafter_device.sh    # there: the whole run (rerun it to resume)
+#     bash tools/train_drafter_device.sh --prepare       # here, on the CPU: build the prompt files that travel
+#     RESULTS=$OUT bash tools/train_drafter_device.sh    # there: the whole run (rerun it to resume)
 #
 # With the device tool (64 MiB per call, ~27 MiB of it the checkout; the GGUF is 98 MB), `--pack` here
 # fills the ignored folders .train-work/carry-1..3: a 34 MiB GGUF part each, and in the last one also the
@@ -14,7 +14,7 @@
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .train-work/carry-3/*.whl &&
 #     export PYTHONPATH=/tmp/site && mkdir -p .train-work/parts .train-work/device &&
 #     cp .train-work/carry-*/*.part-* .train-work/parts/ && cp .train-work/carry-3/*.parquet .train-work/device/ &&
-#     PYTHONUNBUFFERED=1 MODEL_PARTS=.train-work/parts RESULTS=$OUT bash jobs/train_drafter_device.sh
+#     PYTHONUNBUFFERED=1 MODEL_PARTS=.train-work/parts RESULTS=$OUT bash tools/train_drafter_device.sh
 #   with timeout_s 600. Join the returned weights with `cat model.safetensors.part-* > model.safetensors`.
 #
 # Other arguments go to train-drafter (e.g. --stop-at N). Settings are environment variables (below).
@@ -85,10 +85,10 @@ if ! "$PY" -c "import dflash_batch" 2>/dev/null; then  # a bare host: the checko
 fi
 mkdir -p "$WORK"
 if [[ ! -f "$WORK/prompts.parquet" ]]; then
-  "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" --set full --limit "$LIMIT"
+  "$PY" tools/train_prompts.py --out "$WORK/prompts.parquet" --set full --limit "$LIMIT"
 fi
 if [[ ! -f "$WORK/test-prompts.parquet" ]]; then
-  "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/test-prompts.parquet" --set eval
+  "$PY" tools/train_prompts.py --out "$WORK/test-prompts.parquet" --set eval
 fi
 if [[ "${1:-}" == "--prepare" ]]; then
   echo "prompt files ready in $WORK"
@@ -145,12 +145,14 @@ rc=0
   --checkpoint-every "$CKPT" --eval-every "$EVAL_EVERY" "$ONLINE" --resume \
   --time-budget "$left" --gen-budget "$gen_left" --eval-reserve "$EVAL_RESERVE" \
   --test-prompts "$WORK/test-prompts.parquet" --test-limit "$TEST_LIMIT" --test-max-new-tokens "$TEST_MAX_NEW" \
+"$@" || rc=$?
+# 75: stopped by a signal after checkpointing (rerun to resume); anything else but 0 is an error.
+[[ $rc -eq 0 || $rc -eq 75 ]] || exit "$rc"
+"$PY" tools/model_card.py "$DRAFTER" \
   --data-note "Summarization prompts over the 150 ACLSum train+val papers (aclsum on PyPI, MIT; texts from the \
 ACL Anthology, CC BY 4.0): every section the package ships, in overlapping windows of <=180 words, under five \
 summarization instructions; windows sharing a 12-word passage with a test paper are dropped. The ACLSum test \
-split is not used for training." "$@" || rc=$?
-# 75: stopped by a signal after checkpointing (rerun to resume); anything else but 0 is an error.
-[[ $rc -eq 0 || $rc -eq 75 ]] || exit "$rc"
+split is not used for training."
 
 mb=$(du -m "$DRAFTER/model.safetensors" | cut -f1)
 if ((mb >= MAX_MB)); then

@@ -19,8 +19,8 @@ Two prompt sets:
 
 Run as a module to write a prompts Parquet file (job prompt schema):
 
-    python -m dflash_batch.jobs._train_prompts --out prompts.parquet --set full
-    python -m dflash_batch.jobs._train_prompts --out test-prompts.parquet --set eval
+    python tools/train_prompts.py --out prompts.parquet --set full
+    python tools/train_prompts.py --out test-prompts.parquet --set eval
 """
 
 from __future__ import annotations

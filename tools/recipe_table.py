@@ -1,8 +1,8 @@
-"""The drafter-recipe comparison's table (``jobs/compare_drafter_recipes.sh``): one row per
+"""The drafter-recipe comparison's table (``tools/compare_drafter_recipes.sh``): one row per
 recipe, read from each run's ``summary.json``, with the shipped drafter measured on the same
 test prompts beside them.
 
-    python -m dflash_batch.jobs._recipe_table WORK base full kl b8 l1
+    python tools/recipe_table.py WORK base full kl b8 l1
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-# What each recipe changes against the current one (jobs/train_default_drafter.sh).
+# What each recipe changes against the current one (tools/train_default_drafter.sh).
 CHANGES = {
     "base": "the current recipe: block 16, 2 layers, 0.5 x hard labels + 0.5 x target top-32",
     "full": "the soft half is the KL to the target's full distribution over the draft vocabulary",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dflash_batch.jobs._train_prompts import (
+from train_prompts import (
     INSTRUCTIONS, _windows, aclsum_documents, aclsum_training_prompts, prompt_documents,
 )
 from dflash_batch.pipeline import summarize_messages

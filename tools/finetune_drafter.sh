@@ -2,9 +2,9 @@
 # Fine-tunes an existing drafter (default: the shipped SmolLM2 one) on the larger in-domain ACLSum
 # prompt set, the way a user adapts a published drafter to their documents:
 #
-#     bash jobs/finetune_drafter.sh                          # from the repository root, after `make install`
-#     LIMIT=3000 STEPS=1500 bash jobs/finetune_drafter.sh    # more data and steps, on a faster machine
-#     bash jobs/finetune_drafter.sh --resume                 # continue after an interruption
+#     bash tools/finetune_drafter.sh                          # from the repository root, after `make install`
+#     LIMIT=3000 STEPS=1500 bash tools/finetune_drafter.sh    # more data and steps, on a faster machine
+#     bash tools/finetune_drafter.sh --resume                 # continue after an interruption
 #
 # Data: the first LIMIT prompts of `--set full` (sections, windows, five instructions; never a test
 # paper) with the target's greedy responses, at most GEN_BUDGET seconds of generation (the prompts
@@ -28,7 +28,7 @@ GEN_BUDGET=${GEN_BUDGET:-2700}
 PROMPT_SET=${PROMPT_SET:-}
 
 mkdir -p "$WORK"
-[ -f "$WORK/prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs._train_prompts --out "$WORK/prompts.parquet" \
+[ -f "$WORK/prompts.parquet" ] || "$PY" tools/train_prompts.py --out "$WORK/prompts.parquet" \
   --set full --splits train,val --limit "$LIMIT"
 [ -z "$PROMPT_SET" ] || [ -f "$WORK/prompt-set.json" ] || cp "$PROMPT_SET" "$WORK/prompt-set.json"
 [ -f "$WORK/test-prompts.parquet" ] || "$PY" -P -m dflash_batch.jobs.cli make-example-input --split test \
@@ -42,8 +42,9 @@ mkdir -p "$WORK"
   --steps "$STEPS" --batch 4 --anchors 16 --distill 0.5 --top-k 32 \
   --lr 1e-3 --warmup 0.04 --seed 0 --checkpoint-every 100 \
   --test-prompts "$WORK/test-prompts.parquet" --test-limit 32 --test-max-new-tokens 128 \
+  "$@"
+"$PY" tools/model_card.py "$OUT" \
   --data-note "Continued from the drafter '$INIT' on prompts of the in-domain ACLSum train+val set (of its first \
 $LIMIT: those answered within the generation budget, or those of PROMPT_SET when given; abstracts under the job's instruction, then sections and windows under five summarization instructions); \
 ACLSum (Takeshita et al., 2024) is distributed on PyPI as \`aclsum\` (MIT); the texts are ACL Anthology papers \
-(CC BY 4.0). The ACLSum test split is not used for training." \
-  "$@"
+(CC BY 4.0). The ACLSum test split is not used for training."

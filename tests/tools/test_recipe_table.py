@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dflash_batch.jobs._recipe_table import recipe_row, render
+from recipe_table import recipe_row, render
 
 
 def _summary(step, tau, test):

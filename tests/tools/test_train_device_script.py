@@ -14,7 +14,7 @@ import pytest
 
 from dflash_batch.pipeline import summarize_messages
 
-SCRIPT = Path(__file__).parents[2] / "jobs" / "train_drafter_device.sh"
+SCRIPT = Path(__file__).parents[2] / "tools" / "train_drafter_device.sh"
 DOCS = ["The quick brown fox jumps over the lazy dog.", "We propose a new method for abstractive summarization.",
         "Results show large gains on two benchmarks, and the code is released.",
         "Prompts, completions and dead letters are written as Parquet files."]

@@ -24,7 +24,8 @@ from dflash_batch.decoder._memory import (HBM_PER_CHIP, LayoutError, MemoryPlan,
 from dflash_batch.decoder._mesh import data_sharding, describe, make_mesh
 from dflash_batch.decoder._registry import DEFAULT_MODEL, registered_models, resolve_drafter_dir, resolve_model_dir
 from dflash_batch.decoder._storage import cache_dir
-from dflash_batch.decoder._prompts import render_messages, tokenize_prompt
+from dflash_batch.decoder._prompts import (SUMMARIZE_INSTRUCTION, render_messages, render_row, summarize_messages,
+                                           tokenize_prompt)
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._target import forward
 
@@ -36,4 +37,5 @@ __all__ = [
     "MODES", "params_from_hf", "place_drafter", "plan", "read_safetensors", "registered_models",
     "render_messages", "Request", "resolve_drafter_dir", "resolve_model_dir", "Result", "ROWS_PER_SLOT",
     "TargetConfig", "TargetModel", "timed_generate", "tokenize_prompt",
+    "render_row", "SUMMARIZE_INSTRUCTION", "summarize_messages",
 ]

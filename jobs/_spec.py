@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DecodeConfig, DecodeConfigError
-from dflash_batch.pipeline import SUMMARIZE_INSTRUCTION, TEMPLATES
+from dflash_batch.decoder import SUMMARIZE_INSTRUCTION
+from dflash_batch.schemas import TEMPLATES
 
 RUNNERS = ("direct", "dataflow")
 RUNNING_MODES = ("in_memory", "multi_threading", "multi_processing")

@@ -23,7 +23,7 @@ def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
     """
     import pyarrow.parquet as pq
 
-    from dflash_batch.decoder import render_messages, tokenize_prompt
+    from dflash_batch.decoder import render_row
     from dflash_batch.schemas import check_input_schema, validate_prompt_row
 
     table = pq.read_table(path)
@@ -38,15 +38,7 @@ def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
         if reason:
             bad.append(f"{row.get('id')!r}: {reason}")
             continue
-        if template == "none":  # as the job renders it, without importing the pipeline (and Beam): accelerator
-            # hosts train from prompts prepared as messages
-            ids = render_messages(tokenizer, row["messages"]) if row.get("messages") else tokenize_prompt(
-                tokenizer, row["prompt"])
-        else:
-            from dflash_batch.pipeline import render_row
-
-            ids = render_row(tokenizer, row, template)
-        out.append((row["id"], ids))
+        out.append((row["id"], render_row(tokenizer, row, template)))  # as the job renders it
         if limit and len(out) >= limit:
             break
     return out, bad

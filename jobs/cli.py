@@ -17,7 +17,7 @@ from dflash_batch.jobs._exit import Refused
 def _requests(target, split: str, limit: int, max_new_tokens: int):
     from dflash_batch.decoder import Request, render_messages
     from dflash_batch.jobs._datasets import aclsum_abstracts
-    from dflash_batch.pipeline import summarize_messages
+    from dflash_batch.decoder import summarize_messages
 
     docs = aclsum_abstracts(split)[:limit]
     return [Request(id=d["id"], token_ids=render_messages(target.tokenizer, summarize_messages(d["document"])),

@@ -16,7 +16,7 @@ import apache_beam as beam
 from dflash_batch.decoder import Request, bucket_for
 from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.pipeline._rows import DEAD
-from dflash_batch.pipeline._templates import render_row
+from dflash_batch.decoder import render_row
 from dflash_batch.schemas import dead_letter_row
 
 _SEED_MASK = 2**63 - 1  # the decoder takes a non-negative int64 seed

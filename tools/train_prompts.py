@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dflash_batch.jobs._datasets import SPLITS, _detokenize, aclsum_abstracts
-from dflash_batch.pipeline import SUMMARIZE_INSTRUCTION, summarize_messages
+from dflash_batch.decoder import SUMMARIZE_INSTRUCTION, summarize_messages
 from dflash_batch.schemas import PROMPTS_SCHEMA
 
 SECTIONS = ("abstract", "conclusion", "introduction")

@@ -15,7 +15,7 @@ from dflash_batch.decoder import Request, load_drafter, load_target, render_mess
 from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, init_drafter_params
 from dflash_batch.decoder._registry import resolve_drafter_dir
 from dflash_batch.jobs._datasets import aclsum_abstracts
-from dflash_batch.pipeline._templates import summarize_messages
+from dflash_batch.decoder import summarize_messages
 from decoding import make_decoder
 
 pytestmark = pytest.mark.slow

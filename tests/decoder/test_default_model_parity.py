@@ -65,7 +65,7 @@ def target():
 def prompts(target) -> dict[str, list[int]]:
     from dflash_batch.decoder import render_messages
     from dflash_batch.jobs._datasets import aclsum_abstracts
-    from dflash_batch.pipeline._templates import summarize_messages
+    from dflash_batch.decoder import summarize_messages
 
     rows = aclsum_abstracts("test")[:N_ROWS]
     assert len(rows) == N_ROWS and len({r["id"] for r in rows}) == N_ROWS

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dflash_batch.pipeline import summarize_messages
+from dflash_batch.decoder import summarize_messages
 
 SCRIPT = Path(__file__).parents[2] / "tools" / "train_drafter_device.sh"
 DOCS = ["The quick brown fox jumps over the lazy dog.", "We propose a new method for abstractive summarization.",

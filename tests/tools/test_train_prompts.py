@@ -12,7 +12,7 @@ import pytest
 from train_prompts import (
     INSTRUCTIONS, _windows, aclsum_documents, aclsum_training_prompts, prompt_documents,
 )
-from dflash_batch.pipeline import summarize_messages
+from dflash_batch.decoder import summarize_messages
 
 pytest.importorskip("aclsum", reason="the aclsum data package is needed") if importlib.util.find_spec(
     "aclsum") is None else None

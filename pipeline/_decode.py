@@ -77,7 +77,9 @@ class Decode(beam.DoFn):
     def setup(self):
         from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
         from dflash_batch.pipeline._progress import ProgressLog
+        from dflash_batch.pipeline._worker_env import apply_worker_env
 
+        apply_worker_env(self.config.spec)  # before JAX starts: libtpu reads them once
         use_anonymous_gcs_for_emulator()
         self.progress = ProgressLog(self.config.progress_dir)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"

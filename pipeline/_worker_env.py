@@ -26,12 +26,13 @@ def _backend_started() -> bool:
     return bool(getattr(xla_bridge, "_backends", None))
 
 
-def apply_worker_env(spec: Any, environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+def apply_worker_env(spec: Any, environ: Any = None) -> dict[str, str]:
     """Sets the TPU variables of ``spec``'s workers that ``environ`` lacks; returns those it set.
 
     A value already there (the entrypoint's) is kept; one that differs from the job's is logged,
     as is a JAX backend that started before this ran (then libtpu has read the old values).
     """
+    environ = os.environ if environ is None else environ
     runner = getattr(spec, "runner", None)
     wanted = runner.worker_env() if hasattr(runner, "worker_env") else {}
     set_now = {}

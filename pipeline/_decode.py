@@ -168,7 +168,18 @@ class Decode(beam.DoFn):
             "worker": self.worker, "hardware": model.hardware,
             "finish_reasons": _count(r.finish_reason for _, r in done),
             "decoder_report": decoder_report,
+            # Which attention implementation the decoder's programs were traced with (kernels' self-check).
+            "attention": _attention(),
         })
+
+
+def _attention() -> dict[str, str]:
+    """Per attention op, the implementation that decoded: "pallas", "interpret", "reference", or
+    "reference (fallback: ...)" after the kernel failed its self-check (see kernels._selfcheck)."""
+    from dflash_batch.kernels import attention_report
+
+    return {op: v["impl"] if not v["fallback"] else f"{v['impl']} (fallback: {v['fallback']})"
+            for op, v in attention_report().items()}
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:

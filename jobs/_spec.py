@@ -11,8 +11,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [model]
     target = "smollm2-135m-instruct"       # registered name, folder or gs:// prefix
     drafter = "default"                    # default | folder | gs:// | none (used by mode dflash)
-    config = "qwen3-8b/config.json"        # optional: a local config.json (or a known model's name) that
-    drafter_config = "..."                 #   `submit` plans a gs:// target (drafter) with, offline
+    # config = "qwen3-8b.config.json"     # optional, for `submit`: a local config.json (or a known
+    # drafter_config = "..."               #   model's name) to plan a gs:// target's (drafter's) memory
 
     [decode]
     mode = "ar"                            # ar | dflash | ngram | hybrid

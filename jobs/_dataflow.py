@@ -96,8 +96,7 @@ def tpu_plan(spec):
     from dflash_batch.decoder import DRAFTER_MODES, HBM_PER_CHIP, DrafterConfig, LayoutError, TargetConfig, \
         chip_count
     from dflash_batch.jobs._plan_configs import PlanUnavailable, plan_configs
-    from dflash_batch.pipeline._model import ModelKey, layout
-    from dflash_batch.pipeline._preflight import LAYOUT_FIELDS
+    from dflash_batch.pipeline import LAYOUT_FIELDS, ModelKey, layout
 
     r = spec.runner
     configs = plan_configs(spec)

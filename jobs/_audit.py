@@ -155,6 +155,8 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "batch_size": stats.get("batch_size"),
         "block_size": stats.get("block_size"),
         "hardware": totals["hardware"] or stats.get("hardware"),
+        "attention": stats.get("attention") or {},  # op -> implementations that decoded
+        "kernel_fallbacks": stats.get("kernel_fallbacks") or [],
         "rows_in": stats.get("rows_in"),
         "completions": len(rows),
         "dead_letters": sum(dead_reasons.values()),
@@ -235,6 +237,9 @@ def format_text(a: dict[str, Any]) -> str:
     lines = [
         f"job {a['name'] or '-'} ({a['job_id'] or 'no job_stats.json'}) in {a['output']}",
         f"  mode {a['mode']}, batch {a['batch_size']}, block {a['block_size']}, on {a['hardware'] or '-'}",
+        *(["  attention: " + "; ".join(f"{op.removesuffix('_attention')} {', '.join(impls)}"
+                                       for op, impls in sorted(a["attention"].items()))] if a["attention"] else []),
+        *[f"  WARNING kernel fallback: {f}" for f in a["kernel_fallbacks"]],
         f"  rows: {a['rows_in']} in, {a['completions']} completions, {a['dead_letters']} dead letters",
         f"  tokens: {a['prompt_tokens']} prompt, {a['completion_tokens']} completion",
     ]

@@ -11,27 +11,25 @@ refuses, before any work and with exit status 2, a spec whose settings cannot ru
   machine's disk;
 - model.target and model.drafter must be ``gs://`` or a name the worker resolves from the
   package baked into the container (a registered model name; drafter ``default`` or ``none``).
-  A local folder is refused, for the same reason.
+  A local folder is refused, for the same reason;
+- this machine's Python minor version and Beam version must equal the worker image's
+  (``_image_versions``): Dataflow runs what this machine pickled.
 
-Dry run. Beam's own ``--dry_run`` stops after ``apiclient.Job`` is built, whose request holds
-only a name and a type: the environment (worker pool, machine type, service options, container
-image, experiments) is added by ``DataflowApplicationClient.create_job_description``, which
-first uploads the pipeline proto and the staged packages. ``dry_run_request`` runs that very
-method of Beam's, on a client whose one upload method records what would be staged instead of
-uploading (``_OfflineClient.stage_file_with_retry``); clients are built with ``no_auth``, so
-nothing needs credentials or the network. The request it writes is the ``CreateJobRequest``
-the real submission would send, except for the staged file contents.
+Memory. Before anything is built, ``tpu_plan`` plans the job on one worker of its slice from
+config.json files read offline (``_plan_configs``: a local copy, or the shapes of known models);
+a job that cannot fit is refused naming the setting, and one that cannot be planned is refused
+too unless ``--no-memory-check`` says so (printed).
+
+Dry run. ``--dry-run`` writes the ``CreateJobRequest`` the real submit would send, made offline
+by Beam's own code (``_dataflow_request``), and its extras (step names, staged files) beside it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import click
 
@@ -89,28 +87,35 @@ def check_dataflow(spec) -> list[str]:
 
 
 def tpu_plan(spec):
-    """The job's mesh layout and memory plan on one worker of its TPU type and topology;
-    SubmitRefused naming the setting to change when it cannot fit. None when the model's
-    config.json cannot be read from this machine (a gs:// model, offline)."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+    """(the job's mesh layout and memory plan on one worker of its TPU slice, where its configs came from).
 
-    from dflash_batch.decoder import DRAFTER_MODES, HBM_PER_CHIP, chip_count
-    from dflash_batch.pipeline import JobRefused, check_layout, job_config, model_configs
+    Offline: the configs come from ``_plan_configs`` (a local copy or the known shapes), never from
+    gs://. Raises ``PlanUnavailable`` when no config is at hand, and ``SubmitRefused`` naming the
+    setting to change when the job cannot fit the slice. Every call into the planner is here.
+    """
+    from dflash_batch.decoder import DRAFTER_MODES, HBM_PER_CHIP, DrafterConfig, LayoutError, TargetConfig, \
+        chip_count
+    from dflash_batch.jobs._plan_configs import PlanUnavailable, plan_configs
+    from dflash_batch.pipeline import LAYOUT_FIELDS, ModelKey, layout
 
     r = spec.runner
+    configs = plan_configs(spec)
+    try:
+        tcfg = TargetConfig.from_hf(configs.target)
+        dcfg = None if configs.drafter is None else DrafterConfig.from_hf(configs.drafter)
+        if dcfg is not None:
+            dcfg.check_target(tcfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise PlanUnavailable(f"the config from {configs.drafter_source or configs.target_source} cannot be "
+                              f"planned: {type(e).__name__}: {e}") from None
     drafter = spec.model.drafter if spec.decode.mode in DRAFTER_MODES else None
-    config = dataclasses.replace(job_config(spec, PipelineOptions([])), drafter=drafter)
+    chips, chip = chip_count(r.tpu_topology), TPU_CHIPS[r.tpu_type]
     try:
-        model_configs(spec.model.target, drafter, spec.decode.mode)
-    except Exception:  # noqa: BLE001 - e.g. a gs:// model with no credentials or network here
-        return None
-    chip = TPU_CHIPS[r.tpu_type]
-    try:
-        return check_layout(config, chip_count(r.tpu_topology), HBM_PER_CHIP[chip],
-                            where=f"{r.tpu_type} {r.tpu_topology} ({chip_count(r.tpu_topology)} {chip} chips)",
-                            topology_field="runner.tpu_topology")
-    except JobRefused as e:
-        raise SubmitRefused([str(e)]) from None
+        plan = layout(ModelKey(spec.model.target, drafter, spec.decode), chips, HBM_PER_CHIP[chip],
+                      where=f"{r.tpu_type} {r.tpu_topology} ({chips} {chip} chips)", tcfg=tcfg, dcfg=dcfg)
+    except LayoutError as e:
+        raise SubmitRefused([f"{LAYOUT_FIELDS.get(e.setting, 'runner.tpu_topology')}: {e}"]) from None
+    return plan, configs
 
 
 def _model_problems(spec) -> list[str]:
@@ -165,80 +170,31 @@ def dataflow_flags(spec, name: str | None = None) -> list[str]:
     return argv
 
 
-# ---- the dry run --------------------------------------------------------------------------------
-
-def _offline_preflight(config):
-    """Stands in for ``build``'s preflight in a dry run, which must not list gs:// inputs or
-    read the model's config over the network."""
-    from dflash_batch.decoder import DRAFTER_MODES
-    from dflash_batch.pipeline import Preflight, result_manifest
-    from dflash_batch.schemas import COMPLETIONS_SCHEMA, PROMPTS_SCHEMA
-
-    spec = config.spec
-    drafter = spec.model.drafter if spec.decode.mode in DRAFTER_MODES else None
-    return Preflight(files=(config.input,), input_schema=PROMPTS_SCHEMA, rows_in=0,
-                     completions_schema=COMPLETIONS_SCHEMA, previous_completions=(),
-                     drafter=drafter, manifest=result_manifest(config))
-
-
-def _offline_client_class():
-    from apache_beam.runners.dataflow.internal.apiclient import DataflowApplicationClient
-
-    class _OfflineClient(DataflowApplicationClient):
-        """Beam's client whose uploads are recorded, not made."""
-
-        staged: list[dict[str, Any]]
-
-        def stage_file_with_retry(self, gcs_or_local_path, file_name, stream_or_path, mime_type=None,
-                                  total_size=None):
-            if isinstance(stream_or_path, str):
-                size = os.path.getsize(stream_or_path)
-            else:
-                size = len(stream_or_path.getvalue())
-            self.staged.append({"location": gcs_or_local_path.rstrip("/") + "/" + file_name, "bytes": size})
-
-    return _OfflineClient
-
-
-def dry_run_request(spec) -> dict[str, Any]:
-    """The complete Dataflow ``CreateJobRequest`` (as JSON) for the Dataflow job ``spec``, offline.
-
-    Builds the job's pipeline, lets the DataflowRunner translate it with ``--dry_run``, then runs
-    Beam's ``create_job_description`` with uploads recorded instead of made.
-    """
-    from apache_beam.options.pipeline_options import GoogleCloudOptions
-    from google.protobuf import json_format
-
-    from dflash_batch.pipeline import build
-
-    job = build(spec, beam_options=("--dry_run=True", "--no_auth"), check=_offline_preflight)
-    result = job.pipeline.run()  # DataflowRunner with dry_run: translation only, no request
-    df_job = result.job
-    client = _offline_client_class()(df_job.options, df_job.root_staging_location)
-    client.staged = []
-    client.create_job_description(df_job)
-    gco = df_job.options.view_as(GoogleCloudOptions)
-    body = json.loads(json_format.MessageToJson(df_job.proto._pb))
-    steps = _step_names(df_job.proto_pipeline)
-    return {"project_id": gco.project, "location": gco.region, "job": body,
-            "pipeline_step_names": steps, "staged_files": client.staged,
-            "note": "dflash-batch submit --dry-run: the CreateJobRequest Beam would send; nothing was uploaded"}
-
-
-def _step_names(proto_pipeline) -> list[str]:
-    """The user-facing labels of the pipeline's top-level transforms (ReadPrompts, Decode, ...)."""
-    comps = proto_pipeline.components.transforms
-    names = []
-    for root in proto_pipeline.root_transform_ids:
-        for sub in comps[root].subtransforms or [root]:
-            names.append(comps[sub].unique_name)
-    return names
-
-
 # ---- the command --------------------------------------------------------------------------------
 
 def _refuse(message: str) -> None:
     raise Refused(message)
+
+
+def _plan_lines(spec, no_memory_check: bool) -> list[str]:
+    """The memory plan as printed; refuses (exit 2) a job that cannot fit, or cannot be planned
+    unless ``no_memory_check``. Never reads the network (see ``_plan_configs``)."""
+    from dflash_batch.jobs._plan_configs import PlanUnavailable
+    from dflash_batch.jobs._spec import SpecError
+
+    where = f"{spec.runner.tpu_type} {spec.runner.tpu_topology}"
+    if no_memory_check:
+        return [f"memory plan on {where}: SKIPPED (--no-memory-check): nothing checks that the job fits the slice"]
+    try:
+        plan, configs = tpu_plan(spec)
+    except SubmitRefused as e:
+        _refuse(str(SpecError(e.problems, source="the job")))
+    except PlanUnavailable as e:
+        _refuse(f"the job's memory plan cannot be made offline: {e}")
+    sources = [f"target config: {configs.target_source}"]
+    if configs.drafter_source:
+        sources.append(f"drafter config: {configs.drafter_source}")
+    return [f"memory plan on {where}:", *(f"  {line}" for line in [*sources, *plan.lines()])]
 
 
 @click.command("submit")
@@ -246,43 +202,62 @@ def _refuse(message: str) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a spec value, e.g. --set runner.max_workers=4 (repeatable).")
 @click.option("--dry-run", is_flag=True,
-              help="Write the complete Dataflow job request to a JSON file instead of submitting (offline).")
+              help="Write the Dataflow CreateJobRequest to a JSON file instead of sending it (offline, no credentials).")
 @click.option("--request-file", type=click.Path(path_type=Path), default=None,
-              help="Where --dry-run writes the request (default: ./NAME.dataflow-request.json).")
-def submit_command(job_file: Path, overrides: tuple[str, ...], dry_run: bool, request_file: Path | None) -> None:
+              help="Where --dry-run writes the request (default: ./NAME.dataflow-request.json); the step names "
+                   "and staged files go beside it, in NAME.dataflow-request.extras.json.")
+@click.option("--model-config", type=str, default=None, metavar="PATH",
+              help="A local copy of the gs:// target's config.json (or a known model's name) to plan memory with; "
+                   "the same as --set model.config=PATH.")
+@click.option("--drafter-config", type=str, default=None, metavar="PATH",
+              help="The same for a gs:// drafter (--set model.drafter_config=PATH).")
+@click.option("--no-memory-check", is_flag=True,
+              help="Submit without the memory plan (nothing then checks that the job fits the TPU slice).")
+def submit_command(job_file: Path, overrides: tuple[str, ...], dry_run: bool, request_file: Path | None,
+                   model_config: str | None, drafter_config: str | None, no_memory_check: bool) -> None:
     """Submit the job spec JOB_FILE (TOML) to Dataflow with TPU workers.
 
-    Refused specs (TPU/machine type mismatch, local paths, missing settings) exit with status 2
-    before any work starts.
+    Refused before any work starts, with exit status 2 and the setting named: a TPU/machine
+    type mismatch, local paths, missing settings, a Python or Beam version other than the
+    worker image's, a job that does not fit the slice's memory, and one whose memory plan cannot
+    be made from here (give --model-config, or --no-memory-check).
     """
+    from dflash_batch.jobs._image_versions import version_problems
     from dflash_batch.jobs._spec import SpecError, load_spec
 
+    extra = [f"model.config={json.dumps(model_config)}"] if model_config else []
+    extra += [f"model.drafter_config={json.dumps(drafter_config)}"] if drafter_config else []
     try:
-        spec = load_spec(job_file, ("runner.name=dataflow", *overrides))
+        spec = load_spec(job_file, ("runner.name=dataflow", *overrides, *extra))
     except SpecError as e:
         _refuse(str(e))
     problems = check_dataflow(spec)
+    if not problems:
+        problems = version_problems(spec.runner.sdk_container_image)
     if problems:
         _refuse(str(SpecError(problems, source=str(job_file))))
-    try:
-        plan = tpu_plan(spec)
-    except SubmitRefused as e:
-        _refuse(str(SpecError(e.problems, source=str(job_file))))
+    click.echo("\n".join(_plan_lines(spec, no_memory_check)))
     if dry_run:
-        where = f"{spec.runner.tpu_type} {spec.runner.tpu_topology}"
-        if plan is None:
-            click.echo(f"memory plan on {where}: skipped (the model's config.json is not readable from here)")
-        else:
-            click.echo(f"memory plan on {where}:\n" + "\n".join(f"  {line}" for line in plan.lines()))
-    if dry_run:
-        request = dry_run_request(spec)
-        path = request_file or Path(f"{spec.name}.dataflow-request.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(request, indent=2, sort_keys=True), encoding="utf-8")
-        click.echo(f"dry run: the Dataflow job request for {spec.name} ({spec.runner.tpu_type} "
-                   f"{spec.runner.tpu_topology} on {spec.runner.machine_type}) is in {path.resolve()}")
+        _write_request(spec, request_file)
         return
     _submit(spec)
+
+
+def _write_request(spec, request_file: Path | None) -> None:
+    from dflash_batch.jobs._dataflow_request import job_request, request_json
+
+    request, extras = job_request(spec)
+    path = request_file or Path(f"{spec.name}.dataflow-request.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(request_json(request) + "\n", encoding="utf-8")
+    extras_path = path.with_name(path.name.removesuffix(".json") + ".extras.json")
+    extras["note"] = (f"{path.name} is the CreateJobRequest that `dflash-batch submit` sends for {spec.name}, "
+                      "with the same options; nothing was uploaded or sent. Its staging folder's timestamp differs "
+                      "per submission, and the staged pipeline lists the input files found at submission.")
+    extras_path.write_text(json.dumps(extras, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    click.echo(f"dry run: the Dataflow job request for {spec.name} ({spec.runner.tpu_type} "
+               f"{spec.runner.tpu_topology} on {spec.runner.machine_type}) is in {path.resolve()}; "
+               f"step names and staged files in {extras_path.name}")
 
 
 def _submit(spec) -> None:
@@ -301,4 +276,3 @@ def _submit(spec) -> None:
     region = spec.runner.region
     click.echo(f"submitted {job.job_id} as Dataflow job {dataflow_id}: https://console.cloud.google.com/dataflow/"
                f"jobs/{region}/{dataflow_id}?project={spec.runner.project}")
-

@@ -11,6 +11,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [model]
     target = "smollm2-135m-instruct"       # registered name, folder or gs:// prefix
     drafter = "default"                    # default | folder | gs:// | none (used by mode dflash)
+    # config = "qwen3-8b.config.json"     # optional, for `submit`: a local config.json (or a known
+    # drafter_config = "..."               #   model's name) to plan a gs:// target's (drafter's) memory
 
     [decode]
     mode = "ar"                            # ar | dflash | ngram | hybrid
@@ -86,6 +88,8 @@ class SpecError(ValueError):
 class ModelSpec:
     target: str = DEFAULT_MODEL
     drafter: str = "default"
+    config: str | None = None  # a local config.json (or a known model's name) to plan a gs:// target with
+    drafter_config: str | None = None  # the same for a gs:// drafter (see jobs._plan_configs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +143,15 @@ class RunnerSpec:
     sdk_container_image: str | None = None
     disk_size_gb: int | None = None
     max_workers: int | None = None
+
+    def worker_env(self) -> dict[str, str]:
+        """The TPU variables of this job's Dataflow workers, from its machine type (none for local runs).
+        The decode step sets them before JAX starts (``pipeline._worker_env``)."""
+        if self.name != "dataflow" or not self.machine_type:
+            return {}
+        from dflash_batch.jobs.tpu_env import tpu_env
+
+        return tpu_env(self.machine_type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +247,7 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 # section -> key -> check; the section "" holds the top-level keys.
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
-    "model": {"target": _text, "drafter": _text},
+    "model": {"target": _text, "drafter": _text, "config": _optional(_text), "drafter_config": _optional(_text)},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
     "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,

@@ -10,8 +10,11 @@ type is the generation's name with its count (chips for v5e and v6e; TensorCores
 whose 4 chips hold 8).
 
 ``python -m dflash_batch.jobs.tpu_env MACHINE_TYPE`` prints them as shell ``export`` lines;
-the container's entrypoint evaluates that before it starts Beam's boot program. Nothing here
-imports JAX: the variables must be set before it starts.
+the container's entrypoint evaluates that before it starts Beam's boot program, and stops the
+worker when it fails (``--list`` prints the accepted machine types for its message). The decode
+step sets the same variables from the job's own machine type (``RunnerSpec.worker_env``), so the
+metadata server is never the only source. Nothing here imports JAX (the variables must be set
+before it starts) or the rest of the package (the entrypoint runs this on every worker start).
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ def tpu_env(machine_type: str) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--list"]:
+        print(", ".join(MACHINES))
+        return 0
     if len(argv) != 1:
-        print("usage: python -m dflash_batch.jobs.tpu_env MACHINE_TYPE", file=sys.stderr)
+        print("usage: python -m dflash_batch.jobs.tpu_env MACHINE_TYPE | --list", file=sys.stderr)
         return 2
     try:
         env = tpu_env(argv[0])

@@ -13,6 +13,10 @@ tests on CPU can put the kernel itself in the decoder's path.
 
 The choice is read when a function is traced: a jitted function keeps the implementation
 it was traced with until it is traced again.
+
+A kernel chosen by 2-4 (not by an explicit argument) first checks itself against its reference
+on this device, once per process (``_selfcheck``); one that fails is replaced by the reference,
+with a warning. ``attention_report()`` says what the decoder's programs were traced with.
 """
 
 from __future__ import annotations
@@ -70,9 +74,16 @@ def kernel_mode(op: str, impl: str | None, interpret) -> tuple[str, object]:
     A truthy ``interpret`` (True or pltpu.InterpretParams) with ``impl=None`` asks for the
     kernel in interpret mode, whatever the context says; an explicit impl="reference" wins.
     """
+    from dflash_batch.kernels._selfcheck import record_use, self_check
+
     if impl is None and interpret:
         return "kernel", interpret
     chosen = attention_impl(impl)
+    if impl is None:  # the decoder's calls: what it runs is recorded, and a kernel must pass its check
+        if chosen != "reference" and not (check := self_check(op, chosen)).passed:
+            record_use(op, "reference", fallback=check)
+            return "reference", None
+        record_use(op, chosen)
     if chosen == "reference":
         return "reference", None
     if chosen == "interpret" or interpret:

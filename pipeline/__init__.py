@@ -16,7 +16,7 @@ from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, J
 from dflash_batch.pipeline._model import ModelKey, describe_devices, layout, model_configs, shared_model, \
     shared_tokenizer
 from dflash_batch.pipeline._pipeline import BuiltJob, JobResult, build, metrics_summary, new_run_id
-from dflash_batch.pipeline._preflight import JobRefused, Preflight, check_layout, result_manifest
+from dflash_batch.pipeline._preflight import LAYOUT_FIELDS, JobRefused, Preflight, check_layout, result_manifest
 from dflash_batch.pipeline._progress import Progress, read_progress
 from dflash_batch.pipeline._stats import job_totals, read_runs
 from dflash_batch.pipeline._tokenize import prepare_row
@@ -25,7 +25,7 @@ __all__ = [
     "COMPLETIONS_PREFIX", "DEAD_LETTERS_PREFIX", "JOB_STATS_FILE", "MANIFEST_FILE", "PARQUET_SUFFIX",
     "RUN_STATS_PREFIX", "build", "BuiltJob", "check_layout",
     "describe_devices", "Figures", "format_rate", "format_seconds", "job_config", "job_totals", "JobConfig",
-    "JobRefused", "JobResult", "join", "layout", "match_files", "metrics_summary", "model_configs", "model_key",
+    "JobRefused", "JobResult", "join", "LAYOUT_FIELDS", "layout", "match_files", "metrics_summary", "model_configs", "model_key",
     "ModelKey", "new_run_id", "parquet_footer", "Preflight", "prepare_row", "Progress", "rate_line",
     "read_json", "read_progress", "read_runs", "result_manifest", "shared_model",
     "shared_tokenizer", "table_rows", "time_line", "use_anonymous_gcs_for_emulator",

@@ -77,7 +77,9 @@ class Decode(beam.DoFn):
     def setup(self):
         from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
         from dflash_batch.pipeline._progress import ProgressLog
+        from dflash_batch.pipeline._worker_env import apply_worker_env
 
+        apply_worker_env(self.config.spec)  # before JAX starts: libtpu reads them once
         use_anonymous_gcs_for_emulator()
         self.progress = ProgressLog(self.config.progress_dir)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -166,7 +168,18 @@ class Decode(beam.DoFn):
             "worker": self.worker, "hardware": model.hardware,
             "finish_reasons": _count(r.finish_reason for _, r in done),
             "decoder_report": decoder_report,
+            # Which attention implementation the decoder's programs were traced with (kernels' self-check).
+            "attention": _attention(),
         })
+
+
+def _attention() -> dict[str, str]:
+    """Per attention op, the implementation that decoded: "pallas", "interpret", "reference", or
+    "reference (fallback: ...)" after the kernel failed its self-check (see kernels._selfcheck)."""
+    from dflash_batch.kernels import attention_report
+
+    return {op: v["impl"] if not v["fallback"] else f"{v['impl']} (fallback: {v['fallback']})"
+            for op, v in attention_report().items()}
 
 
 def _count(values: Iterable[str]) -> dict[str, int]:

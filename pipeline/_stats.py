@@ -68,12 +68,24 @@ def _add_counts(into: dict, more: dict) -> None:
         into[k] = into.get(k, 0) + v
 
 
+def _add_attention(into: dict[str, list[str]], more: dict[str, list[str]]) -> None:
+    """Per attention op, every implementation that decoded some batch (see _decode._attention)."""
+    for op, impls in more.items():
+        into[op] = sorted(set(into.get(op, [])) | set(impls))
+
+
+def kernel_fallbacks(attention: dict[str, list[str]]) -> list[str]:
+    """The ops whose kernel failed its self-check and was replaced by the reference, with why."""
+    return [f"{op}: {impl}" for op, impls in sorted(attention.items()) for impl in impls if "(fallback:" in impl]
+
+
 class BatchStatsFn(beam.CombineFn):
     """Sums the decode step's per-batch records into one."""
 
     def create_accumulator(self) -> dict[str, Any]:
         acc: dict[str, Any] = {k: 0 for k in _SUMS}
-        acc.update(tau_histogram=[], buckets={}, workers=[], hardware=[], finish_reasons={}, decoder_reports={})
+        acc.update(tau_histogram=[], buckets={}, workers=[], hardware=[], finish_reasons={}, decoder_reports={},
+                   attention={})
         return acc
 
     def add_input(self, acc: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +97,7 @@ class BatchStatsFn(beam.CombineFn):
         acc["hardware"] = sorted(set(acc["hardware"]) | {rec["hardware"]})
         _add_counts(acc["finish_reasons"], rec["finish_reasons"])
         _keep_latest(acc["decoder_reports"], f"{rec['worker']} bucket {rec['bucket']}", rec.get("decoder_report"))
+        _add_attention(acc["attention"], {op: [impl] for op, impl in (rec.get("attention") or {}).items()})
         return acc
 
     def merge_accumulators(self, accumulators: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -100,6 +113,7 @@ class BatchStatsFn(beam.CombineFn):
             _add_counts(out["finish_reasons"], acc["finish_reasons"])
             for key, report in acc["decoder_reports"].items():
                 _keep_latest(out["decoder_reports"], key, report)
+            _add_attention(out["attention"], acc.get("attention") or {})
         return out
 
     def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +152,10 @@ def run_record(config: JobConfig, run_id: str, started: float, finished: float, 
         # Per worker and bucket: the block lengths' measured step costs, the acceptance seen, the
         # expected tokens/s of each, and how many decode calls ran at each (and hybrid's source choices).
         "block_choice": dict(sorted(sums["decoder_reports"].items())),
+        # Per attention op, the implementations that decoded (a kernel that failed its self-check shows
+        # as "reference (fallback: why)"), and those fallbacks alone.
+        "attention": sums.get("attention") or {},
+        "kernel_fallbacks": kernel_fallbacks(sums.get("attention") or {}),
     }
 
 
@@ -212,9 +230,12 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "finish_reasons": t["finish_reasons"],
         "buckets": t["buckets"],
         "this_run": run,
-        "runs": [{k: v for k, v in r.items() if k not in ("buckets", "tau_histogram", "block_choice")} for r in runs],
+        "runs": [{k: v for k, v in r.items() if k not in ("buckets", "tau_histogram", "block_choice", "attention")}
+                 for r in runs],
         # The automatic block choice of the latest run that decoded (see run_record).
         "block_choice": next((r["block_choice"] for r in reversed(runs) if r.get("block_choice")), {}),
+        "attention": next((r["attention"] for r in reversed(runs) if r.get("attention")), {}),
+        "kernel_fallbacks": sorted({f for r in runs for f in r.get("kernel_fallbacks") or []}),
         "tau_note": TAU_NOTE,
         "files": {"completions": sorted(completion_files), "dead_letters": sorted(dead_files)},
     }

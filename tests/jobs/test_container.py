@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,7 +16,8 @@ import apache_beam
 import pytest
 
 from dflash_batch.jobs._dataflow import TPU_MACHINE_TYPES
-from dflash_batch.jobs.tpu_env import DOCUMENTED, tpu_env
+from dflash_batch.jobs._image_versions import LABELS, recipe_versions
+from dflash_batch.jobs.tpu_env import DOCUMENTED, MACHINES, tpu_env
 
 DOCKERFILE = Path(__file__).parents[2] / "jobs" / "container" / "Dockerfile"
 ENTRYPOINT = DOCKERFILE.parent / "entrypoint.sh"
@@ -32,11 +34,36 @@ def instructions() -> list[tuple[str, str]]:
     return out
 
 
-def test_the_base_image_is_beams_sdk_at_our_version():
+def test_the_base_image_is_beams_sdk_at_our_python_and_beam():
     ins = instructions()
     args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
-    base = next(a for k, a in ins if k == "FROM").replace("${BEAM_VERSION}", args["BEAM_VERSION"])
-    assert base == f"apache/beam_python3.11_sdk:{apache_beam.version.__version__}"
+    base = next(a for k, a in ins if k == "FROM")
+    base = base.replace("${PYTHON_VERSION}", args["PYTHON_VERSION"]).replace("${BEAM_VERSION}", args["BEAM_VERSION"])
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert base == f"apache/beam_python{python}_sdk:{apache_beam.version.__version__}"
+    assert recipe_versions() == {"python": python, "beam": apache_beam.version.__version__,
+                                 "jax": args["JAX_VERSION"]}
+
+
+def test_the_image_records_its_versions_in_labels_and_a_file():
+    ins = instructions()
+    label = next(a for k, a in ins if k == "LABEL")
+    assert {f"{LABELS['python']}=${{PYTHON_VERSION}}", f"{LABELS['beam']}=${{BEAM_VERSION}}"} <= set(label.split())
+    assert any("/opt/dflash_batch/image.json" in a for k, a in ins if k == "RUN")
+    # ARGs declared before FROM are out of scope after it unless declared again.
+    after_from = [a for k, a in ins[[k for k, _ in ins].index("FROM"):] if k == "ARG"]
+    assert {"PYTHON_VERSION", "BEAM_VERSION"} <= set(after_from)
+
+
+def test_every_install_after_jax_is_held_to_its_pin():
+    ins = instructions()
+    installs = [a for k, a in ins if k == "RUN" and "pip install" in a]
+    assert '"jax[tpu]==${JAX_VERSION}"' in installs[0]
+    # The jax install appends what it installed (jax, jaxlib, libtpu) to the constraints ...
+    assert "pip freeze" in installs[0] and "libtpu" in installs[0] and ">> /opt/dflash_batch/constraints.txt" in installs[0]
+    assert ("COPY", "jobs/container/constraints.txt /opt/dflash_batch/constraints.txt") in ins
+    # ... and every later install is constrained by them.
+    assert installs[1:] and all("-c /opt/dflash_batch/constraints.txt" in a for a in installs[1:])
 
 
 def test_it_installs_jax_tpu_pinned_with_libtpu_and_this_package():
@@ -45,7 +72,7 @@ def test_it_installs_jax_tpu_pinned_with_libtpu_and_this_package():
     args = dict(a.split("=", 1) for k, a in ins if k == "ARG" and "=" in a)
     assert '"jax[tpu]==${JAX_VERSION}"' in runs and "libtpu_releases" in runs  # the extra pins libtpu
     assert re.fullmatch(r"\d+\.\d+\.\d+", args["JAX_VERSION"])
-    assert "pip install --no-cache-dir /opt/dflash_batch/src" in runs
+    assert "pip install --no-cache-dir -c /opt/dflash_batch/constraints.txt /opt/dflash_batch/src" in runs
     assert any(k == "COPY" and a.startswith(". /opt/dflash_batch/src") for k, a in ins)
 
 
@@ -95,7 +122,53 @@ def test_the_entrypoint_exports_the_slices_values(slice_, tmp_path):
     assert math.prod(int(x) for x in bounds.split(",")) == chips  # the bounds hold every chip of the slice
 
 
-def test_an_unknown_machine_starts_boot_without_tpu_env(tmp_path):
-    env = {**os.environ, "DFLASH_TPU_MACHINE_TYPE": "n1-standard-4", "BEAM_BOOT": "env"}
-    result = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, check=True)
-    assert "TPU_ACCELERATOR_TYPE=" not in result.stdout and "no TPU environment" in result.stderr
+def _entrypoint(**env) -> subprocess.CompletedProcess:
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
+    full = {k: v for k, v in os.environ.items() if k != "DFLASH_TPU_MACHINE_TYPE"}
+    return subprocess.run(["sh", str(ENTRYPOINT)], env={**full, "PATH": path, "BEAM_BOOT": "env", **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("env, source", [
+    ({"DFLASH_TPU_MACHINE_TYPE": "n1-standard-4"}, "from DFLASH_TPU_MACHINE_TYPE (got 'n1-standard-4')"),
+    ({"DFLASH_METADATA_URL": "http://127.0.0.1:9/none"}, "from the metadata server (http://127.0.0.1:9/none) (got 'nothing')"),
+])
+def test_a_worker_without_a_known_machine_type_stops_naming_the_variable(env, source):
+    result = _entrypoint(**env)
+    assert result.returncode != 0
+    assert "TPU_ACCELERATOR_TYPE=" not in result.stdout  # Beam's boot (here `env`) never ran
+    assert source in result.stderr
+    assert "Set DFLASH_TPU_MACHINE_TYPE to the worker's machine type, one of: " + ", ".join(MACHINES) in result.stderr
+
+
+def _dataflow_spec(machine: str):
+    from dflash_batch.jobs._spec import validate
+
+    runner = {"name": "dataflow", "project": "p", "region": "r", "temp_location": "gs://b/t", "machine_type": machine}
+    return validate({"name": "j", "input": "gs://b/in", "output": "gs://b/out", "prompt": {"template": "none"},
+                     "runner": runner})
+
+
+def test_the_decode_step_sets_the_jobs_tpu_variables_before_jax_starts(monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from dflash_batch.pipeline import job_config
+    from dflash_batch.pipeline._decode import Decode
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    environ["TPU_WORKER_ID"] = "0"  # set by the entrypoint: kept
+    monkeypatch.setattr(os, "environ", environ)
+    Decode(job_config(_dataflow_spec("ct5lp-hightpu-8t"), PipelineOptions([])), []).setup()
+    assert {k: v for k, v in environ.items() if k.startswith("TPU_")} == tpu_env("ct5lp-hightpu-8t")
+    assert environ["TPU_ACCELERATOR_TYPE"] == "v5litepod-8"
+
+
+def test_a_local_job_sets_no_tpu_variables():
+    from dflash_batch.pipeline._worker_env import apply_worker_env
+
+    environ: dict[str, str] = {}
+    spec = _dataflow_spec("ct6e-standard-4t")
+    assert apply_worker_env(dataclasses.replace(spec, runner=dataclasses.replace(spec.runner, name="direct")),
+                            environ) == {}
+    assert environ == {}
+    assert apply_worker_env(spec, environ) == tpu_env("ct6e-standard-4t") == environ

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 import jax
 
+from dflash_batch.kernels._selfcheck import record_use, self_check
+
 IMPLS = ("reference", "pallas", "interpret")
 ENV_VAR = "DFLASH_BATCH_KERNELS"
 
@@ -68,19 +70,18 @@ def use_attention_impl(impl: str) -> Iterator[str]:
         _override.reset(token)
 
 
-def kernel_mode(op: str, impl: str | None, interpret) -> tuple[str, object]:
+def kernel_mode(op: str, impl: str | None, interpret, reference) -> tuple[str, object]:
     """Returns ("reference", None) or ("kernel", interpret flag) for an op call.
 
     A truthy ``interpret`` (True or pltpu.InterpretParams) with ``impl=None`` asks for the
     kernel in interpret mode, whatever the context says; an explicit impl="reference" wins.
+    ``reference`` is the op's plain-jnp version, which the kernel's self-check compares against.
     """
-    from dflash_batch.kernels._selfcheck import record_use, self_check
-
     if impl is None and interpret:
         return "kernel", interpret
     chosen = attention_impl(impl)
     if impl is None:  # the decoder's calls: what it runs is recorded, and a kernel must pass its check
-        if chosen != "reference" and not (check := self_check(op, chosen)).passed:
+        if chosen != "reference" and not (check := self_check(op, chosen, reference)).passed:
             record_use(op, "reference", fallback=check)
             return "reference", None
         record_use(op, chosen)

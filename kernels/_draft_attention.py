@@ -78,7 +78,7 @@ def draft_attention(q: jax.Array, ctx_k: jax.Array, ctx_v: jax.Array, ctx_len: j
     """
     _ba.check_inputs("draft_attention", q, ctx_k, ctx_v, ctx_len, k_block, v_block, cache_layout)
     out_dtype = jnp.dtype(out_dtype or q.dtype)
-    mode, interp = kernel_mode("draft_attention", impl, interpret)
+    mode, interp = kernel_mode("draft_attention", impl, interpret, reference_draft_attention)
     if mode == "reference":
         return reference_draft_attention(q, ctx_k, ctx_v, ctx_len, k_block, v_block,
                                          cache_layout=cache_layout, out_dtype=out_dtype)

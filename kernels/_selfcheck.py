@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dflash_batch.kernels import _block_attention
+
 TOLERANCE = {"float32": 2e-4, "bfloat16": 3e-2}  # atol = rtol; bf16 keeps 8 bits of mantissa
 BLOCK_S = 8  # cache rows per tile in the check: S = 2 tiles (interpret mode on CPU runs it in seconds)
 
@@ -77,12 +79,7 @@ def _case(op: str, dtype, key: int = 0):
     return tuple(x.astype(dtype) if x.dtype == jnp.float32 else x for x in (q, kc, vc, lengths, kn, vn))
 
 
-def _run(op: str, impl: str) -> SelfCheck:
-    from dflash_batch.kernels import _block_attention
-    from dflash_batch.kernels._draft_attention import reference_draft_attention
-    from dflash_batch.kernels._verify_attention import reference_verify_attention
-
-    reference = reference_verify_attention if op == "verify_attention" else reference_draft_attention
+def _run(op: str, impl: str, reference) -> SelfCheck:
     worst = 0.0
     for dtype_name, tol in TOLERANCE.items():
         args = _case(op, jnp.dtype(dtype_name))
@@ -102,11 +99,11 @@ def _run(op: str, impl: str) -> SelfCheck:
     return SelfCheck(op, impl, _device(), True, worst, "within tolerance in " + " and ".join(TOLERANCE))
 
 
-def _run_untraced(op: str, impl: str) -> SelfCheck:
+def _run_untraced(op: str, impl: str, reference) -> SelfCheck:
     """``_run`` on a thread of its own: JAX's trace state is per thread, so the check computes
     concrete values even when the decoder's step is being traced on this one."""
     out: list[SelfCheck] = []
-    worker = threading.Thread(target=lambda: out.append(_run(op, impl)), name=f"self-check {op}")
+    worker = threading.Thread(target=lambda: out.append(_run(op, impl, reference)), name=f"self-check {op}")
     worker.start()
     worker.join()
     if not out:
@@ -114,12 +111,13 @@ def _run_untraced(op: str, impl: str) -> SelfCheck:
     return out[0]
 
 
-def self_check(op: str, impl: str) -> SelfCheck:
-    """The verdict on ``op``'s kernel run as ``impl`` on this process's device (checked once)."""
+def self_check(op: str, impl: str, reference) -> SelfCheck:
+    """The verdict on ``op``'s kernel run as ``impl`` on this process's device (checked once),
+    against ``reference``, the op's plain-jnp version."""
     key = (op, impl, _device())
     with _lock:
         if key not in _checks:
-            _checks[key] = check = _run_untraced(op, impl)
+            _checks[key] = check = _run_untraced(op, impl, reference)
             if not check.passed:
                 warnings.warn(f"{op}: the {impl} kernel {check.describe()}; the jnp reference decodes instead for "
                               "the rest of this process", KernelFallbackWarning, stacklevel=2)

@@ -82,7 +82,7 @@ def verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     """
     _ba.check_inputs("verify_attention", q, k_cache, v_cache, lengths, k_new, v_new, cache_layout)
     out_dtype = jnp.dtype(out_dtype or q.dtype)
-    mode, interp = kernel_mode("verify_attention", impl, interpret)
+    mode, interp = kernel_mode("verify_attention", impl, interpret, reference_verify_attention)
     if mode == "reference":
         return reference_verify_attention(q, k_cache, v_cache, lengths, k_new, v_new,
                                           cache_layout=cache_layout, out_dtype=out_dtype)

@@ -212,14 +212,13 @@ def test_compiled_pallas_is_refused_off_tpu():
 
 def test_dispatch_follows_the_context_when_impl_is_none(monkeypatch):
     """impl=None: the kernel path under "interpret", the reference under "reference"."""
-    from dflash_batch.kernels import _block_attention
-
-    from dflash_batch.kernels import _selfcheck
+    from dflash_batch.kernels import _block_attention, _dispatch, _selfcheck
 
     calls = []
     monkeypatch.setattr(_block_attention, "run_kernel", lambda q, *a, **kw: calls.append(kw["interpret"]) or q)
     # The dispatch alone: the stand-in kernel would fail its self-check (tests/kernels/test_decoder_with_kernels.py).
-    monkeypatch.setattr(_selfcheck, "self_check", lambda op, impl: _selfcheck.SelfCheck(op, impl, "-", True, 0.0, "-"))
+    monkeypatch.setattr(_dispatch, "self_check", lambda op, impl, reference: _selfcheck.SelfCheck(op, impl, "-", True,
+                                                                                                 0.0, "-"))
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     args = _inputs(8, b=2, t=2, k=1, g=2, h=8, s=11, lengths=[11, 4])
     with use_attention_impl("interpret"):

@@ -19,7 +19,7 @@ import pytest
 from dflash_batch.decoder import Request
 from dflash_batch.decoder import _drafter
 from dflash_batch.kernels import KernelFallbackWarning, _block_attention, attention_report, forget_self_checks, \
-    reference_verify_attention, self_check, use_attention_impl, verify_attention
+    reference_draft_attention, reference_verify_attention, self_check, use_attention_impl, verify_attention
 from decoding import make_decoder
 
 
@@ -149,6 +149,6 @@ def test_a_kernel_that_raises_fails_its_check(monkeypatch):
     monkeypatch.setattr(_block_attention, "run_kernel", broken)
     forget_self_checks()
     with pytest.warns(KernelFallbackWarning):
-        check = self_check("draft_attention", "interpret")
+        check = self_check("draft_attention", "interpret", reference_draft_attention)
     forget_self_checks()
     assert not check.passed and "the kernel raised NotImplementedError: Mosaic cannot lower this" in check.detail

@@ -225,7 +225,7 @@ main.add_command(make_example_input_command, "make-example-input")
 main.add_command(bench_pipeline_command, "bench-pipeline")
 from dflash_batch.jobs._train_cli import train_drafter_command  # noqa: E402
 main.add_command(train_drafter_command, "train-drafter")
-from dflash_batch.jobs._dataflow import submit_command  # noqa: E402
+from dflash_batch.jobs._submit import submit_command  # noqa: E402
 from dflash_batch.jobs._ledger import jobs_command  # noqa: E402
 from dflash_batch.jobs._audit import audit_command  # noqa: E402
 main.add_command(submit_command, "submit")

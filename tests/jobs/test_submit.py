@@ -257,7 +257,7 @@ def test_a_local_config_plans_the_gs_model(tmp_path, no_build):
     args = ["submit", str(spec), "--set", "model.target=gs://bkt/models/my-finetune", "--dry-run",
             "--request-file", str(tmp_path / "r.json")]
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("dflash_batch.jobs._dataflow._write_request", lambda spec, path: None)
+        m.setattr("dflash_batch.jobs._submit._write_request", lambda spec, path: None)
         for extra in (["--model-config", str(small)], ["--set", f"model.config={small / 'config.json'}"]):
             result = CliRunner().invoke(main, args + extra)
             assert result.exit_code == 0, result.output
@@ -266,7 +266,7 @@ def test_a_local_config_plans_the_gs_model(tmp_path, no_build):
 
 
 def test_no_memory_check_is_explicit_and_printed(tmp_path, monkeypatch):
-    monkeypatch.setattr("dflash_batch.jobs._dataflow._submit", lambda spec: print("SENT"))
+    monkeypatch.setattr("dflash_batch.jobs._submit._submit", lambda spec: print("SENT"))
     args = ["submit", str(spec_file(tmp_path, *V5E_1X1)), "--set", "model.target=gs://bkt/models/my-finetune",
             "--no-memory-check"]
     result = CliRunner().invoke(main, args)

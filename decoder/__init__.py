@@ -19,8 +19,9 @@ from dflash_batch.decoder._drafter import Drafter, DrafterConfig, load_drafter, 
 from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder, timed_generate
 from dflash_batch.decoder._engine import ROWS_PER_SLOT, BatchRun, bucket_for
 from dflash_batch.schemas import MODES
-from dflash_batch.decoder._memory import (HBM_PER_CHIP, LayoutError, MemoryPlan, cache_length, chip_count,
-                                          choose_layout, local_capacity, plan)
+from dflash_batch.decoder._memory import (HBM_PER_CHIP, LayoutError, MemoryPlan, chip_count, choose_layout,
+                                          local_capacity, plan)
+from dflash_batch.decoder._state import cache_length
 from dflash_batch.decoder._mesh import data_sharding, describe, make_mesh
 from dflash_batch.decoder._registry import DEFAULT_MODEL, registered_models, resolve_drafter_dir, resolve_model_dir
 from dflash_batch.decoder._storage import cache_dir

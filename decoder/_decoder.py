@@ -11,15 +11,12 @@ from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._decode_config import DecodeConfig
 from dflash_batch.decoder._drafter import Drafter
-from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, bucket_for, falls_back_to_ar
+from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, StateHolder, bucket_for, falls_back_to_ar
 from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
 from dflash_batch.decoder._requests import Request, Result
-from dflash_batch.decoder._slots import Slots
-from dflash_batch.decoder._speculative import init_spec_state, spec_decode, spec_prefill
+from dflash_batch.decoder._speculative import spec_decode, spec_prefill
 from dflash_batch.decoder._spmd import bind_phases
-
-DRAFTER_MODES = ("dflash", "hybrid")  # the modes that need a drafter
-AUTO_BLOCKS = (1, 2, 4, 8)  # candidates below the drafter's own block size
+from dflash_batch.decoder._state import DRAFTER_MODES, cache_length, decode_blocks, new_state
 
 
 class Decoder:
@@ -27,7 +24,9 @@ class Decoder:
 
     Requests are grouped by prompt-length bucket; each bucket runs on its own static batch of
     ``config.batch_size`` slots whose cache holds the bucket plus ``config.max_new_tokens``.
-    Engines compile once, on first use or ``warmup``. ``drafter`` is required by the modes
+    Engines compile once, on first use or ``warmup``, and keep their programs; the slot state
+    is one per decoder, held by the bucket that ran last (``StateHolder``), so memory is one
+    bucket's state whatever the number of buckets seen. ``drafter`` is required by the modes
     in ``DRAFTER_MODES`` and unused by the others. ``mesh``: a ``('data', 'model')`` mesh the
     target was loaded onto (``load_target(..., mesh=)``); None decodes on one device.
     """
@@ -43,18 +42,14 @@ class Decoder:
             if config.block_size != "auto" and config.block_size > largest:
                 raise ValueError(f"block_size={config.block_size} must be in [1, {largest}] (the drafter's block size)")
         else:
-            drafter, largest = None, 16
-        if mode == "ar":
-            self.blocks: tuple[int, ...] = (1,)
-        elif config.block_size == "auto":
-            self.blocks = tuple(b for b in AUTO_BLOCKS if b < largest) + (largest,)
-        else:
-            self.blocks = (config.block_size,)
+            drafter = None
+        self.blocks: tuple[int, ...] = decode_blocks(config, drafter.config.block_size if drafter else None)
         self.mesh = mesh if is_sharded(mesh) else None
         self.target = target
         self.config = config
         self.drafter = check_mesh(self.mesh, target, drafter, config.batch_size)
         self._engines: dict[int, SlotEngine] = {}
+        self._holder = StateHolder()  # the one slot state, shared by every bucket's engine
 
     @property
     def mesh_description(self) -> str:
@@ -88,48 +83,45 @@ class Decoder:
             # in every mode, so each reads as much cache per step as AR. A verified block that runs
             # past the end is fine: its rows there are dropped, and only committed rows below a
             # slot's position are ever read.
-            cache_len = -(-bucket // c.prefill_chunk) * c.prefill_chunk + c.max_new_tokens
-            self._engines[bucket] = SlotEngine(self._phases(cache_len), self.target.tokenizer, bucket,
-                                               c.max_new_tokens, c.prefill_chunk, c.chunk_steps)
+            self._engines[bucket] = SlotEngine(self._phases(cache_length(bucket, c)), self.target.tokenizer, bucket,
+                                               c.max_new_tokens, c.prefill_chunk, c.chunk_steps, self._holder)
         return self._engines[bucket]
 
     def _phases(self, cache_len: int) -> Phases:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
-        b, cap, blk = self.config.batch_size, self.config.max_new_tokens, max(self.blocks)
+        dcfg = self.drafter.config if self.drafter is not None else None
+        init_state = lambda: new_state(cfg, dcfg, self.config, cache_len, self.blocks)  # noqa: E731
         if self.mode == "ar":
             return bind_phases(
                 prefill=lambda p, d, s, *args: ar_prefill(p, cfg, eos, s, *args)[0],
                 decode=lambda p, d, s, stop_first, n, gate, block: ar_decode(p, s, stop_first, n, cfg=cfg,
                                                                              eos_ids=eos),
-                init_state=lambda: Slots.init(cfg, b, cache_len, cap, 1),
-                params=params, drafter=None, mesh=self.mesh,
+                init_state=init_state, params=params, drafter=None, mesh=self.mesh,
             )
-        drafter, static = self.drafter, dict(cfg=cfg, eos_ids=eos, mode=self.mode)
+        static = dict(cfg=cfg, eos_ids=eos, mode=self.mode)
         gated = falls_back_to_ar(self.blocks)
-        dcfg = drafter.config if drafter is not None else None
         return bind_phases(
             prefill=lambda p, d, s, *args: spec_prefill(p, d, s, *args, **static),
             decode=lambda p, d, s, stop_first, n, gate, block: spec_decode(
                 p, d, s, stop_first, n, gate, block=block, gated=gated, **static),
-            init_state=lambda: Slots.init(cfg, b, cache_len, cap, blk, extra=init_spec_state(b, cache_len, dcfg, blk)),
-            params=params, drafter=drafter, mesh=self.mesh, blocks=self.blocks,
+            init_state=init_state, params=params, drafter=self.drafter, mesh=self.mesh, blocks=self.blocks,
         )
 
     def reset(self, bucket: int | None = None) -> None:
-        """Drops the slot state of one bucket's batch (or all): the next request starts clean.
+        """Drops the slot state if one bucket's batch (or any) holds it: the next request starts clean.
 
-        Compiled programs are kept; used after a failure left a batch half decoded.
+        Compiled programs and measured costs are kept; used after a failure left a batch half decoded.
         """
-        for b, e in self._engines.items():
-            if bucket is None or b == bucket:
-                e.state = None
+        owner = self._holder.owner
+        if owner is not None and (bucket is None or owner.max_prompt_len == bucket):
+            self._holder.claim(None)
 
     def block_report(self) -> dict:
         """Per bucket: the block lengths measured and chosen, and why (for job stats)."""
         report = {}
         for b, e in sorted(self._engines.items()):
             report[str(b)] = e.policy.report()
-            stats = getattr(e.state.extra, "stats", None) if e.state is not None else None
+            stats = getattr(e.state.extra, "stats", None) if e.state is not None else e.kept_stats
             if stats is not None and self.mode == "hybrid":
                 report[str(b)]["hybrid"] = hybrid_report(stats)
         return report

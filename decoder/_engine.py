@@ -64,28 +64,77 @@ class Phases:
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
 
 
+class StateHolder:
+    """The one slot state a decoder holds, lent to one engine (bucket) at a time.
+
+    Engines of other buckets keep their compiled programs but no state: an engine that needs
+    one first releases the state held (``claim``), then allocates its own, so at no moment are
+    two states alive. What a state has learnt that outlives a batch (the proposal statistics)
+    is kept on the host and handed back when the engine holds a state again.
+    """
+
+    def __init__(self):
+        self.owner: SlotEngine | None = None
+        self.state: Slots | None = None
+
+    def claim(self, engine: "SlotEngine | None") -> None:
+        """Releases the state held, whoever holds it: ``engine`` is about to allocate one (None:
+        nobody is)."""
+        if self.owner is not None and self.state is not None:
+            self.owner.kept_stats = _host_stats(self.state)
+        self.owner, self.state = engine, None
+
+
 class SlotEngine:
-    """Runs requests through one static batch (B slots, cache length S)."""
+    """Runs requests through one static batch (B slots, cache length S).
+
+    ``holder``: the state holder this engine shares with the other buckets' engines of its
+    decoder (default: one of its own).
+    """
 
     def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int,
-                 chunk_steps: int):
+                 chunk_steps: int, holder: StateHolder | None = None):
         self.phases = phases
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
         self.chunk_steps = chunk_steps
-        self.state: Slots | None = None
+        self.holder = holder or StateHolder()
+        self.warm = False
+        self.kept_stats = None  # the proposal statistics of a released state (host arrays)
         self.compile_seconds = 0.0
         self.policy = BlockPolicy(phases.blocks)
+
+    @property
+    def state(self) -> Slots | None:
+        """This engine's slot state, or None while another bucket holds the decoder's state."""
+        return self.holder.state if self.holder.owner is self else None
+
+    @state.setter
+    def state(self, state: Slots | None) -> None:
+        if self.holder.owner is self:
+            self.holder.state = state
+        elif state is not None:
+            self.holder.claim(self)
+            self.holder.state = state
+
+    def fresh_state(self) -> Slots:
+        """A zeroed state for this engine, allocated after releasing the one held (this engine's
+        or another bucket's), with the proposal statistics it had learnt."""
+        self.holder.claim(self)
+        s = self.phases.init_state()
+        if self.kept_stats is not None:
+            s = s.replace(extra=s.extra.replace(stats=jax.tree.map(jnp.asarray, self.kept_stats)))
+        return s
 
     def warmup(self) -> float:
         """Compiles prefill and every decode block length (once), and when the block length is
         chosen automatically, times each one side by side at this batch size."""
-        if self.state is not None:
+        if self.warm:
             return 0.0
         t0 = time.perf_counter()
-        s = self.phases.init_state()
+        s = self.fresh_state()
         b, p = s.batch, self.prefill_chunk
         for slot in range(b if len(self.phases.blocks) > 1 else 1):
             s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
@@ -117,15 +166,22 @@ class SlotEngine:
                     s, seconds = timed(s, block, WARMUP_STEPS, GATE_NEVER_PAYS)
                     per_gated[block] += [seconds] if seconds is not None else []
         self.policy.set_costs(per_step, per_gated)
-        self.state = self.phases.init_state()
+        # The warmup's state is dropped before the batch's own is made, so warmup holds one
+        # state at its peak, as decoding does; its statistics came from dummy tokens.
+        del s
+        self.kept_stats = None
+        self.state = self.fresh_state()
+        self.warm = True
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
         return dt
 
     def start(self, requests: Iterable[Request]) -> "BatchRun":
         """A run of these requests through the batch, driven step by step (``BatchRun``)."""
-        if self.state is None:
+        if not self.warm:
             self.warmup()
+        if self.state is None:
+            self.state = self.fresh_state()
         return BatchRun(self, requests)
 
 
@@ -160,8 +216,14 @@ class BatchRun:
         """Whether any slot holds a row still decoding."""
         return any(r is not None for r in self.rows)
 
+    def _check_held(self) -> None:
+        if self.engine.state is None:  # a decoder holds one state: another bucket's batch took it
+            raise RuntimeError(f"the batch of bucket {self.engine.max_prompt_len} lost its slot state: another "
+                               "bucket's batch started on the same decoder before this one finished")
+
     def refill(self, limit: int | None = None) -> int:
         """Prefills free slots (at most ``limit``) with waiting requests; returns how many."""
+        self._check_held()
         filled = 0
         for i, row in enumerate(self.rows):
             if self._next is None or (limit is not None and filled >= limit):
@@ -190,6 +252,7 @@ class BatchRun:
 
     def decode(self) -> None:
         """One decode call at the policy's block length; its outcome goes back to the policy."""
+        self._check_held()
         e = self.engine
         block, trial = e.policy.choose()
         steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
@@ -234,6 +297,12 @@ class BatchRun:
             done[stopped_rows] = True
             e.state = e.state.replace(done=jnp.asarray(done))
         return results
+
+
+def _host_stats(state: Slots):
+    """A state's proposal statistics as host arrays (None for modes without them)."""
+    stats = getattr(state.extra, "stats", None)
+    return None if stats is None else jax.device_get(stats)
 
 
 def _gated(state: Slots) -> jax.Array:

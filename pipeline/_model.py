@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable
 
 from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, MemoryPlan, TargetConfig, \
-    cache_length, choose_layout, describe, enable_compilation_cache, load_drafter, load_target, local_capacity, \
+    choose_layout, describe, enable_compilation_cache, load_drafter, load_target, local_capacity, \
     make_mesh, resolve_drafter_dir, resolve_model_dir
 
 # Loads per model in this process: what the tests read to prove "once per process".
@@ -79,9 +79,9 @@ def model_configs(model: str, drafter: str | None, mode: str) -> tuple[TargetCon
 
 
 def layout(key: ModelKey, chips: int | None = None, capacity: int | None = None, where: str = "",
-           tcfg=None, dcfg=None) -> MemoryPlan:
+           tcfg=None, dcfg=None, dtype: str = "float32") -> MemoryPlan:
     """The mesh layout (and memory plan) of a job on ``chips`` chips of ``capacity`` bytes (default:
-    this process's devices); LayoutError names the setting to change."""
+    this process's devices), its model in ``dtype``; LayoutError names the setting to change."""
     import jax
 
     if tcfg is None:
@@ -89,12 +89,7 @@ def layout(key: ModelKey, chips: int | None = None, capacity: int | None = None,
     if chips is None:
         chips, capacity = len(jax.local_devices()), local_capacity()
         where = where or describe_devices()
-    d = key.decode
-    block = 1 if d.mode == "ar" else d.block_size if d.block_size != "auto" else (
-        dcfg.block_size if dcfg is not None else 16)
-    return choose_layout(tcfg, dcfg, chips=chips, capacity=capacity, batch_size=d.batch_size,
-                         cache_len=cache_length(max(d.prompt_buckets), d.max_new_tokens), block=block,
-                         data_parallel=d.data_parallel, tensor_parallel=d.tensor_parallel, where=where)
+    return choose_layout(tcfg, dcfg, chips=chips, capacity=capacity, decode=key.decode, dtype=dtype, where=where)
 
 
 def describe_devices() -> str:
@@ -109,10 +104,10 @@ def _load(key: ModelKey) -> LoadedModel:
     enable_compilation_cache()
     p = layout(key)  # refuses a layout the local devices cannot hold before anything loads
     mesh = make_mesh(p.data, p.model)
-    target = load_target(key.model, mesh=mesh)
+    target = load_target(key.model, dtype=p.dtype, mesh=mesh)  # the dtype the plan counted
     drafter = None
     if key.decode.mode in DRAFTER_MODES:
-        drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model), mesh=mesh)
+        drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model), dtype=p.dtype, mesh=mesh)
     decoder = Decoder(target, key.decode, drafter, mesh=mesh)
     return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, describe(mesh))
 

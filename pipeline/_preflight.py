@@ -130,19 +130,30 @@ def preflight(config: JobConfig) -> Preflight:
 
 
 LAYOUT_FIELDS = {"data_parallel": "decode.data_parallel", "tensor_parallel": "decode.tensor_parallel",
-                 "batch_size": "decode.batch_size"}
+                 "batch_size": "decode.batch_size", "max_new_tokens": "decode.max_new_tokens",
+                 "prompt_buckets": "decode.prompt_buckets", "dtype": "model.dtype"}
 
 
 def check_layout(config: JobConfig, chips: int | None = None, capacity: int | None = None, where: str = "",
-                 topology_field: str = "decode.batch_size"):
-    """The job's mesh layout and memory plan on ``chips`` chips of ``capacity`` bytes (default: this
-    machine's devices), or JobRefused naming the setting to change (``topology_field`` when only
-    more or larger chips would do)."""
+                 topology_field: str = "decode.batch_size", dtype: str = "float32"):
+    """The job's mesh layout and memory plan with its model in ``dtype`` on ``chips`` chips of
+    ``capacity`` bytes (default: this machine's devices), or JobRefused naming the setting to
+    change (``topology_field`` when only more or larger chips would do)."""
     from dflash_batch.decoder import LayoutError
     from dflash_batch.pipeline._decode import model_key
     from dflash_batch.pipeline._model import layout
 
     try:
-        return layout(model_key(config), chips, capacity, where)
+        return layout(model_key(config), chips, capacity, where, dtype=dtype)
     except LayoutError as e:
-        raise JobRefused(LAYOUT_FIELDS.get(e.setting, topology_field), str(e)) from None
+        field = LAYOUT_FIELDS.get(e.setting, topology_field)
+        if e.options:  # the model does not fit: every change that would, named by its job-spec field
+            shown = "; ".join(_option(name, value, topology_field) for name, value in e.options)
+            raise JobRefused(field, f"{e.problem}. What fits: {shown}") from None
+        raise JobRefused(field, str(e)) from None
+
+
+def _option(setting: str, value: str, topology_field: str) -> str:
+    if setting != "topology":
+        return f"{LAYOUT_FIELDS[setting]} = {value}"
+    return f"a larger {topology_field}" if topology_field.startswith("runner.") else "a machine with more device memory"

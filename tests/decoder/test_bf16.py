@@ -136,7 +136,7 @@ def test_bf16_speculative_greedy_is_token_identical_to_bf16_ar(bf16_target, bf16
     dec = make_decoder(bf16_target, mode=mode, drafter=bf16_drafter if mode in ("dflash", "hybrid") else None,
                        block_size=8, batch_size=batch_size, max_new_tokens=NEW, prompt_buckets=BUCKETS,
                        prefill_chunk=16)
-    out = dec.generate(reqs)
+    out = list(dec.generate(reqs))
     assert {r.id: r.token_ids for r in out} == bf16_ar
     if mode == "oracle":
         assert sum(r.draft_tokens_accepted for r in out) > 0

@@ -41,11 +41,17 @@ def target_dir(tmp_path_factory):
 def drafter_dir(target_dir, tmp_path_factory):
     """A full-vocabulary drafter without a learned mask embedding (z-lab's format has neither
     extension), mask id 0 (the pad row, which never occurs in the text), trained for a few
-    hundred steps on the target's greedy responses."""
+    hundred steps on the target's greedy responses.
+
+    Its features come from target layers 0 and 1, not 2: z-lab reads features from Hugging
+    Face's ``hidden_states``, whose LAST entry is the final-normed output, so for the last
+    target layer it feeds normed features where we feed the layer's output. z-lab's own rule
+    for feature layers never picks the last layer (at most L-3); the difference is noted in
+    docs/design.md."""
     from dflash_batch.decoder.train import DrafterSpec, TrainConfig, train_drafter
 
     root = tmp_path_factory.mktemp("zlab-drafter")
-    spec = DrafterSpec(num_layers=1, block_size=BLOCK, target_layer_ids=(0, 1, 2), draft_vocab_size=None,
+    spec = DrafterSpec(num_layers=1, block_size=BLOCK, target_layer_ids=(0, 1), draft_vocab_size=None,
                        mask_token_id=0, mask_embedding=False)
     tcfg = TrainConfig(steps=200, batch_size=4, anchors=8, lr=3e-3, checkpoint_every=1000, log_every=1000)
     train_drafter(load_target(str(target_dir), with_tokenizer=False), tiny_prompts(96), root / "drafter",

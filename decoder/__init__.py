@@ -7,6 +7,28 @@ Axis alphabet, used in einsum strings and shape comments throughout:
   V vocabulary           L verified block length    C completion capacity per slot
 Layer axes are spelt out (``layers``, ``draft_layers``).
 
+Numerics. ``load_target(..., dtype=)`` and ``load_drafter(..., dtype=)`` take any dtype
+``jnp.dtype`` accepts; the config records it (``config.dtype``). Weights, the residual
+stream, every activation between layers, the KV cache and the drafter's context cache
+are in that dtype: in bfloat16 a decode step streams half the bytes of float32 and runs
+on a TPU's bf16 matrix units. Float32 is kept where rounding would change a token:
+  * matmuls accumulate in float32 (``preferred_element_type``) and round once: a long
+    bf16 running sum loses the low bits of every term;
+  * RMSNorm statistics and scaling are float32: a mean of squares of activations in the
+    hundreds keeps no significant bit of the small ones in bf16;
+  * RoPE angles and rotations are float32: positions in the thousands times a frequency
+    need more than bf16's 8 bits of mantissa;
+  * attention scores, softmax and the weighted sum of values accumulate in float32 (the
+    kernels and their references alike); the probabilities meet V in V's dtype;
+  * the final logits are float32, and so are sampling (temperature, top-p, Gumbel noise)
+    and acceptance: they pick the token, so a tie broken by bf16 rounding would be a
+    different output.
+A 1-token AR step and an L-token verify pass call the same functions, but XLA may sum a
+matmul or an attention row in a different order at another shape; in bf16 a float32 sum
+that differs in its last bit can round to a different bf16 value. The tiny test models
+are token-identical anyway (tests/decoder/test_bf16.py); SmolLM2 is not yet (see
+docs/design.md, "Numerics").
+
 This package never imports Beam or click: it runs as-is on an accelerator host.
 """
 

@@ -24,9 +24,10 @@ class KVCache:
     v: jax.Array
 
     @classmethod
-    def init(cls, cfg: TargetConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+    def init(cls, cfg: TargetConfig, batch: int, length: int) -> "KVCache":
+        """Zeros in the model's dtype (``cfg.dtype``): the cache holds what the layers computed, unrounded."""
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+        return cls(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype))
 
     @property
     def batch(self) -> int:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._mesh import is_sharded, layout_params
 from dflash_batch.decoder._target import Params
+from dflash_batch.decoder._weights import Row, params_from_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,67 +53,51 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def params_from_hf(cfg: TargetConfig, tensors: dict[str, np.ndarray], dtype=jnp.float32, host: bool = False) -> Params:
-    """Maps Hugging Face tensor names to the stacked, fused, [in, out] layout.
+def target_table(cfg: TargetConfig, tensors: Mapping[str, np.ndarray] | None = None) -> list[Row]:
+    """The name table of a Hugging Face Llama / Qwen3 checkpoint (see ``_weights``).
 
-    With ``host``, the arrays stay numpy on the host (for placing onto a mesh shard by shard).
+    Tied embeddings, or a checkpoint without ``lm_head.weight``, use the embedding as the head.
     """
-    as_array = (lambda a, dt: np.asarray(a, np.dtype(dt))) if host else jnp.asarray
-
-    def get(name: str) -> np.ndarray:
-        try:
-            return np.asarray(tensors[name], dtype=np.float32)
-        except KeyError:
-            raise KeyError(f"checkpoint is missing tensor {name!r}") from None
-
-    def stack(fmt: str, transform=lambda a: a) -> jnp.ndarray:
-        return as_array(np.stack([transform(get(fmt.format(i))) for i in range(cfg.num_layers)]), dtype)
-
-    p = "model.layers.{}."
-
-    def fused(*names: str):
-        return lambda i: np.concatenate([get(p.format(i) + n).T for n in names], axis=1)
-
-    layers = {
-        "attn_norm": stack(p + "input_layernorm.weight"),
-        "qkv": as_array(
-            np.stack([fused("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")(i) for i in range(cfg.num_layers)]),
-            dtype,
-        ),
-        "o": stack(p + "self_attn.o_proj.weight", np.transpose),
-        "mlp_norm": stack(p + "post_attention_layernorm.weight"),
-        "gate_up": as_array(
-            np.stack([fused("mlp.gate_proj.weight", "mlp.up_proj.weight")(i) for i in range(cfg.num_layers)]), dtype
-        ),
-        "down": stack(p + "mlp.down_proj.weight", np.transpose),
-    }
+    p = "model.layers.{i}."
+    table = [
+        Row(("embed",), ("model.embed_tokens.weight",)),
+        Row(("final_norm",), ("model.norm.weight",)),
+        Row(("layers", "attn_norm"), (p + "input_layernorm.weight",), layered=True),
+        Row(("layers", "qkv"), tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv"), transpose=True, layered=True),
+        Row(("layers", "o"), (p + "self_attn.o_proj.weight",), transpose=True, layered=True),
+        Row(("layers", "mlp_norm"), (p + "post_attention_layernorm.weight",), layered=True),
+        Row(("layers", "gate_up"), (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"), transpose=True,
+            layered=True),
+        Row(("layers", "down"), (p + "mlp.down_proj.weight",), transpose=True, layered=True),
+    ]
     if cfg.qk_norm:
-        layers["q_norm"] = stack(p + "self_attn.q_norm.weight")
-        layers["k_norm"] = stack(p + "self_attn.k_norm.weight")
-    params: Params = {
-        "embed": as_array(get("model.embed_tokens.weight"), dtype),
-        "final_norm": as_array(get("model.norm.weight"), dtype),
-        "layers": layers,
-    }
-    if not cfg.tie_word_embeddings and "lm_head.weight" in tensors:
-        params["lm_head"] = as_array(get("lm_head.weight").T, dtype)
-    return params
+        table += [Row(("layers", "q_norm"), (p + "self_attn.q_norm.weight",), layered=True),
+                  Row(("layers", "k_norm"), (p + "self_attn.k_norm.weight",), layered=True)]
+    if not cfg.tie_word_embeddings and (tensors is None or "lm_head.weight" in tensors):
+        table.append(Row(("lm_head",), ("lm_head.weight",), transpose=True))
+    return table
 
 
-def load_target(name_or_path: str, dtype=jnp.float32, with_tokenizer: bool = True, mesh=None) -> TargetModel:
+def params_from_hf(cfg: TargetConfig, tensors: Mapping[str, np.ndarray], dtype=None, mesh=None) -> Params:
+    """The target's stacked, fused, [in, out] parameters in ``dtype`` (default: ``cfg.dtype``),
+    on one device or, with a ``mesh`` of more than one device, straight into its shards."""
+    place = (lambda host: layout_params(host, cfg, mesh)) if is_sharded(mesh) else None
+    return params_from_table(target_table(cfg, tensors), tensors, cfg.num_layers, dtype or cfg.dtype, place=place)
+
+
+def load_target(name_or_path: str, dtype: Any = "float32", with_tokenizer: bool = True, mesh=None) -> TargetModel:
     """Loads a target from a model name, a local folder or a ``gs://`` prefix.
 
-    With a ``mesh`` of more than one device, each weight goes from the host straight into its
+    ``dtype`` (anything ``jnp.dtype`` accepts: "bfloat16", jnp.float32, ...) is the model's
+    numerics: weights, activations and KV cache (``config.dtype`` records it). With a
+    ``mesh`` of more than one device, each weight goes from the host straight into its
     shards (see ``_mesh``); the returned model's ``mesh`` says so.
     """
     from dflash_batch.decoder._registry import resolve_model_dir
 
     folder = resolve_model_dir(name_or_path)
-    cfg = TargetConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    if is_sharded(mesh):
-        params = layout_params(params_from_hf(cfg, read_safetensors(folder), dtype, host=True), cfg, mesh)
-    else:
-        params = params_from_hf(cfg, read_safetensors(folder), dtype)
+    cfg = TargetConfig.from_hf(json.loads((folder / "config.json").read_text()), dtype=dtype)
+    params = params_from_hf(cfg, read_safetensors(folder), mesh=mesh)
     tokenizer = None
     if with_tokenizer:
         from transformers import AutoTokenizer

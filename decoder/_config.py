@@ -5,7 +5,26 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
 _LLAMA_ARCHS = ("LlamaForCausalLM",)
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def dtype_name(dtype: Any, field: str = "dtype") -> str:
+    """The canonical name ("bfloat16", "float32", ...) of anything ``jnp.dtype`` accepts.
+
+    Configs hold the name, not the dtype object, so they stay hashable, printable and
+    comparable as jit static arguments.
+    """
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"{field}={dtype!r} is not a dtype; use one of {FLOAT_DTYPES}") from None
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"{field}={dtype!r} is not a floating-point model dtype; use one of {FLOAT_DTYPES}")
+    return name
+
 _QWEN3_ARCHS = ("Qwen3ForCausalLM",)
 
 
@@ -49,8 +68,10 @@ class TargetConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # llama3-style, as sorted items
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    dtype: str = "float32"  # weights, activations and KV cache, as loaded (see the package docstring)
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.family not in ("llama", "qwen3"):
             raise ValueError(f"unsupported model family {self.family=}")
         if self.num_heads % self.num_kv_heads:
@@ -71,8 +92,8 @@ class TargetConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any]) -> "TargetConfig":
-        """Builds the config from a Hugging Face config.json dictionary."""
+    def from_hf(cls, cfg: Mapping[str, Any], dtype: Any = "float32") -> "TargetConfig":
+        """Builds the config from a Hugging Face config.json dictionary, to run in ``dtype``."""
         archs = tuple(cfg.get("architectures") or ())
         model_type = cfg.get("model_type", "")
         if any(a in _QWEN3_ARCHS for a in archs) or model_type == "qwen3":
@@ -107,4 +128,5 @@ class TargetConfig:
             rope_scaling=None if not scaling else tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict)))),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            dtype=dtype_name(dtype),
         )

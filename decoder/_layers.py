@@ -10,8 +10,13 @@ import jax.numpy as jnp
 from dflash_batch.decoder._config import TargetConfig
 
 
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out], accumulated in float32 and rounded once to x's dtype."""
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in fp32, as the reference implementations do."""
+    """RMSNorm with its statistics, and the scaling by its weight, in float32; the result in x's dtype."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
@@ -50,21 +55,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 def swiglu(x: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
     """SwiGLU MLP with the gate and up projections fused: gate_up [D, 2F], down [F, D]."""
-    gu = x @ gate_up  # [B, T, 2F]
+    gu = dense(x, gate_up)  # [B, T, 2F]
     gate, up = jnp.split(gu, 2, axis=-1)
-    return (jax.nn.silu(gate) * up) @ down
+    return dense(jax.nn.silu(gate) * up, down)
 
 
 def qkv_proj(x: jax.Array, w: dict, q_cols: int, kv_cols: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [.., N H], k and v [.., K H] from a layer's fused ``qkv`` [D, (N + 2K) H], or from its
     separate ``q``, ``k``, ``v`` (the tensor-parallel layout, where each chip holds whole heads)."""
     if "qkv" in w:
-        return tuple(jnp.split(x @ w["qkv"], [q_cols, q_cols + kv_cols], axis=-1))
-    return x @ w["q"], x @ w["k"], x @ w["v"]
+        return tuple(jnp.split(dense(x, w["qkv"]), [q_cols, q_cols + kv_cols], axis=-1))
+    return dense(x, w["q"]), dense(x, w["k"]), dense(x, w["v"])
 
 
 def mlp(x: jax.Array, w: dict) -> jax.Array:
     """A layer's SwiGLU MLP, fused (``gate_up``) or in the tensor-parallel layout (``gate``, ``up``)."""
     if "gate_up" in w:
         return swiglu(x, w["gate_up"], w["down"])
-    return (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+    return dense(jax.nn.silu(dense(x, w["gate"])) * dense(x, w["up"]), w["down"])

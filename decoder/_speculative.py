@@ -117,7 +117,7 @@ def init_spec_state(batch: int, length: int, dcfg: DrafterConfig | None, max_blo
     if dcfg is None:
         return SpecState(tokens=tokens, stats=stats)
     shape = (dcfg.num_layers, batch, dcfg.num_kv_heads, length, dcfg.head_dim)
-    return SpecState(tokens=tokens, ctx_k=jnp.zeros(shape, jnp.float32), ctx_v=jnp.zeros(shape, jnp.float32),
+    return SpecState(tokens=tokens, ctx_k=jnp.zeros(shape, dcfg.dtype), ctx_v=jnp.zeros(shape, dcfg.dtype),
                      stats=stats, ctx_len=jnp.zeros((batch,), jnp.int32))
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._layers import apply_rope, mlp, qkv_proj, rms_norm, rope_inv_freq
+from dflash_batch.decoder._layers import apply_rope, dense, mlp, qkv_proj, rms_norm, rope_inv_freq
 from dflash_batch.kernels import verify_attention
 
 Params = dict[str, Any]
@@ -58,6 +58,32 @@ def write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array, slot: jax
     return cache.at[:, rows, heads, positions[:, None, :]].set(vals, mode="drop")
 
 
+def target_layer(w: Params, cfg: TargetConfig, x: jax.Array, positions: jax.Array, attend) -> tuple[jax.Array, ...]:
+    """One pre-norm layer over new rows x [B, T, D] at ``positions`` [B, T].
+
+    ``attend(q [B, T, K, G, H], k [B, T, K, H], v) -> o [B, T, K, G, H]`` says what else the
+    rows see (a KV cache, or nothing). Returns (x, k, v): the layer's output and the rows'
+    keys (after q/k norm and RoPE) and values, for the cache.
+    """
+    bsz, t, _ = x.shape
+    n_kv, g, h = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
+    inv_freq = rope_inv_freq(cfg)
+    hn = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = qkv_proj(hn, w, cfg.num_heads * h, n_kv * h)  # [B, T, N H], [B, T, K H] x 2
+    q = q.reshape(bsz, t, cfg.num_heads, h)
+    k = k.reshape(bsz, t, n_kv, h)
+    v = v.reshape(bsz, t, n_kv, h)
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    o = attend(q.reshape(bsz, t, n_kv, g, h), k, v)  # [B, T, K, G, H]
+    x = x + dense(o.reshape(bsz, t, cfg.num_heads * h), w["o"])
+    x = x + mlp(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w)
+    return x, k, v
+
+
 def forward(
     params: Params,
     cfg: TargetConfig,
@@ -73,9 +99,9 @@ def forward(
 
     Steps:
       1. Embed tokens [B, T]; token t of row b sits at absolute position start[b] + t.
-      2. Per layer: each query attends to its row's cache rows before ``start`` and,
-         causally, to the block's own keys. The cache is only read inside the layer
-         loop, so no per-layer copy of it is ever made.
+      2. Per layer (``target_layer``): each query attends to its row's cache rows before
+         ``start`` and, causally, to the block's own keys. The cache is only read inside the
+         layer loop, so no per-layer copy of it is ever made.
       3. After the last layer, write the block's K/V of every layer into the cache
          in one in-place scatter (rows start..start+T-1).
       4. Final norm and lm_head, on every position or only at ``logits_at`` [B].
@@ -86,33 +112,19 @@ def forward(
     Returns (logits [B, T or 1, V], hidden states after ``collect_layers`` as
     [B, T, len(collect_layers), D] or None, the updated cache).
     """
-    bsz, t = tokens.shape  # B, T
-    n_kv, g, h = cfg.num_kv_heads, cfg.group_size, cfg.head_dim
-    inv_freq = rope_inv_freq(cfg)
+    t = tokens.shape[1]  # T
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     x = embed(params, tokens)  # [B, T, D]
 
     def layer(x, xs):
         w, idx = xs  # the layer's weights and its index in the cache
-        hn = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = qkv_proj(hn, w, cfg.num_heads * h, n_kv * h)  # [B, T, N H], [B, T, K H] x 2
-        q = q.reshape(bsz, t, cfg.num_heads, h)
-        k = k.reshape(bsz, t, n_kv, h)
-        v = v.reshape(bsz, t, n_kv, h)
-        if cfg.qk_norm:
-            q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        qg = q.reshape(bsz, t, n_kv, g, h)
         if slot is None:
             k_cache, v_cache = cache.k[idx], cache.v[idx]  # [B, K, S, H]
         else:
             k_cache, v_cache = cache.k[idx, slot][None], cache.v[idx, slot][None]  # [1, K, S, H]
         # Cache rows < start, then the block causally: kernels/ picks Pallas or plain jnp.
-        o = verify_attention(qg, k_cache, v_cache, start, k, v)  # [B, T, K, G, H]
-        x = x + o.reshape(bsz, t, cfg.num_heads * h) @ w["o"]
-        x = x + mlp(rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps), w)
+        x, k, v = target_layer(w, cfg, x, positions,
+                               lambda q, k, v: verify_attention(q, k_cache, v_cache, start, k, v))
         return x, (k, v, x if collect_layers else None)
 
     layer_ids = jnp.arange(cfg.num_layers)
@@ -127,3 +139,25 @@ def forward(
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
     logits = lm_head(params, final_norm(params, cfg, x))
     return logits, feats, KVCache(k=kc, v=vc)
+
+
+def hidden_states(params: Params, cfg: TargetConfig, tokens: jax.Array, collect_layers: Sequence[int]) -> jax.Array:
+    """The outputs of layers ``collect_layers`` [B, S, n, D] over whole sequences tokens [B, S]
+    from position 0, causal, with no KV cache and no output head: the features drafter
+    training reads (online and offline alike).
+
+    The same ``target_layer`` as decoding, attending through ``verify_attention`` with a
+    one-row cache of length 0 (nothing before the block), so the features are computed
+    exactly as a prefill computes them.
+    """
+    bsz, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (bsz, s))  # [B, S]
+    nothing = jnp.zeros((bsz, cfg.num_kv_heads, 1, cfg.head_dim), cfg.dtype)  # [B, K, 1, H], never read
+    start = jnp.zeros((bsz,), jnp.int32)
+
+    def layer(x, w):
+        x, _, _ = target_layer(w, cfg, x, positions, lambda q, k, v: verify_attention(q, nothing, nothing, start, k, v))
+        return x, x
+
+    _, hidden = jax.lax.scan(layer, embed(params, tokens), params["layers"])  # [L, B, S, D]
+    return jnp.moveaxis(hidden[jnp.asarray(tuple(collect_layers))], 0, 2)  # [B, S, n, D]

@@ -33,10 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._target import Params, final_norm, forward, lm_head
+from dflash_batch.decoder._target import Params, final_norm, hidden_states, lm_head
 from dflash_batch.decoder.train._data import PackedSequences, Sample
 
 LENGTH_STEP = 64  # sequences are padded to a multiple of this: few compiled shapes, little padding
@@ -53,10 +52,7 @@ def _extract(params: Params, tokens: jax.Array, logits_from: jax.Array, *, cfg: 
     prompt the 49k-row head would cost ~20% of the pass for rows nobody reads.
     """
     t = tokens.shape[1]
-    cache = KVCache.init(cfg, 1, t)
-    last = cfg.num_layers - 1
-    _, hidden, _ = forward(params, cfg, tokens, jnp.zeros((1,), jnp.int32), cache,
-                           logits_at=jnp.zeros((1,), jnp.int32), collect_layers=layer_ids + (last,))
+    hidden = hidden_states(params, cfg, tokens, layer_ids + (cfg.num_layers - 1,))  # [1, T, n_f + 1, D]
     r0 = jnp.clip(logits_from, 0, t - n_logits)
     h = jax.lax.dynamic_slice_in_dim(hidden[0, :, -1], r0, n_logits, axis=0)  # [R, D], after the last layer
     head_in = final_norm(params, cfg, h)

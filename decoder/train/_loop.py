@@ -98,6 +98,11 @@ def anchor_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, 1, step])
 
 
+def cast_floats(params: Params, dtype) -> Params:
+    """The floating-point leaves in ``dtype`` (integer tables such as ``d2t`` untouched)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+
+
 def _frozen(params: Params) -> Params:
     """``d2t`` is integer data, not a parameter: keep it out of gradients and updates."""
     return {k: v for k, v in params.items() if k != "d2t"}
@@ -145,6 +150,10 @@ class Trainer:
         kept = target_params if self.online else {"embed": target_params["embed"], **(
             {"lm_head": target_params["lm_head"]} if "lm_head" in target_params else {})}
         self.target_params = self.place(kept)
+        # Mixed precision: the forward and backward run in the target's dtype (bf16 on an
+        # accelerator), on copies of the float32 master weights; the gradients, the optimiser
+        # state and the updates stay float32, so small updates are not rounded away.
+        self.compute_dtype = jnp.dtype(target_params["embed"].dtype)
         self.inv_scale = self.place(jnp.asarray(inv_scale))
         self.t2d = t2d
         self._t2d = self.place(jnp.asarray(t2d)) if t2d is not None else None
@@ -172,7 +181,7 @@ class Trainer:
         return batch
 
     def _loss(self, trainable, d2t, target_params, batch):
-        params = dict(trainable, **({"d2t": d2t} if d2t is not None else {}))
+        params = dict(cast_floats(trainable, self.compute_dtype), **({"d2t": d2t} if d2t is not None else {}))
         batch = self._inputs(target_params, d2t, batch)
         logits = packed_draft_logits(params, self.dcfg, target_params, batch["feats"], self.inv_scale,
                                      batch["block_tokens"], batch["anchor_pos"])

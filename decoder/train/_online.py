@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._target import Params, final_norm, forward, lm_head
+from dflash_batch.decoder._target import Params, final_norm, hidden_states, lm_head
 from dflash_batch.decoder.train._blocks import draft_soft_labels
 from dflash_batch.decoder.train._data import PackedSequences, Sample
 
@@ -51,10 +50,7 @@ class TokenSequences(PackedSequences):
 
 def _target_pass(params: Params, cfg: TargetConfig, tokens: jax.Array, layer_ids: tuple[int, ...]) -> jax.Array:
     """hidden [B, S, len(layer_ids) + 1, D]: the collected layers, then the last layer's output."""
-    b, s = tokens.shape
-    _, hidden, _ = forward(params, cfg, tokens, jnp.zeros((b,), jnp.int32), KVCache.init(cfg, b, s),
-                           logits_at=jnp.zeros((b,), jnp.int32), collect_layers=layer_ids + (cfg.num_layers - 1,))
-    return hidden
+    return hidden_states(params, cfg, tokens, layer_ids + (cfg.num_layers - 1,))
 
 
 def target_outputs(params: Params, cfg: TargetConfig, batch: dict, *, layer_ids: tuple[int, ...], top_k: int,

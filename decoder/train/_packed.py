@@ -24,9 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dflash_batch.decoder._drafter import DrafterConfig
-from dflash_batch.decoder._layers import apply_rope, rms_norm, rope_inv_freq, swiglu
-from dflash_batch.decoder._target import Params, lm_head
+from dflash_batch.decoder._drafter import (Attend, DrafterConfig, context_kv, draft_head, draft_layer,
+                                           embed_block)
+from dflash_batch.decoder._target import Params
 
 
 def context_mask(anchor_pos: jax.Array, seq_len: int) -> jax.Array:
@@ -46,68 +46,65 @@ def attention_mask(anchor_pos: jax.Array, seq_len: int, block_size: int) -> jax.
     return jnp.concatenate([ctx, jnp.broadcast_to(blocks, (b, a * block_size, a * block_size))], axis=-1)
 
 
+def packed_attention(ck: jax.Array, cv: jax.Array, visible: jax.Array, blocks: int) -> Attend:
+    """The training forward's attention for ``draft_layer``: ONE softmax over the context rows
+    block a may see (``visible`` [B, A, S]; ck, cv [B, S, K, H]) and the block's own L rows.
+
+    Scores are computed only inside each block, so the (A*L)^2 cross-block scores never
+    exist; scores, softmax and the weighted sums are float32, as in the decoder's kernels.
+    """
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        bsz, t, k_heads, g, h = q.shape  # t = A*L
+        blk = t // blocks
+        scale = 1.0 / math.sqrt(h)
+        q = q.reshape(bsz, blocks, blk, k_heads, g, h)  # [B, A, L, K, G, H]
+        k = k.reshape(bsz, blocks, blk, k_heads, h)  # [B, A, L, K, H]
+        v = v.reshape(bsz, blocks, blk, k_heads, h)
+        f32 = jnp.float32
+        s_c = jnp.einsum("BALKGH,BSKH->BAKGLS", q, ck, preferred_element_type=f32) * scale
+        s_b = jnp.einsum("BALKGH,BAMKH->BAKGLM", q, k, preferred_element_type=f32) * scale
+        s_c = jnp.where(visible[:, :, None, None, None, :], s_c, -jnp.inf)  # [B, A, K, G, L, S]
+        m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), jnp.max(s_b, axis=-1, keepdims=True))
+        p_c, p_b = jnp.exp(s_c - m), jnp.exp(s_b - m)
+        denom = jnp.sum(p_c, axis=-1) + jnp.sum(p_b, axis=-1)  # [B, A, K, G, L]
+        o = (jnp.einsum("BAKGLS,BSKH->BALKGH", p_c.astype(cv.dtype), cv, preferred_element_type=f32)
+             + jnp.einsum("BAKGLM,BAMKH->BALKGH", p_b.astype(v.dtype), v, preferred_element_type=f32))
+        o = o / jnp.moveaxis(denom, -1, 2)[..., None]  # [B, A, L, K, G, H]
+        return o.reshape(bsz, t, k_heads, g, h).astype(q.dtype)
+
+    return attend
+
+
 def packed_draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Params, feats: jax.Array,
                         feat_inv_scale: jax.Array, block_tokens: jax.Array, anchor_pos: jax.Array) -> jax.Array:
-    """Draft logits [B, A, L-1, V or V_d] for A blocks per sequence.
+    """Draft logits [B, A, L-1, V or V_d] for A blocks per sequence, computed in the dtype of
+    ``dparams`` (pass bf16 copies of float32 master weights for mixed precision).
 
     feats [B, S, n_f, D]: the sequence's cached target features (any dtype);
     feat_inv_scale [n_f, D]: multiplies the features before ``fc`` (the per-channel
     standardisation; ones for raw features); block_tokens [B, A, L]; anchor_pos [B, A].
 
-    Steps (``context_kv`` then ``draft_block`` of the decoder, for all blocks at once):
-      1. Context vector per row: RMSNorm(fc(feats * inv_scale)).
-      2. Per draft layer: context k/v (k_norm, RoPE at the row's position); block q/k/v
-         from the block rows (q_norm/k_norm, RoPE at p_a + i).
-      3. Attention with ONE softmax over [visible context rows ; the block's own rows].
-      4. o_proj + residual, SwiGLU MLP + residual.
-      5. Final norm and the output head on block rows 1..L-1.
+    Steps (the decoder's own ``context_kv``, ``draft_layer`` and ``draft_head``, for all
+    blocks at once):
+      1. Context k/v of every draft layer from RMSNorm(fc(feats * inv_scale)), RoPE at the
+         row's position.
+      2. Per draft layer: block q/k/v (RoPE at p_a + i), then ONE softmax over [visible
+         context rows ; the block's own rows] (``packed_attention``), o_proj, MLP.
+      3. Final norm and the output head on block rows 1..L-1.
     """
-    bsz, s_len, n_f, d = feats.shape
+    bsz, s_len, _, _ = feats.shape
     _, a, blk = block_tokens.shape
-    n, k_heads, g, h = dcfg.num_heads, dcfg.num_kv_heads, dcfg.group_size, dcfg.head_dim
-    eps = dcfg.rms_norm_eps
-    inv_freq = rope_inv_freq(dcfg)
     dtype = dparams["fc"].dtype
-
-    x_feat = (feats.astype(dtype) * feat_inv_scale.astype(dtype)).reshape(bsz, s_len, n_f * d)  # [B, S, n_f*D]
-    c = rms_norm(x_feat @ dparams["fc"], dparams["hidden_norm"], eps)  # [B, S, D]
     ctx_pos = jnp.broadcast_to(jnp.arange(s_len, dtype=jnp.int32)[None], (bsz, s_len))  # [B, S]
+    ck, cv = context_kv(dparams, dcfg, feats.astype(dtype) * feat_inv_scale.astype(dtype), ctx_pos)  # [Ld, B, S, K, H]
     blk_pos = (anchor_pos[:, :, None] + jnp.arange(blk, dtype=jnp.int32)).reshape(bsz, a * blk)  # [B, A*L]
     visible = context_mask(anchor_pos, s_len)  # [B, A, S]
+    x = embed_block(dparams, dcfg, target_params, block_tokens).reshape(bsz, a * blk, -1)  # [B, A*L, D]
 
-    x = jnp.take(target_params["embed"], block_tokens, axis=0).astype(dtype)  # [B, A, L, D]
-    if dcfg.mask_embedding:
-        is_mask = (block_tokens == dcfg.mask_token_id) & (jnp.arange(blk) > 0)  # [B, A, L]
-        x = jnp.where(is_mask[..., None], dparams["mask_embedding"].astype(dtype), x)
-    scale = 1.0 / math.sqrt(h)
+    def layer(x, xs):
+        w, lk, lv = xs
+        return draft_layer(w, dcfg, x, blk_pos, packed_attention(lk, lv, visible, a)), None
 
-    def layer(x, w):
-        # Context keys/values: no query, no MLP, no update (as in ``context_kv``).
-        ck, cv = jnp.split(c @ w["qkv"][:, n * h:], 2, axis=-1)  # [B, S, K*H] each
-        ck = apply_rope(rms_norm(ck.reshape(bsz, s_len, k_heads, h), w["k_norm"], eps), ctx_pos, inv_freq)
-        cv = cv.reshape(bsz, s_len, k_heads, h)  # [B, S, K, H]
-        hn = rms_norm(x, w["attn_norm"], eps)
-        q, k, v = jnp.split(hn @ w["qkv"], [n * h, (n + k_heads) * h], axis=-1)
-        q = apply_rope(rms_norm(q.reshape(bsz, a * blk, n, h), w["q_norm"], eps), blk_pos, inv_freq)
-        k = apply_rope(rms_norm(k.reshape(bsz, a * blk, k_heads, h), w["k_norm"], eps), blk_pos, inv_freq)
-        q = q.reshape(bsz, a, blk, k_heads, g, h)  # [B, A, L, K, G, H]
-        k = k.reshape(bsz, a, blk, k_heads, h)  # [B, A, L, K, H]
-        v = v.reshape(bsz, a, blk, k_heads, h)
-        s_c = jnp.einsum("BALKGH,BSKH->BAKGLS", q, ck, preferred_element_type=jnp.float32) * scale
-        s_b = jnp.einsum("BALKGH,BAMKH->BAKGLM", q, k, preferred_element_type=jnp.float32) * scale
-        s_c = jnp.where(visible[:, :, None, None, None, :], s_c, -jnp.inf)  # [B, A, K, G, L, S]
-        m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), jnp.max(s_b, axis=-1, keepdims=True))
-        p_c, p_b = jnp.exp(s_c - m), jnp.exp(s_b - m)
-        denom = jnp.sum(p_c, axis=-1) + jnp.sum(p_b, axis=-1)  # [B, A, K, G, L]
-        o = (jnp.einsum("BAKGLS,BSKH->BALKGH", p_c.astype(dtype), cv)
-             + jnp.einsum("BAKGLM,BAMKH->BALKGH", p_b.astype(dtype), v))
-        o = o / jnp.moveaxis(denom, -1, 2)[..., None]  # [B, A, L, K, G, H]
-        x = x + o.reshape(bsz, a, blk, n * h) @ w["o"]
-        x = x + swiglu(rms_norm(x, w["mlp_norm"], eps), w["gate_up"], w["down"])
-        return x, None
-
-    x, _ = jax.lax.scan(layer, x, dparams["layers"])  # [B, A, L, D]
-    x = rms_norm(x[:, :, 1:], dparams["norm"], eps)  # [B, A, L-1, D]
-    if "lm_head" in dparams:
-        return jnp.einsum("BALD,DV->BALV", x, dparams["lm_head"], preferred_element_type=jnp.float32)
-    return lm_head(target_params, x)  # [B, A, L-1, V]
+    x, _ = jax.lax.scan(layer, x, (dparams["layers"], ck, cv))  # [B, A*L, D]
+    return draft_head(dparams, dcfg, target_params, x.reshape(bsz, a, blk, -1)[:, :, 1:])  # [B, A, L-1, V]

@@ -40,9 +40,19 @@ from dflash_batch.decoder.train._data import generate_responses
 from dflash_batch.decoder.train._eval import decode_tau
 from dflash_batch.decoder.train._features import build_feature_cache
 from dflash_batch.decoder.train._init import export_params, feature_inv_scale, init_params, params_from_drafter
-from dflash_batch.decoder.train._loop import TrainConfig, Trainer, train_loop
+from dflash_batch.decoder.train._loop import TrainConfig, Trainer, cast_floats, train_loop
 from dflash_batch.decoder.train._online import TokenSequences, feature_scale
 from dflash_batch.decoder.train._vocab import coverage, select_draft_vocab, target_to_draft, token_counts
+
+
+SHIP_DTYPE = jnp.bfloat16  # what a trained drafter's weights are saved in
+
+
+def as_shipped(dcfg: DrafterConfig, params: Params, dtype) -> Drafter:
+    """The drafter a job would load from the shipped files: weights rounded to SHIP_DTYPE,
+    then run in ``dtype`` (the target's). The tau reported during training is measured on
+    it, not on the float32 training copy."""
+    return Drafter(dataclasses.replace(dcfg, dtype=dtype), cast_floats(cast_floats(params, SHIP_DTYPE), dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +226,8 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         # The latest evaluated drafter, usable while training goes on; ``out_dir`` is written
         # only when this call ends, so a shipped folder never holds an untrained drafter.
         save_drafter(work_dir / "drafter-latest", dcfg, exported)
-        r = decode_tau(target, held_prompts, drafter=Drafter(dcfg, exported), max_new_tokens=eval_max_new_tokens,
-                       batch_size=eval_batch)
+        r = decode_tau(target, held_prompts, drafter=as_shipped(dcfg, exported, target.config.dtype),
+                       max_new_tokens=eval_max_new_tokens, batch_size=eval_batch)
         if step > 0:
             best.offer(step, r["tau"], dcfg, exported)
         return {"decoder_tau": r["tau"], "decoder_tau_mean": r["tau_mean"], "decode_seconds": r["seconds"]}
@@ -232,7 +242,7 @@ def train_drafter(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int
         exported_step, exported = result.step, export_params(result.params, inv_scale)
     else:
         exported_step, exported = chosen
-    save_drafter(out_dir, dcfg, exported, dtype=jnp.bfloat16)
+    save_drafter(out_dir, dcfg, exported, dtype=SHIP_DTYPE)
     meta = result.meta
     summary = {
         "target": target.name, "out_dir": str(out_dir), "drafter": dcfg.to_hf(), "spec": dataclasses.asdict(spec),

@@ -82,3 +82,16 @@ def test_hybrid_sampling_matches_ar_distribution(tiny_llama, tiny_drafter, ar_sa
     assert len(spec) > 0.9 * N
     assert _pvalue([s[0] for s in ar_samples], [s[0] for s in spec]) > 1e-3
     assert _pvalue(ar_samples, spec) > 1e-3
+
+
+def test_bf16_speculative_sampling_matches_bf16_ar_distribution(tiny_llama_dir, oracle):
+    """The same test with weights, activations and KV cache in bf16: sampling and acceptance
+    stay float32, so the rule is as exact as in float32."""
+    from dflash_batch.decoder import load_target
+
+    bf16 = load_target(str(tiny_llama_dir), dtype="bfloat16", with_tokenizer=False)
+    ar = _samples(bf16, "ar", range(N))
+    spec = _samples(bf16, oracle, range(N, 2 * N))
+    assert len(spec) > 0.9 * N and len(ar) > 0.9 * N
+    assert _pvalue([s[0] for s in ar], [s[0] for s in spec]) > 1e-3
+    assert _pvalue(ar, spec) > 1e-3

@@ -130,6 +130,33 @@ def test_kernel_matches_reference_in_interpret_mode(op, g, t, s, lengths, dtype,
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(exact), atol=5e-2, rtol=5e-2)
 
 
+def _dots(jaxpr) -> list:
+    """Every dot_general in a jaxpr, inner jaxprs (the pallas_call's kernel, scans) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, tuple) else (v,):  # cond branches come as a tuple
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dots(inner)
+    return found
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_bf16_inputs_are_accumulated_in_float32(op, impl):
+    """XLA on CPU sums bf16 dots in float32 whatever it is asked; a TPU does what it is asked.
+    So the request is checked: every dot of the kernel body and of the reference is float32."""
+    fn, _, sizes, _ = OPS[op]
+    args = _inputs(0, b=2, t=4, k=2, g=2, h=16, s=16, lengths=[3, 16], dtype=jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda *a: fn(*a, block_sizes=sizes(block_s=8), impl=impl))(*args).jaxpr
+    dots = _dots(jaxpr)
+    assert dots and all(d.params["preferred_element_type"] == jnp.float32 for d in dots)
+    assert jax.eval_shape(lambda *a: fn(*a, impl=impl), *args).dtype == jnp.bfloat16
+
+
 def test_kernel_with_seq_major_cache_one_tile_and_fp32_output():
     """cache_layout="BSKH", a tile larger than the cache (one tile), out_dtype != q.dtype."""
     q, kc, vc, lengths, kn, vn = _inputs(5, b=3, t=8, k=3, g=3, h=8, s=14, lengths=[14, 0, 6], dtype=jnp.bfloat16)

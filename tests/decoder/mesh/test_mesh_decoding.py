@@ -167,3 +167,29 @@ def test_a_target_not_loaded_onto_the_mesh_is_refused(wide_dir):
         Decoder(plain, DecodeConfig(batch_size=BATCH), mesh=make_mesh(2, 4))
     with pytest.raises(ValueError, match="batch_size=6 must be divisible by the data-parallel degree 4"):
         Decoder(target_on(wide_dir, (4, 2)), DecodeConfig(batch_size=6), mesh=target_on(wide_dir, (4, 2)).mesh)
+
+
+def test_bf16_every_mode_is_token_identical_to_bf16_ar_on_a_2x2_mesh(wide_dir, drafter):
+    """Data and tensor parallel at once, in bf16: weights, KV cache and drafter context in bf16."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from dflash_batch.decoder import Drafter, place_drafter
+
+    mesh = make_mesh(2, 2)
+    target = load_target(str(wide_dir), dtype="bfloat16", with_tokenizer=False, mesh=mesh)
+    cast = lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    d16 = place_drafter(Drafter(dataclasses.replace(drafter.config, dtype="bfloat16"),
+                                jax.tree.map(cast, jax.device_get(drafter.params))), mesh)
+
+    def run(mode):
+        config = DecodeConfig(mode=mode, batch_size=BATCH, max_new_tokens=NEW, prompt_buckets=(BUCKET,),
+                              prefill_chunk=16, block_size=4 if mode != "ar" else "auto")
+        return tokens(Decoder(target, config, d16 if mode in ("dflash", "hybrid") else None, mesh=mesh), reqs)
+
+    reqs = requests(0.0)
+    want = run("ar")
+    assert all(want.values())
+    for mode in SPEC_MODES:
+        assert run(mode) == want, mode

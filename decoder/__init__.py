@@ -37,3 +37,8 @@ __all__ = [
     "render_messages", "Request", "resolve_drafter_dir", "resolve_model_dir", "Result", "ROWS_PER_SLOT",
     "TargetConfig", "TargetModel", "timed_generate", "tokenize_prompt",
 ]
+
+# The numerics setting (a job's [model] dtype) and how "auto" resolves.
+from dflash_batch.decoder._dtype import DTYPES, DtypeError, checkpoint_dtype, jnp_dtype, resolve_dtype  # noqa: E402
+
+__all__ += ["checkpoint_dtype", "DTYPES", "DtypeError", "jnp_dtype", "resolve_dtype"]

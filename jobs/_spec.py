@@ -11,6 +11,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [model]
     target = "smollm2-135m-instruct"       # registered name, folder or gs:// prefix
     drafter = "default"                    # default | folder | gs:// | none (used by mode dflash)
+    dtype = "auto"                         # auto | bfloat16 | float32: weights, activations, caches;
+                                           #   auto: bf16 on TPU/GPU, the faster one on CPU
 
     [decode]
     mode = "ar"                            # ar | dflash | ngram | hybrid
@@ -60,7 +62,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DecodeConfig, DecodeConfigError
+from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DTYPES, DecodeConfig, DecodeConfigError
 from dflash_batch.pipeline import SUMMARIZE_INSTRUCTION, TEMPLATES
 
 RUNNERS = ("direct", "dataflow")
@@ -85,6 +87,7 @@ class SpecError(ValueError):
 class ModelSpec:
     target: str = DEFAULT_MODEL
     drafter: str = "default"
+    dtype: str = "auto"  # one of DTYPES; the pipeline resolves "auto" (decoder.resolve_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +236,7 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 # section -> key -> check; the section "" holds the top-level keys.
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
-    "model": {"target": _text, "drafter": _text},
+    "model": {"target": _text, "drafter": _text, "dtype": _choice(DTYPES)},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
     "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,

@@ -174,6 +174,17 @@ def test_run_summary_job_stats_and_audit_show_the_same_figures(job_file, tmp_pat
     assert stats["wall_seconds"] >= stats["decode_seconds"] + stats["compile_seconds"]
 
 
+def test_the_run_summary_and_the_audit_name_the_dtype_the_job_ran_in(job_file, tmp_path, ledger):
+    run = CliRunner().invoke(main, ["run", str(job_file), "--no-progress", "--set", "model.dtype=bfloat16"])
+    assert run.exit_code == 0, run.output
+    assert f"model {json.loads((tmp_path / 'out' / 'job_manifest.json').read_text())['model']} in bfloat16" \
+        in run.output
+    assert "mode ar, dtype bfloat16, batch 2" in run.output
+    assert job_stats(tmp_path / "out")["dtype"] == "bfloat16"
+    audit = CliRunner().invoke(main, ["audit", str(tmp_path / "out")])
+    assert "mode ar, dtype bfloat16, batch 2" in audit.output
+
+
 def test_one_job_id_in_the_ledger_the_stats_and_the_report(job_file, tmp_path, ledger):
     from dflash_batch.jobs._ledger import list_jobs
 

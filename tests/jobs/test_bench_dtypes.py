@@ -20,7 +20,7 @@ def rows_and_rounds(tiny_llama_dir):
     models = [BenchModel(name, load_target(str(tiny_llama_dir), dtype=dtype, with_tokenizer=False))
               for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))]
     rng = np.random.default_rng(5)
-    reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=10)), max_new_tokens=12) for i in range(4)]
+    reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=10)), max_new_tokens=6) for i in range(2)]
     rounds: list[list[str]] = []
     run_rounds = _bench.run_rounds
 
@@ -31,8 +31,8 @@ def rows_and_rounds(tiny_llama_dir):
     mp = pytest.MonkeyPatch()
     mp.setattr(_bench, "run_rounds", spy)
     try:
-        rows = bench(models, reqs, [1, 2], 12, repeats=2, block_sizes=(), modes=("ngram",), prompt_buckets=(16,),
-                     learning_rounds=0)
+        rows = bench(models, reqs, [1, 2], 6, repeats=2, block_sizes=(), modes=(), prompt_buckets=(16,),
+                     learning_rounds=0)  # AR only: its cells compile fastest, and every field is there
     finally:
         mp.undo()
     return rows, rounds
@@ -40,18 +40,18 @@ def rows_and_rounds(tiny_llama_dir):
 
 def test_both_dtypes_run_in_the_same_rounds(rows_and_rounds):
     _, rounds = rows_and_rounds
-    assert rounds == [["float32", "float32", "bfloat16", "bfloat16"]] * 2  # one call per batch size, all cells
+    assert rounds == [["float32", "bfloat16"]] * 2  # one call per batch size, with every cell
 
 
 def test_rows_carry_their_dtype_and_speedup_is_over_their_own_dtypes_ar(rows_and_rounds):
     rows, _ = rows_and_rounds
     assert [(r["batch_size"], r["dtype"], r["mode"]) for r in rows] == [
-        (b, d, m) for b in (1, 2) for d in ("float32", "bfloat16") for m in ("ar", "ngram")]
+        (b, d, "ar") for b in (1, 2) for d in ("float32", "bfloat16")]
     for r in rows:
         ar = next(a for a in rows if (a["batch_size"], a["dtype"], a["mode"]) == (r["batch_size"], r["dtype"], "ar"))
         assert r["ar_runs"] == ar["runs"]
         assert r["speedup_runs"] == [x / a for x, a in zip(r["runs"], ar["runs"])]
-        assert r["identical_fraction"] == 1.0  # lossless within a dtype
+        assert r["identical_fraction"] == 1.0
     assert all(r["speedup"] == 1.0 for r in rows if r["mode"] == "ar")
 
 
@@ -70,14 +70,14 @@ def test_speedup_vs_float32_ar_is_over_float32s_ar_of_the_same_batch_size(rows_a
         else:
             assert bf16_ar["speedup_vs_float32_ar"] > 0
         assert 0.0 <= bf16_ar["identical_fraction_vs_float32_ar"] <= 1.0
-        assert 0.0 <= bf16_ar["common_prefix_vs_float32_ar"] <= 12
+        assert 0.0 <= bf16_ar["common_prefix_vs_float32_ar"] <= 6
 
 
 def test_the_table_shows_the_dtype_and_the_ratio_to_float32_ar(rows_and_rounds):
     rows, _ = rows_and_rounds
     table = _bench.format_table(rows)
     assert "dtype" in table.splitlines()[0] and "vs f32 AR" in table.splitlines()[0]
-    assert sum("bfloat16" in line for line in table.splitlines()) == 4
+    assert sum("bfloat16" in line for line in table.splitlines()) == 2
 
 
 def test_common_prefix_mean_counts_tokens_until_the_first_difference():

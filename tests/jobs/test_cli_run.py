@@ -87,6 +87,15 @@ def test_bench_pipeline_reports_the_overhead_ratio(job_file):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["rows"] == 4 and report["completion_tokens"]["job"] == report["completion_tokens"]["decoder_only"]
     assert report["overhead_ratio"] > 0
+    assert report["dtype"] == load_spec_dtype(job_file)
+
+
+def load_spec_dtype(job_file) -> str:
+    """The dtype the job in ``job_file`` resolves to on this machine."""
+    from dflash_batch.jobs._spec import load_spec
+    from dflash_batch.pipeline import job_dtype
+
+    return job_dtype(load_spec(job_file))
 
 
 def test_bench_takes_the_jobs_prompts_and_settings(job_file):

@@ -29,7 +29,8 @@ def _step(model, rows: int, context: int, dtype):
     from dflash_batch.decoder import KVCache, forward
 
     cfg = model.config
-    cache = KVCache.init(cfg, rows, context + 8, dtype)
+    shape = (cfg.num_layers, rows, cfg.num_kv_heads, context + 8, cfg.head_dim)
+    cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))  # the KV cache in the model's dtype
     tokens = jnp.ones((rows, 1), jnp.int32)
     start = jnp.full((rows,), context, jnp.int32)
     fn = jax.jit(lambda p, t, s, c: forward(p, cfg, t, s, c)[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import jax.numpy as jnp
@@ -97,3 +98,21 @@ def test_the_cli_refuses_an_unknown_dtype_naming_the_option():
 
     result = CliRunner().invoke(main, ["bench", "--dtypes", "float32,int3"])
     assert result.exit_code == 2 and "--dtypes" in result.output and "int3" in result.output
+
+
+def test_without_dtypes_the_bench_runs_the_jobs_model_dtype(tmp_path, chat_model_dir):
+    from job_helpers import sentence, write_prompts
+
+    from dflash_batch.jobs.cli import main
+
+    write_prompts(tmp_path / "in" / "p.parquet", [{"id": f"r{i}", "prompt": sentence(i)} for i in range(2)])
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "b"\ninput = "{tmp_path}/in/*.parquet"\noutput = "{tmp_path}/out"\n'
+                   f'[model]\ntarget = "{chat_model_dir}"\n[decode]\nmax_new_tokens = 4\nprompt_buckets = [16, 64]\n'
+                   '[prompt]\ntemplate = "none"\n')
+    result = CliRunner().invoke(main, ["bench", str(job), "--set", "model.dtype=bfloat16", "--batch-sizes", "2",
+                                       "--modes", "", "--repeats", "1", "--learning-rounds", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.output[result.output.index("["):])
+    assert (row["dtype"], row["mode"], row["speedup"]) == ("bfloat16", "ar", 1.0)
+    assert row["speedup_vs_float32_ar"] is None  # float32 was not benched

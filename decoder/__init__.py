@@ -62,3 +62,8 @@ __all__ = [
     "TargetConfig", "TargetModel", "timed_generate", "tokenize_prompt",
     "render_row", "SUMMARIZE_INSTRUCTION", "summarize_messages",
 ]
+
+# The numerics setting (a job's [model] dtype) and how "auto" resolves.
+from dflash_batch.decoder._dtype import DTYPES, DtypeError, checkpoint_dtype, jnp_dtype, resolve_dtype  # noqa: E402
+
+__all__ += ["checkpoint_dtype", "DTYPES", "DtypeError", "jnp_dtype", "resolve_dtype"]

@@ -152,6 +152,7 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "job_id": stats.get("job_id"),
         "name": stats.get("name"),
         "mode": ",".join(modes) or None,
+        "dtype": stats.get("dtype"),  # None: a job from before the dtype was recorded (float32)
         "batch_size": stats.get("batch_size"),
         "block_size": stats.get("block_size"),
         "hardware": totals["hardware"] or stats.get("hardware"),
@@ -206,13 +207,14 @@ def _speedup(output: str, stats: dict[str, Any], decode_tps: float | None, basel
         if base["mode"] != "ar":
             raise Refused(f"--baseline {baseline} is a {base['mode']} job, not ar")
         if decode_tps and base["decode_tokens_per_s"]:
-            return {"source": f"baseline {baseline}", "ar_tokens_per_s": base["decode_tokens_per_s"],
+            return {"source": f"baseline {baseline}", "ar_dtype": base["dtype"],
+                    "ar_tokens_per_s": base["decode_tokens_per_s"],
                     "tokens_per_s": decode_tps, "speedup": round(decode_tps / base["decode_tokens_per_s"], 3)}
     bench = read_json(join(output, BENCH_FILE))
     if isinstance(bench, list):
         for row in bench:
             if row.get("mode") == stats.get("mode") and row.get("batch_size") == stats.get("batch_size") \
-                    and row.get("speedup") is not None:
+                    and row.get("dtype", stats.get("dtype")) == stats.get("dtype") and row.get("speedup") is not None:
                 return {"source": join(output, BENCH_FILE), "ar_tokens_per_s": row.get("ar_tokens_per_s"),
                         "tokens_per_s": row.get("tokens_per_s"), "speedup": row["speedup"],
                         "block_size": row.get("block_size")}
@@ -236,7 +238,8 @@ def format_text(a: dict[str, Any]) -> str:
     job = Figures.from_dict(a)
     lines = [
         f"job {a['name'] or '-'} ({a['job_id'] or 'no job_stats.json'}) in {a['output']}",
-        f"  mode {a['mode']}, batch {a['batch_size']}, block {a['block_size']}, on {a['hardware'] or '-'}",
+        f"  mode {a['mode']}, dtype {a['dtype'] or '-'}, batch {a['batch_size']}, block {a['block_size']}, "
+        f"on {a['hardware'] or '-'}",
         *(["  attention: " + "; ".join(f"{op.removesuffix('_attention')} {', '.join(impls)}"
                                        for op, impls in sorted(a["attention"].items()))] if a["attention"] else []),
         *[f"  WARNING kernel fallback: {f}" for f in a["kernel_fallbacks"]],

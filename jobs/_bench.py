@@ -20,15 +20,20 @@ the same work moments apart, and the speedup is the median of those per-row rati
 slow spell of a shared machine, and a median over every row of every round is not thrown by
 the spells that hit one configuration's turns and not the other's. Outputs are compared with
 AR's token for token.
+
+With several dtypes (``--dtypes float32,bfloat16``) each dtype's configurations join the same
+rounds, so the dtypes are compared like the modes. A row's speedup stays over the AR of its own
+dtype and batch size; ``speedup_vs_float32_ar`` is over float32's AR, computed the same way.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import statistics
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 
@@ -42,9 +47,10 @@ class DecoderCell:
 
     def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int,
                  mode: str = "ar", drafter=None, block_size: int | str = "auto",
-                 prompt_buckets: Sequence[int] | None = None, label: str | None = None):
+                 prompt_buckets: Sequence[int] | None = None, label: str | None = None, dtype: str | None = None):
         kw = {"prompt_buckets": tuple(prompt_buckets)} if prompt_buckets else {}
         self.mode, self.block_size, self.requests = label or mode, block_size, requests
+        self.dtype = dtype or str(target.params["embed"].dtype)  # what the target was loaded in
         config = DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size,
                               **kw)
         self.decoder = Decoder(target, config, drafter if mode in DRAFTER_MODES else None, mesh=target.mesh)
@@ -148,7 +154,7 @@ class HFCell:
     cells that run after them in the same process on a small machine, also at later batch sizes.
     """
 
-    mode, block_size, compile_seconds, learning_runs = "hf-generate", 1, 0.0, []
+    mode, block_size, compile_seconds, learning_runs, dtype = "hf-generate", 1, 0.0, [], "float32"
     turns: list = []  # its runs are not taken in turns beside AR's: never paired (``paired_ratios``)
 
     def __init__(self, target: TargetModel, requests: Sequence[Request], batch_size: int, max_new_tokens: int):
@@ -168,6 +174,33 @@ class HFCell:
 
     def reports(self) -> dict:
         return {}
+
+
+def bench_dtypes(text: str, model: str) -> list[str]:
+    """The resolved dtypes of ``--dtypes`` (comma-separated names of ``decoder.DTYPES``), in order,
+    each once ("auto" is resolved for this machine and ``model``'s checkpoint); ValueError names
+    a bad one."""
+    from dflash_batch.decoder import DTYPES, resolve_dtype
+    from dflash_batch.pipeline import model_config_exists
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if bad or not names:
+        raise ValueError(f"expected comma-separated dtypes among {'/'.join(DTYPES)}, got {text!r}")
+    checkpoint = model_config_exists(model)
+    return list(dict.fromkeys(resolve_dtype(n, checkpoint) for n in names))
+
+
+def load_bench_models(model: str, drafter_folder, dtypes: Sequence[str], mesh=None) -> list[BenchModel]:
+    """The target (and drafter, from ``drafter_folder`` unless None) loaded in each dtype."""
+    from dflash_batch.decoder import jnp_dtype, load_drafter, load_target
+
+    out = []
+    for name in dtypes:
+        dtype = jnp_dtype(name)
+        drafter = load_drafter(drafter_folder, dtype=dtype, mesh=mesh) if drafter_folder is not None else None
+        out.append(BenchModel(name, load_target(model, dtype=dtype, mesh=mesh), drafter))
+    return out
 
 
 def paired_ratios(cell_turns: Sequence[Sequence[tuple[str, int, float]]],
@@ -201,19 +234,74 @@ def run_rounds(cells: Sequence, repeats: int, say: Callable[[str], None] = lambd
             cell.start()
         while running:
             running = [cell for cell in running if cell.advance()]
-        say(f"  round {rnd + 1}/{repeats}: " + ", ".join(f"{c.mode} L={c.block_size} {c.runs[-1]:.1f}"
-                                                        for c in cells))
+        say(f"  round {rnd + 1}/{repeats}: " + ", ".join(
+            f"{_dtype_tag(c)}{c.mode} L={c.block_size} {c.runs[-1]:.1f}" for c in cells))
 
 
-def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequence[int], max_new_tokens: int, *,
-          repeats: int = 3, drafter=None, block_sizes: Sequence[int] = (8, 16), modes: Sequence[str] = ("dflash", "ngram", "hybrid"),
-          with_hf: bool = False, prompt_buckets: Sequence[int] | None = None, num_prompts: int | None = None,
-          learning_rounds: int = 1, ar_control: bool = False,
-          progress: Callable[[str], None] | None = None) -> list[dict]:
-    """One row per (batch size, mode, block size), each with AR's numbers beside it.
+def _dtype_tag(cell) -> str:
+    return f"{cell.dtype} " if getattr(cell, "dtype", None) else ""
 
-    With ``ar_control``, a second AR decoder runs in the same rounds as mode "ar-control": its
-    ratios to AR are the bench's own noise, the yardstick for a speedup near 1.
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """The target (and drafter) loaded in one dtype: one side of ``bench --dtypes``."""
+
+    dtype: str  # the resolved dtype name, what rows carry
+    target: TargetModel
+    drafter: Any = None
+
+
+def _cells(m: BenchModel, reqs: Sequence[Request], b: int, max_new_tokens: int, modes: Sequence[str],
+           block_sizes: Sequence[int], prompt_buckets, ar_control: bool, say: Callable[[str], None]) -> list:
+    """One dtype's configurations at batch size ``b``, AR first, each built and warmed up."""
+    kw = dict(prompt_buckets=prompt_buckets, dtype=m.dtype)
+    cells: list = [DecoderCell(m.target, reqs, b, max_new_tokens, block_size=1, **kw)]
+    if ar_control:
+        cells.append(DecoderCell(m.target, reqs, b, max_new_tokens, block_size=1, label="ar-control", **kw))
+    for mode in modes:
+        if mode in DRAFTER_MODES and m.drafter is None:
+            continue
+        for blk in [*block_sizes, "auto"]:
+            if mode in DRAFTER_MODES and blk != "auto" and blk > m.drafter.config.block_size:
+                continue
+            cells.append(DecoderCell(m.target, reqs, b, max_new_tokens, mode=mode, drafter=m.drafter,
+                                     block_size=blk, **kw))
+            say(f"batch {b}: compiled {m.dtype} {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
+    return cells
+
+
+def _ratio(cell, ar, b: int) -> tuple[float, list[float], list[float] | None]:
+    """A cell's tokens/s over ``ar``'s: (the median, the same-round ratios, the paired row
+    ratios at batch 1 or None); the median is of the paired rows where there are any."""
+    ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
+    paired = paired_ratios(cell.turns, ar.turns) if b == 1 else None
+    return statistics.median(paired or ratios), ratios, paired
+
+
+def common_prefix_mean(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
+    """The mean length, in tokens, of the common prefix of each row's two completions."""
+    keys = sorted(set(a) & set(b))
+    lengths = [next((i for i, (x, y) in enumerate(zip(a[k], b[k])) if x != y), min(len(a[k]), len(b[k])))
+               for k in keys]
+    return statistics.mean(lengths) if lengths else 0.0
+
+
+def bench(models: Sequence[BenchModel], requests: Sequence[Request], batch_sizes: Sequence[int],
+          max_new_tokens: int, *, repeats: int = 3, block_sizes: Sequence[int] = (8, 16),
+          modes: Sequence[str] = ("dflash", "ngram", "hybrid"), with_hf: bool = False,
+          prompt_buckets: Sequence[int] | None = None, num_prompts: int | None = None, learning_rounds: int = 1,
+          ar_control: bool = False, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One row per (batch size, dtype, mode, block size), each with its dtype's AR numbers beside it.
+
+    ``models``: the target (and drafter) in each dtype to compare, e.g. float32 and bfloat16.
+    Every dtype's configurations run in the same rounds, in turns, like the modes, so a slow
+    spell of the machine falls on both dtypes alike. A row's ``speedup`` is over the AR of its
+    own dtype; ``speedup_vs_float32_ar`` (when float32 is benched) is over float32's AR, in
+    the same way, and ``identical_fraction_vs_float32_ar`` and ``common_prefix_vs_float32_ar``
+    say how far its tokens follow float32 AR's.
+
+    With ``ar_control``, a second AR decoder per dtype runs in the same rounds as mode
+    "ar-control": its ratios to AR are the bench's own noise, the yardstick for a speedup near 1.
 
     Each batch size decodes the first ``num_prompts`` requests, by default ``ROWS_PER_SLOT``
     per slot: what one decoder call of a job gets by default (its ``rows_per_batch``), so the
@@ -224,57 +312,59 @@ def bench(target: TargetModel, requests: Sequence[Request], batch_sizes: Sequenc
     for b in batch_sizes:
         reqs = requests[: num_prompts or ROWS_PER_SLOT * b]
         say(f"batch {b}: compiling")
-        ar = DecoderCell(target, reqs, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets)
-        cells: list = [ar]
-        if ar_control:
-            cells.append(DecoderCell(target, reqs, b, max_new_tokens, block_size=1, prompt_buckets=prompt_buckets,
-                                     label="ar-control"))
-        for mode in modes:
-            if mode in DRAFTER_MODES and drafter is None:
-                continue
-            for blk in [*block_sizes, "auto"]:
-                if mode in DRAFTER_MODES and blk != "auto" and blk > drafter.config.block_size:
-                    continue
-                cells.append(DecoderCell(target, reqs, b, max_new_tokens, mode=mode, drafter=drafter,
-                                         block_size=blk, prompt_buckets=prompt_buckets))
-                say(f"batch {b}: compiled {mode} L={blk} in {cells[-1].compile_seconds:.1f} s")
+        by_dtype = {m.dtype: _cells(m, reqs, b, max_new_tokens, modes, block_sizes, prompt_buckets, ar_control, say)
+                    for m in models}
+        cells = [c for group in by_dtype.values() for c in group]
         if learning_rounds:
             run_rounds(cells, learning_rounds, lambda m: say(f"batch {b}: (learning, not counted){m}"))
             for cell in cells:
                 cell.learning_runs, cell.runs, cell.turns = cell.runs, [], []
         run_rounds(cells, repeats, lambda m: say(f"batch {b}:{m}"))
+        ars = {dtype: group[0] for dtype, group in by_dtype.items()}
+        f32 = ars.get("float32")
+        ordered = list(cells)
         if with_hf:
-            hf = HFCell(target, reqs, b, max_new_tokens)
+            hf = HFCell(models[0].target, reqs, b, max_new_tokens)
             hf.run(repeats)
             say(f"batch {b}: hf-generate " + ", ".join(f"{x:.1f}" for x in hf.runs))
-            cells.insert(1, hf)
-        ar_tps = statistics.median(ar.runs)
-        base = {"batch_size": b, "num_prompts": len(reqs), "ar_tokens_per_s": ar_tps, "ar_runs": ar.runs}
-        for cell in cells:
-            ratios = [x / a for x, a in zip(cell.runs, ar.runs)]
-            paired = paired_ratios(cell.turns, ar.turns) if b == 1 else None
-            row = {**base, "mode": cell.mode, "block_size": cell.block_size,
+            ordered.insert(1, hf)  # after the first AR, as in a one-dtype bench
+        for cell in ordered:
+            # Over the AR of the cell's dtype; transformers (float32) over the first AR if float32 is not benched.
+            ar = ars.get(cell.dtype) or ars[models[0].dtype]
+            speedup, ratios, paired = _ratio(cell, ar, b)
+            row = {"batch_size": b, "num_prompts": len(reqs), "dtype": cell.dtype,
+                   "ar_tokens_per_s": statistics.median(ar.runs), "ar_runs": ar.runs,
+                   "mode": cell.mode, "block_size": cell.block_size,
                    "tokens_per_s": statistics.median(cell.runs), "runs": cell.runs,
                    "learning_runs": cell.learning_runs, "tau_mean": cell.tau(),
-                   "speedup": statistics.median(paired or ratios), "speedup_runs": ratios,
+                   "speedup": speedup, "speedup_runs": ratios,
                    "speedup_from": "paired rows" if paired else "rounds", "speedup_rows": paired,
+                   "speedup_vs_float32_ar": _ratio(cell, f32, b)[0] if f32 is not None else None,
                    "identical_fraction": identical_fraction(cell.tokens, ar.tokens),
+                   "identical_fraction_vs_float32_ar":
+                       identical_fraction(cell.tokens, f32.tokens) if f32 is not None else None,
+                   "common_prefix_vs_float32_ar": common_prefix_mean(cell.tokens, f32.tokens) if f32 is not None
+                   else None,
                    "compile_seconds": cell.compile_seconds, **cell.reports()}
             if cell.mode == "dflash":
                 row["dflash_tokens_per_s"] = row["tokens_per_s"]
             rows.append(row)
-            say(f"batch {b}: {cell.mode} L={cell.block_size} {row['tokens_per_s']:.1f} tok/s "
+            say(f"batch {b}: {cell.dtype} {cell.mode} L={cell.block_size} {row['tokens_per_s']:.1f} tok/s "
                 f"tau {row['tau_mean']:.2f} {row['speedup']:.2f}x AR")
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = (f"{'batch':>5}  {'rows':>5}  {'mode':<11}  {'block':>5}  {'tok/s':>7}  {'tau':>5}  {'vs AR':>6}  "
-            f"{'identical':>9}  {'compile s':>9}")
+    """The rows as a text table; with more than one dtype, also each row's speedup over float32 AR."""
+    vs32 = len({r["dtype"] for r in rows}) > 1 and any(r["speedup_vs_float32_ar"] is not None for r in rows)
+    head = (f"{'batch':>5}  {'rows':>5}  {'dtype':<8}  {'mode':<11}  {'block':>5}  {'tok/s':>7}  {'tau':>5}  "
+            f"{'vs AR':>6}  " + (f"{'vs f32 AR':>9}  " if vs32 else "") + f"{'identical':>9}  {'compile s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['batch_size']:>5}  {r['num_prompts']:>5}  {r['mode']:<11}  {r['block_size']!s:>5}  "
-                     f"{r['tokens_per_s']:>7.1f}  "
-                     f"{r['tau_mean']:>5.2f}  {r['speedup']:>5.2f}x  {r['identical_fraction']:>9.0%}  "
-                     f"{r['compile_seconds']:>9.1f}")
+        v = r["speedup_vs_float32_ar"]
+        lines.append(f"{r['batch_size']:>5}  {r['num_prompts']:>5}  {r['dtype']:<8}  {r['mode']:<11}  "
+                     f"{r['block_size']!s:>5}  {r['tokens_per_s']:>7.1f}  "
+                     f"{r['tau_mean']:>5.2f}  {r['speedup']:>5.2f}x  "
+                     + ((f"{v:>8.2f}x  " if v is not None else f"{'-':>9}  ") if vs32 else "")
+                     + f"{r['identical_fraction']:>9.0%}  {r['compile_seconds']:>9.1f}")
     return "\n".join(lines)

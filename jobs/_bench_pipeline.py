@@ -90,7 +90,8 @@ def bench_pipeline(spec, repeats: int = 1, progress=None) -> dict[str, Any]:
             say(f"job:          {job_speeds[-1]:.1f} tokens/s ({stats['completion_tokens']} tokens, "
                 f"{stats['wall_seconds']:.1f} s wall, compile {stats['compile_seconds']:.1f} s)")
     dec, job = statistics.median(decoder_speeds), statistics.median(job_speeds)
-    return {"rows": len(items), "buckets": buckets, "mode": spec.decode.mode, "batch_size": spec.decode.batch_size,
+    return {"rows": len(items), "buckets": buckets, "mode": spec.decode.mode, "dtype": first.config.dtype,
+            "batch_size": spec.decode.batch_size,
             "decoder_only_tokens_per_s": round(dec, 2), "job_tokens_per_s": round(job, 2),
             "overhead_ratio": round(job / dec, 3), "completion_tokens": tokens, "repeats": repeats,
             "decoder_only_runs": decoder_speeds, "job_runs": job_speeds}
@@ -135,7 +136,7 @@ def bench_pipeline_command(job_file: Path, overrides: tuple[str, ...], limit: in
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{report['rows']} rows, buckets {report['buckets']}, mode {report['mode']}, "
-               f"batch {report['batch_size']}, median of {repeats}")
+               f"dtype {report['dtype']}, batch {report['batch_size']}, median of {repeats}")
     click.echo(f"  decoder only: {report['decoder_only_tokens_per_s']:.1f} tokens/s")
     click.echo(f"  whole job:    {report['job_tokens_per_s']:.1f} tokens/s")
     click.echo(f"  overhead ratio (job / decoder): {report['overhead_ratio']:.3f}  (aim: >= 0.9)")

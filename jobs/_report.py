@@ -154,8 +154,8 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}th{{text-align:l
 figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}figcaption{{max-width:30em;font-size:90%}}
 .hint{{color:#555}}</style></head><body>
 <h1>Job {esc(str(a['name']))}</h1>
-<p>{esc(str(a['job_id']))}: mode {esc(str(a['mode']))}, batch {a['batch_size']}, block {esc(str(a['block_size']))},
-hardware {esc(str(a['hardware'] or '-'))}. Output: {esc(a['output'])}</p>
+<p>{esc(str(a['job_id']))}: mode {esc(str(a['mode']))}, dtype {esc(str(a.get('dtype') or '-'))},
+batch {a['batch_size']}, block {esc(str(a['block_size']))}, hardware {esc(str(a['hardware'] or '-'))}. Output: {esc(a['output'])}</p>
 <table>{rows}</table>
 {hint}
 {runs}

@@ -80,7 +80,8 @@ def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None)
             f"job {stats.get('job_id')} finished in {format_seconds(this.wall_seconds)}",
             rows,
             f"  tokens:   {this.prompt_tokens} prompt, {this.completion_tokens} completion this run",
-            f"  decode:   mode {stats.get('mode')}, batch {stats.get('batch_size')}, block {stats.get('block_size')}, "
+            f"  decode:   mode {stats.get('mode')}, dtype {stats.get('dtype')}, batch {stats.get('batch_size')}, "
+            f"block {stats.get('block_size')}, "
             + (f"tau {tau:.2f} (tokens per target step, bonus token included)" if tau is not None
                else "nothing decoded this run"),
             f"  time:     {time_line(this)}",
@@ -186,7 +187,8 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
         if pre.previous_completions:
             click.echo(f"  resuming: {_completed_ids(pre.previous_completions)} ids already complete in "
                        f"{len(pre.previous_completions)} completion file(s) there; they are skipped", err=True)
-        click.echo(f"  model {spec.model.target}, mode {spec.decode.mode}, batch {spec.decode.batch_size}, "
+        dtype = job.config.dtype + (" (auto)" if spec.model.dtype == "auto" else "")
+        click.echo(f"  model {spec.model.target} in {dtype}, mode {spec.decode.mode}, batch {spec.decode.batch_size}, "
                    f"runner direct ({spec.runner.direct_running_mode}, {spec.runner.direct_num_workers} worker(s))",
                    err=True)
         if pre.plan is not None:

@@ -13,6 +13,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     drafter = "default"                    # default | folder | gs:// | none (used by mode dflash)
     # config = "qwen3-8b.config.json"     # optional, for `submit`: a local config.json (or a known
     # drafter_config = "..."               #   model's name) to plan a gs:// target's (drafter's) memory
+    dtype = "auto"                         # auto | bfloat16 | float32: weights, activations, caches;
+                                           #   auto: bf16 on TPU/GPU, the faster one on CPU
 
     [decode]
     mode = "ar"                            # ar | dflash | ngram | hybrid
@@ -62,7 +64,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DecodeConfig, DecodeConfigError
+from dflash_batch.decoder import DEFAULT_MODEL, DRAFTER_MODES, DTYPES, DecodeConfig, DecodeConfigError
 from dflash_batch.decoder import SUMMARIZE_INSTRUCTION
 from dflash_batch.schemas import TEMPLATES
 
@@ -88,6 +90,7 @@ class SpecError(ValueError):
 class ModelSpec:
     target: str = DEFAULT_MODEL
     drafter: str = "default"
+    dtype: str = "auto"  # one of DTYPES; the pipeline resolves "auto" (decoder.resolve_dtype)
     config: str | None = None  # a local config.json (or a known model's name) to plan a gs:// target with
     drafter_config: str | None = None  # the same for a gs:// drafter (see jobs._plan_configs)
 
@@ -247,7 +250,8 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 # section -> key -> check; the section "" holds the top-level keys.
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
-    "model": {"target": _text, "drafter": _text, "config": _optional(_text), "drafter_config": _optional(_text)},
+    "model": {"target": _text, "drafter": _text, "dtype": _choice(DTYPES), "config": _optional(_text),
+              "drafter_config": _optional(_text)},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
     "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from dflash_batch.decoder import DEFAULT_MODEL
+from dflash_batch.decoder import DEFAULT_MODEL, DTYPES
 
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the run checkpointed and can be resumed
@@ -59,6 +59,16 @@ def deadlines(t_start: float, time_budget: float, gen_budget: float | None, eval
     return gen_deadline, deadline
 
 
+def target_dtype(setting: str, target: str) -> str:
+    """``--dtype`` resolved for this machine and the target's checkpoint, as a job resolves its
+    ``[model] dtype`` (``decoder.resolve_dtype``): the target, the drafter's evaluation and the
+    target's responses and features are computed in it."""
+    from dflash_batch.decoder import resolve_dtype, resolve_model_dir
+
+    config = json.loads((resolve_model_dir(target) / "config.json").read_text())
+    return resolve_dtype(setting, config)
+
+
 def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
     if not value:
         return None
@@ -70,6 +80,9 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 
 @click.command("train-drafter")
 @click.option("--target", default=DEFAULT_MODEL, show_default=True, help="Target model name, folder or gs:// prefix.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
+              help="The target's dtype (its responses, features and the evaluation), as a job's model.dtype; "
+                   "auto: bfloat16 on TPU/GPU, the faster one on CPU.")
 @click.option("--prompts", "prompts_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Prompts Parquet (job prompt schema).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Drafter folder to write.")
@@ -135,7 +148,8 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
               "[default: 40%% of --time-budget].")
 @click.option("--eval-reserve", type=click.FloatRange(0), help="Seconds kept after training for the test "
               "evaluation and the export [default: 20%% of --time-budget].")
-def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: Path | None, template: str, limit: int,
+def train_drafter_command(target: str, dtype: str, prompts_path: Path, out: Path, work_dir: Path | None,
+                          template: str, limit: int,
                           max_prompt_tokens: int,
                           max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
                           eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
@@ -156,13 +170,14 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     """
     import time
 
-    from dflash_batch.decoder import load_target
+    from dflash_batch.decoder import jnp_dtype, load_target
     from dflash_batch.decoder import cache_dir
     from dflash_batch.decoder.train import SUMMARY_FILE, DrafterSpec, TrainConfig, train_drafter
 
     t_start = time.time()
     gen_deadline, deadline = deadlines(t_start, time_budget, gen_budget, eval_reserve)
-    tgt = load_target(target)
+    dtype = target_dtype(dtype, target)
+    tgt = load_target(target, dtype=jnp_dtype(dtype))
     prompts, bad = read_prompts(prompts_path, tgt.tokenizer, template, limit)
     if bad:
         click.echo(f"skipped {len(bad)} invalid prompt rows, e.g. {bad[0]}", err=True)
@@ -192,7 +207,7 @@ def train_drafter_command(target: str, prompts_path: Path, out: Path, work_dir: 
     budget_spent = deadline is not None and not summary["finished"] and time.time() >= deadline
     if test_prompts is not None and (summary["finished"] or budget_spent):
         summary["test"] = evaluate_test(tgt, out, test_prompts, test_limit, test_max_new_tokens,
-                                        record=work_dir / "test-eval.json")
+                                        record=work_dir / "test-eval.json", dtype=dtype)
         (work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     click.echo(json.dumps({k: summary[k] for k in ("out_dir", "step", "finished", "evals", "train_seconds")} |
@@ -212,22 +227,24 @@ TEST_RUNS = (("dflash_b16", "dflash", 16), ("dflash_b8", "dflash", 8), ("ngram_b
 
 
 def evaluate_test(target, drafter_dir: Path, prompts_path: Path, limit: int, max_new_tokens: int,
-                  record: Path | None = None) -> dict:
-    """tau of the saved (bf16) drafter on evaluation prompts, with the n-gram peer beside it.
+                  record: Path | None = None, dtype: str | None = None) -> dict:
+    """tau of the saved (bf16) drafter on evaluation prompts, with the n-gram peer beside it,
+    loaded in ``dtype`` (default: the target's).
 
     With ``record``, each finished run is kept there, keyed by the drafter's weights and the
     evaluation settings, so a resumed call measures only what is missing.
     """
     import hashlib
 
-    from dflash_batch.decoder import load_drafter
+    from dflash_batch.decoder import jnp_dtype, load_drafter
     from dflash_batch.decoder.train import decode_tau
 
     prompts, _ = read_prompts(prompts_path, target.tokenizer, "auto", limit)
-    drafter = load_drafter(drafter_dir)
-    out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "source": str(prompts_path)}
+    dtype = dtype or str(target.params["embed"].dtype)  # the drafter computes in its target's dtype
+    drafter = load_drafter(drafter_dir, dtype=jnp_dtype(dtype))
+    out = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "source": str(prompts_path), "dtype": dtype}
     key = hashlib.sha256((drafter_dir / "model.safetensors").read_bytes()
-                         + json.dumps([str(prompts_path), limit, max_new_tokens]).encode()).hexdigest()
+                         + json.dumps([str(prompts_path), limit, max_new_tokens, dtype]).encode()).hexdigest()
     done = json.loads(record.read_text()) if record is not None and record.exists() else {}
     done = done if done.get("key") == key else {"key": key}
     for name, mode, blk in TEST_RUNS:

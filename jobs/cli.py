@@ -110,14 +110,16 @@ def _job_requests(job_file: Path, overrides: Sequence[str], limit: int):
 @click.option("--ar-control", is_flag=True,
               help="Also run a second AR decoder in the same rounds: its ratio to AR is the bench's own noise.")
 @click.option("--hf", "with_hf", is_flag=True, help="Also run transformers' generate (greedy) on the same prompts.")
+@click.option("--dtypes", default=None, help="Dtypes to compare in the same rounds, e.g. float32,bfloat16 (auto: "
+              "resolved for this machine) [default: the job's model.dtype, else auto].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @click.option("--data-parallel", default=None, help="Data-parallel degree or 'auto' [default: the job's, else 1].")
 @click.option("--tensor-parallel", default=None, help="Tensor-parallel degree or 'auto' [default: the job's, else 1].")
 def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, drafter: str | None,
           num_prompts: int | None,
           batch_sizes: list[int], block_sizes: list[int], modes: str, max_new_tokens: int | None, repeats: int,
-          learning_rounds: int, ar_control: bool, with_hf: bool, as_json: bool, data_parallel: str | None,
-          tensor_parallel: str | None) -> None:
+          learning_rounds: int, ar_control: bool, with_hf: bool, dtypes: str | None, as_json: bool,
+          data_parallel: str | None, tensor_parallel: str | None) -> None:
     """AR vs DFlash vs n-gram vs hybrid (and transformers) on the same prompts, in one run.
 
     With JOB_FILE, the prompts are the job's own input rows, rendered by its template, with its
@@ -125,10 +127,10 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     greedy, on the default model. tau counts the bonus token: it is the mean number of tokens
     a decode step commits.
     """
-    from dflash_batch.decoder import DRAFTER_MODES, load_drafter, load_target, resolve_drafter_dir
+    from dflash_batch.decoder import DRAFTER_MODES, resolve_drafter_dir
     from dflash_batch.decoder import ROWS_PER_SLOT
     from dflash_batch.jobs._bench import bench as run_bench
-    from dflash_batch.jobs._bench import format_table
+    from dflash_batch.jobs._bench import bench_dtypes, format_table, load_bench_models
 
     spec = None
     most = num_prompts or ROWS_PER_SLOT * max(batch_sizes)
@@ -143,12 +145,15 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     elif overrides:
         raise click.UsageError("--set needs a JOB_FILE")
     model, drafter, max_new_tokens = model or DEFAULT_MODEL, drafter or "default", max_new_tokens or 128
+    try:
+        dtype_names = bench_dtypes(dtypes or (spec.model.dtype if spec is not None else "auto"), model)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--dtypes") from None
     mode_list = [m.strip() for m in modes.split(",") if m.strip()]
     mesh = _bench_mesh(model, drafter, mode_list, batch_sizes, max_new_tokens, spec,
                        data_parallel or (spec.decode.data_parallel if spec else 1),
                        tensor_parallel or (spec.decode.tensor_parallel if spec else 1))
-    target = load_target(model, mesh=mesh)
-    dft = None
+    folder = None
     if set(DRAFTER_MODES) & set(mode_list):
         try:
             folder = resolve_drafter_dir(drafter, model) if drafter != "none" else None
@@ -159,12 +164,11 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
             folder = None
         if folder is None:
             mode_list = [m for m in mode_list if m not in DRAFTER_MODES]
-        else:
-            dft = load_drafter(folder, mesh=mesh)
+    models = load_bench_models(model, folder, dtype_names, mesh)
     if spec is None:
-        reqs = _requests(target, "test", most, max_new_tokens)
+        reqs = _requests(models[0].target, "test", most, max_new_tokens)
         source = "ACLSum test abstracts, greedy"
-    rows = run_bench(target, reqs, batch_sizes, max_new_tokens, repeats=repeats, drafter=dft,
+    rows = run_bench(models, reqs, batch_sizes, max_new_tokens, repeats=repeats,
                      block_sizes=block_sizes, modes=mode_list, with_hf=with_hf,
                      prompt_buckets=spec.decode.prompt_buckets if spec is not None else None, num_prompts=num_prompts,
                      learning_rounds=learning_rounds, ar_control=ar_control,
@@ -174,7 +178,7 @@ def bench(job_file: Path | None, overrides: tuple[str, ...], model: str | None, 
     else:
         click.echo(f"{source} (rows: per batch size), up to {max_new_tokens} new tokens, {repeats} interleaved "
                    f"rounds after {learning_rounds} uncounted (tokens/s: median; vs AR: median of same-round "
-                   "ratios); tau includes the bonus token")
+                   "ratios to the AR of the same dtype); tau includes the bonus token")
         click.echo(format_table(rows))
 
 

@@ -30,3 +30,8 @@ __all__ = [
     "read_json", "read_progress", "read_runs", "result_manifest", "shared_model",
     "shared_tokenizer", "table_rows", "time_line", "use_anonymous_gcs_for_emulator",
 ]  # fmt: skip
+
+# The model's dtype: "auto" resolved for where a job runs, and the checkpoint config it reads.
+from dflash_batch.pipeline._model import job_dtype, model_config_exists  # noqa: E402
+
+__all__ += ["job_dtype", "model_config_exists"]

@@ -2,7 +2,7 @@
 
 The spec (``jobs.JobSpec``: frozen dataclasses, validated when it was made) holds every setting
 with its default; the pipeline reads it by attribute and never imports ``jobs``. ``JobConfig``
-adds only what is derived: absolute locations, the resolved drafter, and the batching defaults
+adds only what is derived: absolute locations, the resolved drafter and dtype, and the batching defaults
 for this runner. It is pickled into the DoFns, spec included (a Dataflow worker's container
 installs the package that defines the spec's dataclasses).
 """
@@ -27,6 +27,7 @@ class JobConfig:
     rows_per_batch: int  # rows per decoder call: pipeline.rows_per_batch, 0 meaning ROWS_PER_SLOT x batch_size
     shards_per_bucket: int  # keys per bucket: pipeline.shards_per_bucket, 0 meaning the runner's workers
     progress_dir: str | None  # local folder for live progress (local runs), or None
+    dtype: str | None = None  # the resolved [model] dtype (bfloat16/float32); set with the drafter, by the preflight
 
 
 def job_config(spec: Any, options: PipelineOptions, progress_dir: str | None = None) -> JobConfig:

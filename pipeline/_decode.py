@@ -30,7 +30,8 @@ STATS = "batch_stats"
 
 
 def model_key(config: JobConfig) -> ModelKey:
-    return ModelKey(model=config.spec.model.target, drafter=config.drafter, decode=config.spec.decode)
+    return ModelKey(model=config.spec.model.target, drafter=config.drafter, decode=config.spec.decode,
+                    dtype=config.dtype)
 
 
 def drafter_id(config: JobConfig) -> str | None:
@@ -55,6 +56,7 @@ def completion_row(r: Result, item: Prepared, config: JobConfig, columns: Sequen
         "draft_tokens_proposed": int(r.draft_tokens_proposed), "draft_tokens_accepted": int(r.draft_tokens_accepted),
         "bucket": item.bucket, "batch_index": batch, "worker": worker, "decode_seconds": float(r.decode_seconds),
         "model": config.spec.model.target, "drafter": drafter_id(config), "mode": config.spec.decode.mode,
+        "dtype": config.dtype,
     }
     for name in columns:
         if name not in row:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, MemoryPlan, TargetConfig, \
     choose_layout, describe, enable_compilation_cache, load_drafter, load_target, local_capacity, \
-    make_mesh, resolve_drafter_dir, resolve_model_dir
+    make_mesh, resolve_drafter_dir, resolve_dtype, resolve_model_dir
 
 # Loads per model in this process: what the tests read to prove "once per process".
 load_counts: collections.Counter[str] = collections.Counter()
@@ -42,6 +42,7 @@ class ModelKey:
     model: str
     drafter: str | None
     decode: DecodeConfig
+    dtype: str | None = None  # the resolved dtype (job_dtype); None: the process's float32 default
 
     def __post_init__(self):
         # Only the decoder's own settings: a job's [decode] also holds per-row sampling defaults,
@@ -79,9 +80,10 @@ def model_configs(model: str, drafter: str | None, mode: str) -> tuple[TargetCon
 
 
 def layout(key: ModelKey, chips: int | None = None, capacity: int | None = None, where: str = "",
-           tcfg=None, dcfg=None, dtype: str = "float32") -> MemoryPlan:
+           tcfg=None, dcfg=None, dtype: str | None = None) -> MemoryPlan:
     """The mesh layout (and memory plan) of a job on ``chips`` chips of ``capacity`` bytes (default:
-    this process's devices), its model in ``dtype``; LayoutError names the setting to change."""
+    this process's devices), its model in ``dtype`` (default: the key's resolved dtype); LayoutError
+    names the setting to change."""
     import jax
 
     if tcfg is None:
@@ -89,7 +91,8 @@ def layout(key: ModelKey, chips: int | None = None, capacity: int | None = None,
     if chips is None:
         chips, capacity = len(jax.local_devices()), local_capacity()
         where = where or describe_devices()
-    return choose_layout(tcfg, dcfg, chips=chips, capacity=capacity, decode=key.decode, dtype=dtype, where=where)
+    return choose_layout(tcfg, dcfg, chips=chips, capacity=capacity, decode=key.decode,
+                         dtype=dtype or key.dtype or "float32", where=where)
 
 
 def describe_devices() -> str:
@@ -166,21 +169,31 @@ def drafter_block_size(location: str) -> int:
     return DrafterConfig.from_hf(cfg).block_size
 
 
-def model_config_exists(model: str) -> None:
-    """Raises ValueError naming ``model`` when it cannot be a checkpoint (before any work starts).
+def model_config_exists(model: str) -> dict:
+    """The model's config.json, or ValueError naming ``model`` when it cannot be a checkpoint
+    (before any work starts).
 
     Local folders and registered names are resolved here (a registered model is imported into
-    the cache once); a gs:// model is only checked for its config.json, not downloaded.
+    the cache once); of a gs:// model only its config.json is read, nothing downloaded.
     """
     if model.startswith("gs://"):
-        from dflash_batch.pipeline._io import join
-        from apache_beam.io.filesystems import FileSystems
+        from dflash_batch.pipeline._io import join, read_json
 
-        if not FileSystems.exists(join(model, "config.json")):
+        config = read_json(join(model, "config.json"))
+        if config is None:
             raise ValueError(f"model {model!r} has no config.json (not a checkpoint folder)")
-        return
+        return config
     try:
         folder = resolve_model_dir(model)
     except (ModuleNotFoundError, FileNotFoundError) as e:
         raise ValueError(str(e)) from None
-    json.loads((folder / "config.json").read_text())
+    return json.loads((folder / "config.json").read_text())
+
+
+def job_dtype(spec: Any, checkpoint: dict | None = None) -> str:
+    """The dtype a job's model is loaded in: its ``[model] dtype``, with "auto" resolved for the
+    workers that will run it (``decoder.resolve_dtype``): a Dataflow job's workers are TPU hosts,
+    a local job runs on this process's devices. ``checkpoint``: the target's config.json.
+    Raises ``decoder.DtypeError``."""
+    platform = "tpu" if spec.runner.name == "dataflow" else None
+    return resolve_dtype(spec.model.dtype, checkpoint, platform)

@@ -20,7 +20,7 @@ temp file renamed into place), so an interrupted run leaves whole files or none;
 not finish is decoded again. Dead letters are cheap and re-derived from the whole input by every
 run, and the last step deletes earlier runs' dead-letter files, so they are never duplicated.
 Together: rows in = completion rows + dead-letter rows, after every finished run. A rerun under
-settings that change completions (model, template, sampling, max_new_tokens) is refused, since
+settings that change completions (model, dtype, template, sampling, max_new_tokens) is refused, since
 it would mix outputs; ``job_manifest.json`` records them. Why not "replace deterministically":
 it re-decodes everything after an interruption, the expensive part of a job.
 """
@@ -42,6 +42,7 @@ from apache_beam.pvalue import AsList, AsSingleton
 from dflash_batch.pipeline._batching import KeyByBucket, static_batches
 from dflash_batch.pipeline._config import JobConfig, job_config
 from dflash_batch.pipeline._decode import STATS, Decode
+from dflash_batch.pipeline._model import job_dtype
 from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, \
     PARQUET_SUFFIX, delete, join, read_json, use_anonymous_gcs_for_emulator, write_json
 from dflash_batch.pipeline._preflight import Preflight, check_layout, preflight
@@ -148,7 +149,8 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     FileSystems.set_options(options)
     config = job_config(spec, options, progress_dir)
     pre = (check or preflight)(config)
-    config = dataclasses.replace(config, drafter=pre.drafter)
+    # A preflight that read no checkpoint (the offline dry run) leaves "auto" to the platform alone.
+    config = dataclasses.replace(config, drafter=pre.drafter, dtype=pre.dtype or job_dtype(spec))
     if check is None and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
         pre = dataclasses.replace(pre, plan=check_layout(config))  # this machine's devices, before loading
     run_id = run_id or new_run_id()

@@ -16,7 +16,7 @@ import pyarrow as pa
 from dflash_batch.decoder import DRAFTER_MODES
 from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, MANIFEST_FILE, PARQUET_SUFFIX, join, match_files, \
     parquet_footer, read_json
-from dflash_batch.pipeline._model import check_drafter, drafter_block_size, model_config_exists
+from dflash_batch.pipeline._model import check_drafter, drafter_block_size, job_dtype, model_config_exists
 from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.schemas import COMPLETIONS_SCHEMA, SchemaError, check_input_schema, with_extra_columns
 
@@ -42,13 +42,20 @@ class Preflight:
     drafter: str | None  # resolved location (mode dflash only)
     manifest: dict
     plan: Any = None  # the memory plan on this machine's devices (local runs; MemoryPlan)
+    dtype: str | None = None  # the resolved [model] dtype; None: not read from the checkpoint (see build)
+
+
+# What a manifest written before the dtype was a setting means by its absence: every run was float32.
+_MANIFEST_DEFAULTS = {"dtype": "float32"}
 
 
 def result_manifest(config: JobConfig) -> dict:
     """The settings that decide a row's completion. Rows completed under other settings must not
-    be skipped as done, so a rerun into the same output must match these."""
+    be skipped as done, so a rerun into the same output must match these. The dtype is the
+    resolved one: "auto" and the dtype it resolves to make the same completions."""
     s = config.spec
-    return {"model": s.model.target, "template": s.prompt.template,
+    return {"model": s.model.target, "dtype": config.dtype or job_dtype(s),
+            "template": s.prompt.template,
             "instruction": s.prompt.instruction if s.prompt.template == "summarize" else None,
             "max_new_tokens": s.decode.max_new_tokens, "temperature": s.decode.temperature,
             "top_p": s.decode.top_p, "seed": s.decode.seed}
@@ -99,9 +106,13 @@ def preflight(config: JobConfig) -> Preflight:
         raise JobRefused("input", str(e)) from None
 
     try:
-        model_config_exists(spec.model.target)
+        checkpoint = model_config_exists(spec.model.target)
     except ValueError as e:
         raise JobRefused("model.target", str(e)) from None
+    try:
+        config = dataclasses.replace(config, dtype=job_dtype(spec, checkpoint))
+    except ValueError as e:  # DtypeError: a checkpoint dtype "auto" has no rule for
+        raise JobRefused("model.dtype", str(e)) from None
     drafter = None
     if spec.decode.mode in DRAFTER_MODES:
         try:
@@ -119,6 +130,8 @@ def preflight(config: JobConfig) -> Preflight:
         earlier = read_json(join(config.output, MANIFEST_FILE))
     except Exception as e:  # noqa: BLE001
         raise JobRefused("output", f"{config.output!r} cannot be read ({type(e).__name__}: {e})") from None
+    if earlier is not None:
+        earlier = {**_MANIFEST_DEFAULTS, **earlier}
     if earlier is not None and earlier != manifest:
         changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in manifest.items() if earlier.get(k) != v)
         raise JobRefused("output", f"{config.output} holds completions made with other settings ({changed}); "
@@ -126,7 +139,8 @@ def preflight(config: JobConfig) -> Preflight:
     if previous and earlier is None:
         raise JobRefused("output", f"{config.output} already holds completion files but no {MANIFEST_FILE}, so "
                                    "they cannot be checked against this job. Use a new output folder or empty this one")
-    return Preflight(tuple(files), schema, rows_in, completions_schema, tuple(previous), drafter, manifest)
+    return Preflight(tuple(files), schema, rows_in, completions_schema, tuple(previous), drafter, manifest,
+                     dtype=config.dtype)
 
 
 LAYOUT_FIELDS = {"data_parallel": "decode.data_parallel", "tensor_parallel": "decode.tensor_parallel",

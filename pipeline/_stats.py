@@ -216,6 +216,7 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "hardware": t["hardware"],
         "model": spec.model.target,
         "drafter": drafter_id(config),
+        "dtype": config.dtype,  # resolved: what the weights, activations and caches were held in
         # Beyond the schema:
         "run_id": run["run_id"],
         "name": spec.name,

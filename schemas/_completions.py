@@ -32,6 +32,7 @@ COMPLETIONS_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("drafter", pa.string()),  # null in mode "ar"
         ("mode", pa.string()),  # one of MODES
+        ("dtype", pa.string()),  # the model's dtype (bfloat16 / float32): it changes completions
     ],
     metadata=contract_metadata("completions"),
 )

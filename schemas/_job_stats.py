@@ -28,6 +28,7 @@ JOB_STATS_SCHEMA = pa.schema(
         ("hardware", pa.string()),
         ("model", pa.string()),
         ("drafter", pa.string()),
+        ("dtype", pa.string()),  # the model's resolved dtype (bfloat16 / float32)
     ],
     metadata=contract_metadata("job_stats"),
 )

@@ -198,6 +198,18 @@ def test_speedup_from_a_bench_result(output):
     assert a["speedup_over_ar"]["speedup"] == 2.5
 
 
+def test_the_audit_names_the_dtype_and_takes_the_bench_row_of_that_dtype(output):
+    stats = json.loads((output / "job_stats.json").read_text())
+    (output / "job_stats.json").write_text(json.dumps({**stats, "dtype": "bfloat16"}))
+    bench = [{"mode": "dflash", "batch_size": 2, "dtype": dtype, "speedup": speedup, "ar_tokens_per_s": 10.0,
+              "tokens_per_s": 10.0 * speedup, "block_size": 4} for dtype, speedup in (("float32", 1.5), ("bfloat16", 2.5))]
+    (output / "bench.json").write_text(json.dumps(bench))
+    a = json.loads(CliRunner().invoke(main, ["audit", str(output), "--json"]).output)
+    assert a["dtype"] == "bfloat16" and a["speedup_over_ar"]["speedup"] == 2.5
+    assert "mode dflash, dtype bfloat16, batch 2" in CliRunner().invoke(main, ["audit", str(output)]).output
+    assert "dtype bfloat16" in (output / "report.html").read_text()
+
+
 def test_a_folder_without_outputs_is_refused_with_status_2(tmp_path):
     result = CliRunner().invoke(main, ["audit", str(tmp_path)])
     assert result.exit_code == 2 and "not a job output" in result.output

@@ -87,6 +87,15 @@ def test_bench_pipeline_reports_the_overhead_ratio(job_file):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["rows"] == 4 and report["completion_tokens"]["job"] == report["completion_tokens"]["decoder_only"]
     assert report["overhead_ratio"] > 0
+    assert report["dtype"] == load_spec_dtype(job_file)
+
+
+def load_spec_dtype(job_file) -> str:
+    """The dtype the job in ``job_file`` resolves to on this machine."""
+    from dflash_batch.jobs._spec import load_spec
+    from dflash_batch.pipeline import job_dtype
+
+    return job_dtype(load_spec(job_file))
 
 
 def test_bench_takes_the_jobs_prompts_and_settings(job_file):
@@ -172,6 +181,17 @@ def test_run_summary_job_stats_and_audit_show_the_same_figures(job_file, tmp_pat
     assert f"decode {stats['decode_seconds']:.2f} s" in run.output
     assert f"{stats['decode_tokens_per_s']:.1f} while decoding" in audit.output
     assert stats["wall_seconds"] >= stats["decode_seconds"] + stats["compile_seconds"]
+
+
+def test_the_run_summary_and_the_audit_name_the_dtype_the_job_ran_in(job_file, tmp_path, ledger):
+    run = CliRunner().invoke(main, ["run", str(job_file), "--no-progress", "--set", "model.dtype=bfloat16"])
+    assert run.exit_code == 0, run.output
+    assert f"model {json.loads((tmp_path / 'out' / 'job_manifest.json').read_text())['model']} in bfloat16" \
+        in run.output
+    assert "mode ar, dtype bfloat16, batch 2" in run.output
+    assert job_stats(tmp_path / "out")["dtype"] == "bfloat16"
+    audit = CliRunner().invoke(main, ["audit", str(tmp_path / "out")])
+    assert "mode ar, dtype bfloat16, batch 2" in audit.output
 
 
 def test_one_job_id_in_the_ledger_the_stats_and_the_report(job_file, tmp_path, ledger):

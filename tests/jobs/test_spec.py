@@ -44,6 +44,14 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
     spec = load_spec(spec_file)
     assert spec.input == str(tmp_path / "in" / "*.parquet") and spec.output == str(tmp_path / "out")
     assert (spec.decode.mode, spec.decode.temperature, spec.model.drafter) == ("ar", 0.0, "default")
+    assert spec.model.dtype == "auto"
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float32"])
+def test_the_model_dtype_is_a_job_setting(spec_file, dtype):
+    spec = load_spec(spec_file, [f"model.dtype={dtype}"])
+    assert spec.model.dtype == dtype
+    assert f'"dtype": "{dtype}"' in spec.to_json()  # job_stats' spec_json keeps it
 
 
 @pytest.mark.parametrize("override, message", [
@@ -67,6 +75,8 @@ def test_defaults_fill_a_minimal_spec_and_paths_become_absolute(spec_file, monke
                     "got 'my job'"),
     ("output=out/*", "output must be a folder or gs:// prefix, not a pattern, got 'out/*'"),
     ("model.target=", "model.target must be a non-empty string, got ''"),
+    ("model.dtype=fp16", "model.dtype must be one of auto/bfloat16/float32, got 'fp16'"),
+    ("model.dtype=16", "model.dtype must be one of auto/bfloat16/float32, got 16"),
     ("runner.direct_running_mode=fork", "runner.direct_running_mode must be one of in_memory/multi_threading/"
                                         "multi_processing, got 'fork'"),
     ("runner.direct_num_workers=0", "runner.direct_num_workers must be a positive integer, got 0"),

@@ -79,3 +79,15 @@ def test_budgets_become_deadlines():
     assert deadlines(100.0, 1000.0, None, None) == (500.0, 900.0)  # 40% generation, 20% kept for evaluation
     assert deadlines(100.0, 1000.0, 50.0, 300.0) == (150.0, 800.0)
     assert deadlines(100.0, 0.0, 60.0, None) == (160.0, None)  # generation by the hour, training to its end
+
+
+def test_dtype_is_an_option_resolved_like_a_jobs(tiny_llama_dir):
+    from click.testing import CliRunner
+
+    from dflash_batch.decoder._dtype import CPU_AUTO
+    from dflash_batch.jobs._train_cli import target_dtype, train_drafter_command
+
+    assert target_dtype("auto", str(tiny_llama_dir)) == CPU_AUTO  # this machine is a CPU
+    assert target_dtype("bfloat16", str(tiny_llama_dir)) == "bfloat16"
+    bad = CliRunner().invoke(train_drafter_command, ["--dtype", "fp8", "--prompts", __file__, "--out", "x"])
+    assert bad.exit_code == 2 and "--dtype" in bad.output and "fp8" in bad.output

@@ -30,6 +30,7 @@ COMPLETION = {
     "prompt_tokens": 4, "completion_tokens": 2, "decode_steps": 1, "acceptance_length_mean": 2.0,
     "accepted_per_step": [0, 1], "draft_tokens_proposed": 1, "draft_tokens_accepted": 1, "bucket": 64,
     "batch_index": 0, "worker": "w0", "decode_seconds": 0.1, "model": "m", "drafter": "d", "mode": "dflash",
+    "dtype": "bfloat16",
 }  # fmt: skip
 DEAD = {"id": None, "error": "missing id", "row_json": "{}", "source": "in/0.parquet"}
 STATS = {
@@ -37,7 +38,7 @@ STATS = {
     "prompt_tokens": 4, "completion_tokens": 2, "wall_seconds": 1.0, "decode_seconds": 0.5,
     "compile_seconds": 3.0, "tokens_per_s": 2.0, "tau_mean": 2.0, "tau_histogram": [0, 1],
     "padding_waste_json": '{"64": 0.25}', "mode": "dflash", "block_size": "auto:8", "batch_size": 8,
-    "hardware": "cpu", "model": "m", "drafter": "d",
+    "hardware": "cpu", "model": "m", "drafter": "d", "dtype": "bfloat16",
 }  # fmt: skip
 ROWS = {"prompts": PROMPT, "completions": COMPLETION, "dead_letters": DEAD, "job_stats": STATS}
 

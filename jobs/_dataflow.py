@@ -92,7 +92,7 @@ def tpu_plan(spec):
     from dflash_batch.decoder import DRAFTER_MODES, HBM_PER_CHIP, DrafterConfig, LayoutError, TargetConfig, \
         chip_count
     from dflash_batch.jobs._plan_configs import PlanUnavailable, plan_configs
-    from dflash_batch.pipeline import LAYOUT_FIELDS, ModelKey, layout
+    from dflash_batch.pipeline import LAYOUT_FIELDS, ModelKey, job_dtype, layout
 
     r = spec.runner
     configs = plan_configs(spec)
@@ -107,7 +107,8 @@ def tpu_plan(spec):
     drafter = spec.model.drafter if spec.decode.mode in DRAFTER_MODES else None
     chips, chip = chip_count(r.tpu_topology), TPU_CHIPS[r.tpu_type]
     try:
-        plan = layout(ModelKey(spec.model.target, drafter, spec.decode), chips, HBM_PER_CHIP[chip],
+        key = ModelKey(spec.model.target, drafter, spec.decode, dtype=job_dtype(spec, configs.target))
+        plan = layout(key, chips, HBM_PER_CHIP[chip],
                       where=f"{r.tpu_type} {r.tpu_topology} ({chips} {chip} chips)", tcfg=tcfg, dcfg=dcfg)
     except LayoutError as e:
         raise SubmitRefused([f"{LAYOUT_FIELDS.get(e.setting, 'runner.tpu_topology')}: {e}"]) from None

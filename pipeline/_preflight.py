@@ -149,8 +149,9 @@ LAYOUT_FIELDS = {"data_parallel": "decode.data_parallel", "tensor_parallel": "de
 
 
 def check_layout(config: JobConfig, chips: int | None = None, capacity: int | None = None, where: str = "",
-                 topology_field: str = "decode.batch_size", dtype: str = "float32"):
-    """The job's mesh layout and memory plan with its model in ``dtype`` on ``chips`` chips of
+                 topology_field: str = "decode.batch_size", dtype: str | None = None):
+    """The job's mesh layout and memory plan with its model in ``dtype`` (default: the job's
+    resolved dtype) on ``chips`` chips of
     ``capacity`` bytes (default: this machine's devices), or JobRefused naming the setting to
     change (``topology_field`` when only more or larger chips would do)."""
     from dflash_batch.decoder import LayoutError

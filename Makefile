@@ -30,14 +30,15 @@ demo: $(STAMP)
 	$(VENV)/bin/dflash-batch audit aclsum-output
 
 # -P: the repository root is the package's own folder; on the path, its kernels/ would shadow the
-# `kernels` package that transformers imports.
+# `kernels` package that transformers imports (a plain `pytest` from the root works too: conftest.py).
+# The 15 slowest tests are listed at the end, so a slow new test shows in the run that adds it.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -P -m pytest -q
+	$(PY) -P -m pytest -q --durations=15
 
 # Your own loop: everything but the end-to-end tests on the real default model.
 test-fast: $(STAMP)
-	$(PY) -P -m pytest -q -m "not slow"
+	$(PY) -P -m pytest -q -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,7 @@ import numpy as np
 
 from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
+from dflash_batch.decoder._cost_table import cost_key
 from dflash_batch.decoder._decode_config import DecodeConfig
 from dflash_batch.decoder._drafter import Drafter
 from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, StateHolder, bucket_for, falls_back_to_ar
@@ -83,9 +84,20 @@ class Decoder:
             # in every mode, so each reads as much cache per step as AR. A verified block that runs
             # past the end is fine: its rows there are dropped, and only committed rows below a
             # slot's position are ever read.
-            self._engines[bucket] = SlotEngine(self._phases(cache_length(bucket, c)), self.target.tokenizer, bucket,
-                                               c.max_new_tokens, c.prefill_chunk, c.chunk_steps, self._holder)
+            cache_len = cache_length(bucket, c)
+            self._engines[bucket] = SlotEngine(self._phases(cache_len), self.target.tokenizer, bucket,
+                                               c.max_new_tokens, c.prefill_chunk, c.chunk_steps, self._holder,
+                                               cost_key=self._cost_key(cache_len))
         return self._engines[bucket]
+
+    def _cost_key(self, cache_len: int) -> str:
+        """Names what a decode step's cost depends on, for measurements kept across jobs."""
+        import jax
+
+        dtypes = sorted({str(a.dtype) for a in jax.tree.leaves(self.target.params)})
+        dcfg = self.drafter.config if self.drafter is not None else None
+        return cost_key(jax.devices()[0].device_kind, describe(self.mesh), self.mode, self.target.config, dcfg,
+                        dtypes, self.config.batch_size, cache_len, self.config.prefill_chunk, self.blocks)
 
     def _phases(self, cache_len: int) -> Phases:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
@@ -121,6 +133,8 @@ class Decoder:
         report = {}
         for b, e in sorted(self._engines.items()):
             report[str(b)] = e.policy.report()
+            report[str(b)]["warmup_seconds"] = {k: round(v, 3) for k, v in e.warmup_seconds.items()}
+            report[str(b)]["costs"] = e.costs_source or "fixed block length"
             stats = getattr(e.state.extra, "stats", None) if e.state is not None else e.kept_stats
             if stats is not None and self.mode == "hybrid":
                 report[str(b)]["hybrid"] = hybrid_report(stats)

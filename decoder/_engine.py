@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder._autoblock import BlockPolicy
+from dflash_batch.decoder._cost_table import load_costs, save_costs
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
@@ -26,7 +27,7 @@ from dflash_batch.decoder._slots import Slots
 EXPLORE_STEPS = 4
 EXPLORE_ROW_STEPS = 16
 WARMUP_STEPS = 4  # decode steps of each timed warmup call
-WARMUP_ROUNDS = 5  # timed warmup calls per block length, when the block length is chosen automatically
+WARMUP_ROUNDS = 3  # timed warmup calls per block length, when the block length is chosen automatically
 GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
 # the slots stay full until the last batch_size rows, which drain with nothing to refill them.
@@ -89,11 +90,12 @@ class SlotEngine:
     """Runs requests through one static batch (B slots, cache length S).
 
     ``holder``: the state holder this engine shares with the other buckets' engines of its
-    decoder (default: one of its own).
+    decoder (default: one of its own). ``cost_key`` names the compiled programs for the stored
+    cost measurements (``_cost_table``); None measures at every warmup.
     """
 
     def __init__(self, phases: Phases, tokenizer, max_prompt_len: int, capacity: int, prefill_chunk: int,
-                 chunk_steps: int, holder: StateHolder | None = None):
+                 chunk_steps: int, holder: StateHolder | None = None, cost_key: str | None = None):
         self.phases = phases
         self.tokenizer = tokenizer
         self.max_prompt_len = max_prompt_len
@@ -103,7 +105,12 @@ class SlotEngine:
         self.holder = holder or StateHolder()
         self.warm = False
         self.kept_stats = None  # the proposal statistics of a released state (host arrays)
+        self.cost_key = cost_key
         self.compile_seconds = 0.0
+        # Warmup's seconds by what they went to: each program's compile (or load from the
+        # persistent cache), and the timing of the candidate block lengths.
+        self.warmup_seconds: dict[str, float] = {}
+        self.costs_source = ""  # "measured" or "stored" (an earlier warmup's, same programs and machine)
         self.policy = BlockPolicy(phases.blocks)
 
     @property
@@ -129,45 +136,36 @@ class SlotEngine:
         return s
 
     def warmup(self) -> float:
-        """Compiles prefill and every decode block length (once), and when the block length is
-        chosen automatically, times each one side by side at this batch size."""
+        """Readies the batch; returns the seconds it took.
+
+        1. Compile prefill, then each decode block length with a call of zero steps, which
+           compiles (or loads from the persistent cache) without running a step.
+        2. With an automatic block length, the candidates' step costs: stored ones for these
+           programs on this machine, else timed side by side at this batch size (and stored).
+        3. The scratch state is dropped before the batch's own is made, so warmup holds one
+           state at its peak, as decoding does (its statistics came from dummy tokens).
+        """
         if self.warm:
             return 0.0
         t0 = time.perf_counter()
-        s = self.fresh_state()
-        b, p = s.batch, self.prefill_chunk
-        for slot in range(b if len(self.phases.blocks) > 1 else 1):
-            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
-                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot))
+        s = self._prefill_slots(self.fresh_state(), 1)
+        jax.block_until_ready(s.pos)
+        self.warmup_seconds["prefill"] = time.perf_counter() - t0
         blocks = self.phases.blocks
-
-        def timed(s: Slots, block: int, n_steps: int, gate: float = 0.0) -> tuple[Slots, float | None]:
-            budget = min(self.capacity, 1 + WARMUP_STEPS * block)
-            s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
-                          budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
-            jax.block_until_ready(s.pos)
+        for block in blocks:
             t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(n_steps), gate)
-            steps = int(steps)
-            return s, (time.perf_counter() - t1) / steps if steps else None
-
-        for block in blocks:  # compile
-            s, _ = timed(s, block, 1)
-        # Round-robin, so that a slow spell of a shared machine falls on every length alike; where
-        # a step may fall back to AR, a call whose every step does is timed too (it still proposes).
-        gated = falls_back_to_ar(blocks)
-        per_step: dict[int, list[float]] = {block: [] for block in blocks}
-        per_gated: dict[int, list[float]] = {block: [] for block in blocks if gated and block > 1}
-        for _ in range(WARMUP_ROUNDS if len(blocks) > 1 else 1):
-            for block in blocks:
-                s, seconds = timed(s, block, WARMUP_STEPS)
-                per_step[block] += [seconds] if seconds is not None else []
-                if block in per_gated:
-                    s, seconds = timed(s, block, WARMUP_STEPS, GATE_NEVER_PAYS)
-                    per_gated[block] += [seconds] if seconds is not None else []
-        self.policy.set_costs(per_step, per_gated)
-        # The warmup's state is dropped before the batch's own is made, so warmup holds one
-        # state at its peak, as decoding does; its statistics came from dummy tokens.
+            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(0), 0.0)
+            jax.block_until_ready(steps)
+            self.warmup_seconds[f"decode L={block}"] = time.perf_counter() - t1
+        if len(blocks) > 1:
+            t1 = time.perf_counter()
+            stored = load_costs(self.cost_key) if self.cost_key else None
+            per_step, per_gated = stored or self._time_blocks(s)
+            if stored is None and self.cost_key:
+                save_costs(self.cost_key, per_step, per_gated)
+            self.costs_source = "stored" if stored else "measured"
+            self.policy.set_costs(per_step, per_gated)
+            self.warmup_seconds["block costs"] = time.perf_counter() - t1
         del s
         self.kept_stats = None
         self.state = self.fresh_state()
@@ -175,6 +173,46 @@ class SlotEngine:
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
         return dt
+
+    def _prefill_slots(self, s: Slots, n: int) -> Slots:
+        """``s`` with its first ``n`` slots prefilled with one chunk of a dummy prompt."""
+        p = self.prefill_chunk
+        for slot in range(n):
+            s = self.phases.prefill(s, np.full((1, p), 3, np.int32), np.int32(0), np.int32(p), np.int32(slot),
+                                    np.int32(2), np.float32(0), np.float32(1), row_key(slot))
+        return s
+
+    def _time_blocks(self, s: Slots) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        """Seconds per step of each block length, per round, on the warm scratch state ``s``
+        (every slot prefilled first); where a step may fall back to AR, also of calls whose
+        every step does (they still propose)."""
+        b, p, blocks = s.batch, self.prefill_chunk, self.phases.blocks
+        s = self._prefill_slots(s, b)
+
+        def timed(s: Slots, block: int, gate: float = 0.0) -> tuple[Slots, float | None]:
+            budget = min(self.capacity, 1 + WARMUP_STEPS * block)
+            s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
+                          budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
+            jax.block_until_ready(s.pos)
+            t1 = time.perf_counter()
+            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(WARMUP_STEPS), gate)
+            steps = int(steps)
+            return s, (time.perf_counter() - t1) / steps if steps else None
+
+        for block in blocks:  # a program's first run pays one-time costs: never in a timed round
+            s, _ = timed(s, block)
+        # Round-robin, so that a slow spell of a shared machine falls on every length alike.
+        gated = falls_back_to_ar(blocks)
+        per_step: dict[int, list[float]] = {block: [] for block in blocks}
+        per_gated: dict[int, list[float]] = {block: [] for block in blocks if gated and block > 1}
+        for _ in range(WARMUP_ROUNDS):
+            for block in blocks:
+                s, seconds = timed(s, block)
+                per_step[block] += [seconds] if seconds is not None else []
+                if block in per_gated:
+                    s, seconds = timed(s, block, GATE_NEVER_PAYS)
+                    per_gated[block] += [seconds] if seconds is not None else []
+        return per_step, per_gated
 
     def start(self, requests: Iterable[Request]) -> "BatchRun":
         """A run of these requests through the batch, driven step by step (``BatchRun``)."""

@@ -1,9 +1,18 @@
-"""Shared fixtures: tiny checkpoints are built once per session so JAX compiles stay few."""
+"""Shared fixtures: tiny checkpoints are built once per session so JAX compiles stay few.
+
+The session also keeps a persistent JAX compilation cache in a temporary folder (removed when
+the session ends): the pytest and job processes the tests start inherit it, so a program that
+one process compiled is loaded, not compiled again, by every other (mesh suites, CLI runs, and
+fresh jit wrappers of the same computation in this process).
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +24,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 # path: its top-level folders (kernels/, decoder/, ...) would shadow installed packages of the same
 # name (transformers imports a ``kernels`` package). ``make test`` runs pytest itself with ``-P``.
 os.environ["PYTHONSAFEPATH"] = "1"
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a parent session's, or the user's own
+    _cache = tempfile.mkdtemp(prefix="dflash-batch-tests-jax-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    # Every program, however quick to compile: the point is that no process compiles it twice.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    if "jax" in sys.modules:  # imported before this file (a plugin): it read its settings already
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", _cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(scope="session")

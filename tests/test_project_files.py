@@ -48,3 +48,11 @@ def test_python_started_from_the_repository_root_never_puts_it_on_the_path():
              if re.search(r"\s-m\s+(dflash_batch|pytest)\b", line) and not line.lstrip().startswith("#")]
     assert len(calls) >= 8, calls
     assert [c for c in calls if not re.search(r"\s-P\s", c[1])] == []
+
+
+def test_ci_lists_the_slowest_tests():
+    """A slow new test shows in the submission that adds it: CI's ``make test`` prints the 15 slowest."""
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    make = (ROOT / "Makefile").read_text()
+    recipe = make[make.index("\ntest:"):].split("\n\n")[0]
+    assert re.search(r"-m pytest .*--durations=15", recipe), recipe

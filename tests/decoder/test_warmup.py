@@ -1,0 +1,58 @@
+"""Warmup readies a batch in seconds: each program compiled once (timed on its own), and an
+automatic block length's step costs measured once per machine and set of programs."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from compile_counter import count_compiles
+from decoding import make_decoder
+
+SETTINGS = dict(mode="ngram", block_size="auto", batch_size=2, max_new_tokens=8, prompt_buckets=(16,),
+                prefill_chunk=16)
+
+
+@pytest.fixture
+def compilation_cache(tmp_path, monkeypatch):
+    """The persistent compilation cache enabled in a fresh folder (restored afterwards)."""
+    from dflash_batch.decoder import _compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_compile_cache, "_enabled", [])
+    yield _compile_cache.enable_compilation_cache(tmp_path / "jax")
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_warmup_reports_each_program_and_the_block_costs(tiny_llama):
+    dec = make_decoder(tiny_llama, **SETTINGS)
+    dec.warmup(16)
+    report = dec.block_report()["16"]
+    programs = ["prefill"] + [f"decode L={b}" for b in dec.blocks]
+    assert list(report["warmup_seconds"]) == programs + ["block costs"]
+    assert all(v > 0 for v in report["warmup_seconds"].values()) and report["costs"] == "measured"
+    assert set(report["step_ms"]) == {str(b) for b in dec.blocks}
+
+
+def test_a_second_warmup_of_the_same_programs_reuses_the_stored_costs(tiny_llama, compilation_cache):
+    first = make_decoder(tiny_llama, **SETTINGS)
+    first.warmup(16)
+    assert first.block_report()["16"]["costs"] == "measured"
+    assert list((compilation_cache / "dflash-block-costs").glob("*.json"))
+
+    again = make_decoder(tiny_llama, **SETTINGS)
+    calls = []
+    engine = again.engine(16)
+    decode = engine.phases.decode
+    engine.phases.decode = lambda s, stop, block, n, gate: calls.append(int(n)) or decode(s, stop, block, n, gate)
+    with count_compiles() as compiles:
+        again.warmup(16)
+    assert calls == [0] * len(again.blocks)  # compiled only: no decode step ran
+    assert again.block_report()["16"]["costs"] == "stored"
+    assert again.engine(16).policy.costs == first.engine(16).policy.costs
+    assert compiles() == 0  # the same programs: this process already holds them
+
+    other = make_decoder(tiny_llama, **{**SETTINGS, "batch_size": 3})  # other programs: measured anew
+    other.warmup(16)
+    assert other.block_report()["16"]["costs"] == "measured"

@@ -33,7 +33,8 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [pipeline]
     rows_per_batch = 0                     # rows per decoder call; 0 = 4 x batch_size
     shards_per_bucket = 0                  # keys per bucket (decode parallelism); 0 = number of workers
-    output_shards = 0                      # completion files; 0 = the runner decides
+    rows_per_file = 0                      # rows per completion / dead-letter file, saved as the job goes; 0 = 1000
+    output_shards = 0                      # no longer used (files are saved as the job goes); accepted so old jobs load
 
     [runner]
     name = "direct"                        # direct | dataflow (dataflow: `submit`, see below)
@@ -119,6 +120,7 @@ class PromptSpec:
 class PipelineSpec:
     rows_per_batch: int = 0
     shards_per_bucket: int = 0
+    rows_per_file: int = 0
     output_shards: int = 0
 
 
@@ -235,7 +237,8 @@ _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text},
     "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
-    "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
+    "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "rows_per_file": _non_negative,
+                 "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,
                "direct_running_mode": _choice(RUNNING_MODES),
                **{k: _optional(_text) for k in DATAFLOW_STR_KEYS},

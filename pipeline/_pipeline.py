@@ -35,21 +35,23 @@ from typing import Any, Callable, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import AsList, AsSingleton
 
 from dflash_batch.pipeline._batching import KeyByBucket, static_batches
 from dflash_batch.pipeline._config import JobConfig, job_config
+from dflash_batch.pipeline._context import check_context, model_context
 from dflash_batch.pipeline._decode import STATS, Decode
-from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, \
-    PARQUET_SUFFIX, delete, join, read_json, use_anonymous_gcs_for_emulator, write_json
+from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, delete, join, \
+    read_json, use_anonymous_gcs_for_emulator, write_json
+from dflash_batch.pipeline._parts import KeyForParts, WriteParts
 from dflash_batch.pipeline._preflight import Preflight, check_layout, preflight
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE, SKIPPED, CountDeadLetters, CountSkipped, KeyById, \
     OnePerId, ToRows, Validate
 from dflash_batch.pipeline._stats import BatchStatsFn, WriteJobStats, job_id
 from dflash_batch.pipeline._tokenize import Tokenize
-from dflash_batch.schemas import DEAD_LETTERS_SCHEMA
+from dflash_batch.schemas import DEAD_LETTERS_SCHEMA, dead_letter_key
 
 _LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
 
@@ -149,6 +151,10 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     config = job_config(spec, options, progress_dir)
     pre = (check or preflight)(config)
     config = dataclasses.replace(config, drafter=pre.drafter)
+    if check is None:  # a replaced check (an offline dry run) must not read the model
+        context = model_context(spec.model.target)
+        check_context(spec, context)
+        config = dataclasses.replace(config, context_tokens=context)
     if check is None and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
         pre = dataclasses.replace(pre, plan=check_layout(config))  # this machine's devices, before loading
     run_id = run_id or new_run_id()
@@ -175,29 +181,29 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     decoded = (prepared.prepared
                | "Bucket" >> beam.ParDo(KeyByBucket(config.shards_per_bucket))
                | "Batch" >> static_batches(config.rows_per_batch)
-               | "Decode" >> beam.ParDo(Decode(config, pre.completions_schema.names)).with_outputs(
-                   DEAD, STATS, main="completions"))
-    completion_files = decoded.completions | "WriteCompletions" >> WriteToParquet(
-        join(config.output, f"{COMPLETIONS_PREFIX}{run_id}"), pre.completions_schema,
-        file_name_suffix=PARQUET_SUFFIX, num_shards=spec.pipeline.output_shards, codec="snappy")
+               | "Decode" >> beam.ParDo(Decode(config, pre.completions_schema)).with_outputs(
+                   DEAD, STATS, main="completions"))  # Decode saves its own rows as it goes (see _parts)
 
-    dead = ((keyed[DEAD], one[DEAD], valid[DEAD], prepared[DEAD], decoded[DEAD])
-            | "DeadLetters" >> beam.Flatten()
-            | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(config.progress_dir)))
-    dead_files = dead | "WriteDeadLetters" >> WriteToParquet(
-        join(config.output, f"{DEAD_LETTERS_PREFIX}{run_id}"), DEAD_LETTERS_SCHEMA,
-        file_name_suffix=PARQUET_SUFFIX, codec="snappy")
+    early_dead = ((keyed[DEAD], one[DEAD], valid[DEAD], prepared[DEAD])
+                  | "DeadLetters" >> beam.Flatten()
+                  | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(config.progress_dir)))
+    dead_files = (early_dead
+                  | "KeyDeadLetters" >> beam.ParDo(KeyForParts())
+                  | "DeadLetterParts" >> beam.GroupIntoBatches(config.rows_per_file)
+                  | "WriteDeadLetters" >> beam.ParDo(WriteParts(config.output, DEAD_LETTERS_PREFIX,
+                                                                DEAD_LETTERS_SCHEMA, dead_letter_key)))
+    decode_dead = decoded[DEAD] | "CountDecodeFailures" >> beam.ParDo(CountDeadLetters(config.progress_dir))
+    dead = (early_dead, decode_dead) | "AllDeadLetters" >> beam.Flatten()
 
     skipped = one[SKIPPED] | "CountSkipped" >> beam.ParDo(CountSkipped(config.progress_dir))
     stats = (p
              | "Finish" >> beam.Create([None])
              | "WriteJobStats" >> beam.ParDo(
-                 WriteJobStats(config, run_id, started),
+                 WriteJobStats(config, run_id, started, tuple(pre.files)),
                  sums=AsSingleton(decoded[STATS] | "SumBatchStats" >> beam.CombineGlobally(BatchStatsFn())),
                  rows_in=AsSingleton(rows | "CountRowsIn" >> beam.combiners.Count.Globally()),
                  dead_letters=AsSingleton(dead | "CountDead" >> beam.combiners.Count.Globally()),
                  skipped=AsSingleton(skipped | "CountSkippedIds" >> beam.combiners.Count.Globally()),
-                 completion_files=AsList(completion_files),
                  dead_files=AsList(dead_files)))
     outputs = {"completions": decoded.completions, "dead_letters": dead, "job_stats": stats}
     return BuiltJob(pipeline=p, config=config, preflight=pre, run_id=run_id, outputs=outputs)

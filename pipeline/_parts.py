@@ -92,20 +92,24 @@ class PartBuffer:
         self.rows, self.keys, self.since = [], [], None
 
 
-# Typed, so GroupIntoBatches' state is keyed with a deterministic coder (ints, not pickles).
 @beam.typehints.with_output_types(Tuple[int, Dict[str, Any]])
 class KeyForParts(beam.DoFn):
-    """row -> (0, row): one key, so the rows are cut into parts of ``rows_per_file`` as they come."""
+    """row -> (0, row): one group, which ``WriteParts`` cuts into parts."""
 
     def process(self, row: dict[str, Any]):
         yield 0, row
 
 
 class WriteParts(beam.DoFn):
-    """(key, [row]) -> the path of the part holding those rows (``prefix``, keyed by ``key_of``)."""
+    """(key, [row]) -> the paths of the parts holding those rows (``prefix``, keyed by ``key_of``).
 
-    def __init__(self, output: str, prefix: str, schema: pa.Schema, key_of):
+    The rows are sorted by key and cut every ``rows_per_file`` rows, so the same rows always make
+    the same parts: a rerun that derives them again rewrites its files rather than adding copies.
+    """
+
+    def __init__(self, output: str, prefix: str, schema: pa.Schema, key_of, rows_per_file: int):
         self.output, self.prefix, self.schema, self.key_of = output, prefix, schema, key_of
+        self.rows_per_file = rows_per_file
 
     def setup(self):
         from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
@@ -113,5 +117,7 @@ class WriteParts(beam.DoFn):
         use_anonymous_gcs_for_emulator()
 
     def process(self, element: tuple[int, Iterable[dict[str, Any]]]):
-        rows = list(element[1])
-        yield write_part(self.output, self.prefix, self.schema, rows, [self.key_of(r) for r in rows])
+        keyed = sorted(((self.key_of(r), r) for r in element[1]), key=lambda kr: kr[0])
+        for i in range(0, len(keyed), self.rows_per_file):
+            chunk = keyed[i: i + self.rows_per_file]
+            yield write_part(self.output, self.prefix, self.schema, [r for _, r in chunk], [k for k, _ in chunk])

@@ -1,25 +1,28 @@
 """The job as a Beam pipeline: ``build`` wires the labelled steps, ``BuiltJob.run`` runs them.
 
     ReadPrompts -> KeyById -> GroupById (+ ids already completed) -> OnePerId -> Validate
-      -> Tokenize -> Bucket -> Batch -> Decode -> WriteCompletions
-    every step's dead letters -> DeadLetters -> WriteDeadLetters
-    Decode's batch records -> SumBatchStats -> WriteJobStats (after both writes finished)
+      -> Tokenize -> Bucket -> Batch -> Decode (saves its completions and failures as parts)
+    earlier steps' dead letters -> DeadLetters -> GroupDeadLetters -> WriteDeadLetters
+    Decode's batch records -> SumBatchStats -> WriteJobStats (after every part is written)
 
 Output layout (OUTPUT is a folder or a gs:// prefix):
-    OUTPUT/completions-<run>-SSSSS-of-NNNNN.parquet   completions schema + the input's own columns
-    OUTPUT/dead_letters-<run>-SSSSS-of-NNNNN.parquet  dead-letters schema (id, error, row_json, source)
-    OUTPUT/run_stats-<run>.json                       what each run did: its figures (see ``_figures``)
-    OUTPUT/job_stats.json                             the job over all its runs; written last, so it marks a finished run
-    OUTPUT/job_manifest.json                          the settings every completion here was made with
+    OUTPUT/completions-<hash of ids>.parquet    completions schema + the input's own columns
+    OUTPUT/dead_letters-<hash of keys>.parquet  dead-letters schema (id, kind, error, row_json, source)
+    OUTPUT/run_stats-<run>.json                 what each run did: its figures (see ``_figures``)
+    OUTPUT/job_stats.json                       the job over all its runs; written last, so it marks a finished run
+    OUTPUT/job_manifest.json                    the settings every completion here was made with
 
-Reruns: skip ids already completed. A rerun into the same output reads the ids of every
-``completions-*.parquet`` there and decodes only the rows without one; its own completions go
-to files named by its own run id, so nothing an earlier run finished is rewritten or lost, and
-each id ends up in exactly one completion row. Beam's writes are all-or-nothing per file (a
-temp file renamed into place), so an interrupted run leaves whole files or none; what it did
-not finish is decoded again. Dead letters are cheap and re-derived from the whole input by every
-run, and the last step deletes earlier runs' dead-letter files, so they are never duplicated.
-Together: rows in = completion rows + dead-letter rows, after every finished run. A rerun under
+Durable progress: the parquet files are "parts" of at most ``pipeline.rows_per_file`` rows,
+written while the job runs and named by the rows they hold (see ``_parts``), so a run that
+dies keeps what it saved, losing at most one unwritten part per worker.
+
+Reruns and chunks: skip ids already completed. A run into an output that holds parts reads the
+ids of every ``completions-*.parquet`` there and decodes only the rows without one. No run
+deletes another run's parts; dead letters are re-derived by each run from its own input (the
+same rows make the same part name, so a rerun rewrites its file). Readers count the union
+keyed by id (``_outcomes``): a duplicate from a retry counts once, a dead letter whose id was
+completed later no longer counts. Together: rows in (of every input file any run read) =
+completions + dead letters, after every finished run. A rerun under
 settings that change completions (model, template, sampling, max_new_tokens) is refused, since
 it would mix outputs; ``job_manifest.json`` records them. Why not "replace deterministically":
 it re-decodes everything after an interruption, the expensive part of a job.
@@ -189,9 +192,9 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
                   | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(config.progress_dir)))
     dead_files = (early_dead
                   | "KeyDeadLetters" >> beam.ParDo(KeyForParts())
-                  | "DeadLetterParts" >> beam.GroupIntoBatches(config.rows_per_file)
-                  | "WriteDeadLetters" >> beam.ParDo(WriteParts(config.output, DEAD_LETTERS_PREFIX,
-                                                                DEAD_LETTERS_SCHEMA, dead_letter_key)))
+                  | "GroupDeadLetters" >> beam.GroupByKey()
+                  | "WriteDeadLetters" >> beam.ParDo(WriteParts(config.output, DEAD_LETTERS_PREFIX, DEAD_LETTERS_SCHEMA,
+                                                                dead_letter_key, config.rows_per_file)))
     decode_dead = decoded[DEAD] | "CountDecodeFailures" >> beam.ParDo(CountDeadLetters(config.progress_dir))
     dead = (early_dead, decode_dead) | "AllDeadLetters" >> beam.Flatten()
 

@@ -83,7 +83,9 @@ def _unify(files: list[str], schemas: list[pa.Schema], template: str) -> pa.Sche
         except SchemaError as e:
             raise JobRefused("input", f"{path}: {e}") from None
     try:
-        return pa.unify_schemas([s.remove_metadata() for s in schemas])
+        # Permissive: files that differ only in width (int32 and int64, float and double) make
+        # one column of the wider type; a real conflict (int and string) still refuses.
+        return pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise JobRefused("input", f"the input files' columns disagree: {e}") from None
 

@@ -22,7 +22,9 @@ as the DFlash paper counts it (so plain autoregressive decoding has tau = 1).
 from __future__ import annotations
 
 import datetime
+import glob
 import json
+import os
 import time
 from typing import Any, Iterable
 
@@ -249,10 +251,11 @@ def read_runs(output: str) -> list[dict[str, Any]]:
 def remove_leftovers(output: str) -> list[str]:
     """Deletes what runs that died left behind: half-written parts and older versions' Beam temp
     folders. Returns what was deleted. (Only safe once no other run writes into ``output``.)"""
-    patterns = [f"*{PARTIAL}*", "beam-temp-*"]
+    gone = match_files(join(output, f"*{PARTIAL}*"))
     if "://" in output:  # an object store has no folders: a temp "folder" is the objects under it
-        patterns.append("beam-temp-*/*")
-    gone = sorted({p for pattern in patterns for p in match_files(join(output, pattern))})
+        gone += match_files(join(output, "beam-temp-*/*"))
+    else:  # Beam's local listing skips folders; deleting one removes what it holds
+        gone += sorted(glob.glob(os.path.join(glob.escape(output), "beam-temp-*")))
     delete(gone)
     return gone
 

@@ -220,7 +220,7 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "started_at": run["started_at"],
         "finished_at": run["finished_at"],
         "dead_letters_by_kind": outcomes.dead_by_kind(),
-        "rows_in_this_run": sum(run["inputs"].values()),
+        "rows_in_this_run": sum((run.get("inputs") or {}).values()),
         "dead_letters_this_run": run["dead_letters"],
         "completions_this_run": run["rows"],
         "skipped_completed": run["skipped_completed"],

@@ -62,3 +62,15 @@ def test_a_row_past_the_context_is_refused_with_its_numbers(chat_model_dir, tmp_
     assert f"prompt is {n} tokens + max_new_tokens 8 = {n + 8}, more than the model's context of 20" in reason
     ok = prepare_row(tokenizer, {"id": "y", "prompt": "fox"}, "f", config)
     assert not isinstance(ok, tuple)
+
+
+def test_a_prompt_that_fits_the_context_but_no_bucket_names_the_bucket_setting(chat_model_dir, tmp_path):
+    spec = job_spec(chat_model_dir, tmp_path / "in", tmp_path / "out", prompt_buckets=[16])
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    config = dataclasses.replace(job_config(spec, PipelineOptions([])), context_tokens=512)
+    tokenizer, _ = shared_tokenizer(str(chat_model_dir))
+    row = {"id": "x", "prompt": " ".join(["the quick brown fox jumps over the lazy dog"] * 3)}
+    kind, reason = prepare_row(tokenizer, row, "f", config)
+    assert kind == "prompt_too_long" and "longer than the largest bucket (16)" in reason
+    assert "decode.prompt_buckets" in reason

@@ -184,6 +184,7 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     decoded = (prepared.prepared
                | "Bucket" >> beam.ParDo(KeyByBucket(config.shards_per_bucket))
                | "Batch" >> static_batches(config.rows_per_batch)
+               | "Spread" >> beam.Reshuffle()  # decode batches on every worker (see _batching)
                | "Decode" >> beam.ParDo(Decode(config, pre.completions_schema)).with_outputs(
                    DEAD, STATS, main="completions"))  # Decode saves its own rows as it goes (see _parts)
 

@@ -29,6 +29,7 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [prompt]
     template = "summarize"                 # none (prompt or messages as given) | summarize (document)
     instruction = "Summarize the following text in a few sentences."
+    truncate = "none"                      # none: a prompt past the context / largest bucket is a dead letter | left: cut its start
 
     [pipeline]
     rows_per_batch = 0                     # rows per decoder call; 0 = 4 x batch_size
@@ -114,6 +115,7 @@ class DecodeSpec(DecodeConfig):
 class PromptSpec:
     template: str = "none"
     instruction: str = SUMMARIZE_INSTRUCTION
+    truncate: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +238,7 @@ def _optional(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]
 _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text},
-    "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
+    "prompt": {"template": _choice(TEMPLATES), "instruction": _text, "truncate": _choice(("none", "left"))},
     "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "rows_per_file": _non_negative,
                  "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,

@@ -62,6 +62,7 @@ def completion_row(r: Result, item: Prepared, config: JobConfig, columns: Sequen
         "draft_tokens_proposed": int(r.draft_tokens_proposed), "draft_tokens_accepted": int(r.draft_tokens_accepted),
         "bucket": item.bucket, "batch_index": batch, "worker": worker, "decode_seconds": float(r.decode_seconds),
         "model": config.spec.model.target, "drafter": drafter_id(config), "mode": config.spec.decode.mode,
+        "prompt_truncated_tokens": item.truncated,
     }
     for name in columns:
         if name not in row:

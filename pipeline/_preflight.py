@@ -51,7 +51,9 @@ def result_manifest(config: JobConfig) -> dict:
     return {"model": s.model.target, "template": s.prompt.template,
             "instruction": s.prompt.instruction if s.prompt.template == "summarize" else None,
             "max_new_tokens": s.decode.max_new_tokens, "temperature": s.decode.temperature,
-            "top_p": s.decode.top_p, "seed": s.decode.seed}
+            "top_p": s.decode.top_p, "seed": s.decode.seed,
+            # Only when set, so outputs made before the setting existed still match.
+            **({"truncate": s.prompt.truncate} if s.prompt.truncate != "none" else {})}
 
 
 def _inputs(pattern: str) -> tuple[list[str], list[pa.Schema], int]:

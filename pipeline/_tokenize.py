@@ -42,6 +42,7 @@ class Prepared:
     bucket: int
     source: str
     row: dict[str, Any]  # the input row: carried columns for the completion, or the dead letter
+    truncated: int = 0  # prompt tokens cut from the start (prompt.truncate = "left")
 
     def request(self) -> Request:
         return Request(id=self.id, token_ids=list(self.token_ids), max_new_tokens=self.max_new_tokens,
@@ -61,6 +62,8 @@ def prepare_row(tokenizer, row: dict[str, Any], source: str, config: JobConfig) 
       3. prompt tokens + max_new_tokens fit the target's context (``config.context_tokens``):
          positions past it were never trained, so the text there would be meaningless;
       4. the prompt fits the largest bucket.
+    A prompt failing 3 or 4 is a ``prompt_too_long`` dead letter, or with ``prompt.truncate = "left"``
+    loses its first tokens until it fits (its completion row records how many).
     """
     decode, prompt = config.spec.decode, config.spec.prompt
     max_new = _default(row.get("max_new_tokens"), decode.max_new_tokens)
@@ -72,6 +75,11 @@ def prepare_row(tokenizer, row: dict[str, Any], source: str, config: JobConfig) 
     if not token_ids:
         return "empty_prompt", "prompt renders to zero tokens"
     context = config.context_tokens
+    room = min(decode.prompt_buckets[-1], context - max_new if context is not None else len(token_ids))
+    truncated = 0
+    if prompt.truncate == "left" and 0 < room < len(token_ids):
+        truncated = len(token_ids) - room
+        token_ids = token_ids[truncated:]
     if context is not None and len(token_ids) + max_new > context:
         return "prompt_too_long", (
             f"prompt is {len(token_ids)} tokens + max_new_tokens {max_new} = {len(token_ids) + max_new}, "
@@ -88,7 +96,7 @@ def prepare_row(tokenizer, row: dict[str, Any], source: str, config: JobConfig) 
         top_p=float(_default(row.get("top_p"), decode.top_p)),
         seed=derive_seed(decode.seed, row["id"]) if seed is None else int(seed) & _SEED_MASK,
         stop=tuple(row.get("stop") or ()), bucket=bucket_for(len(token_ids), decode.prompt_buckets),
-        source=source, row=row,
+        source=source, row=row, truncated=truncated,
     )
 
 

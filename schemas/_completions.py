@@ -32,8 +32,10 @@ COMPLETIONS_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("drafter", pa.string()),  # null in mode "ar"
         ("mode", pa.string()),  # one of MODES
+        # Prompt tokens cut from the start (job setting prompt.truncate = "left"); 0 when none were.
+        ("prompt_truncated_tokens", pa.int32()),
     ],
-    metadata=contract_metadata("completions"),
+    metadata=contract_metadata("completions", version=2),
 )
 
 

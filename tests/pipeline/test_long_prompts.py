@@ -74,3 +74,22 @@ def test_a_prompt_that_fits_the_context_but_no_bucket_names_the_bucket_setting(c
     kind, reason = prepare_row(tokenizer, row, "f", config)
     assert kind == "prompt_too_long" and "longer than the largest bucket (16)" in reason
     assert "decode.prompt_buckets" in reason
+
+
+def test_truncate_left_cuts_the_start_of_a_long_prompt_and_records_it(short_model, tmp_path):
+    long_prompt = " ".join(["summarize the quick brown fox results"] * 12)
+    inputs = write_prompts(tmp_path / "in" / "p.parquet",
+                           [{"id": "short", "prompt": "the quick fox"}, {"id": "long", "prompt": long_prompt}])
+    out = tmp_path / "out"
+    build(job_spec(short_model, inputs, out, prompt_buckets=[16, 32], truncate="left")).run()
+    rows = {r["id"]: r for r in completions(out)}
+    assert not dead_letters(out)
+    assert rows["long"]["prompt_tokens"] == 32  # the largest bucket; 32 + 8 new tokens fit the context of 40
+    assert rows["long"]["prompt_truncated_tokens"] == 240 - 32 and rows["short"]["prompt_truncated_tokens"] == 0
+
+
+def test_truncate_is_one_of_its_choices(chat_model_dir, tmp_path):
+    from dflash_batch.jobs._spec import SpecError
+
+    with pytest.raises(SpecError, match="prompt.truncate"):
+        job_spec(chat_model_dir, tmp_path / "in", tmp_path / "out", truncate="right")

@@ -31,6 +31,7 @@ COMPLETION = {
     "prompt_tokens": 4, "completion_tokens": 2, "decode_steps": 1, "acceptance_length_mean": 2.0,
     "accepted_per_step": [0, 1], "draft_tokens_proposed": 1, "draft_tokens_accepted": 1, "bucket": 64,
     "batch_index": 0, "worker": "w0", "decode_seconds": 0.1, "model": "m", "drafter": "d", "mode": "dflash",
+    "prompt_truncated_tokens": 0,
 }  # fmt: skip
 DEAD = {"id": None, "kind": "missing_id", "error": "missing id", "row_json": "{}", "source": "in/0.parquet"}
 STATS = {
@@ -46,7 +47,8 @@ ROWS = {"prompts": PROMPT, "completions": COMPLETION, "dead_letters": DEAD, "job
 @pytest.mark.parametrize("name", ALL)
 def test_every_schema_names_itself_and_has_version_1(name):
     assert schema_name(ALL[name]) == name
-    assert schema_version(ALL[name]) == (2 if name == "dead_letters" else 1)  # v2: dead letters have a kind
+    # v2: dead letters have a kind; completions record prompt tokens cut by prompt.truncate
+    assert schema_version(ALL[name]) == (2 if name in ("dead_letters", "completions") else 1)
 
 
 def test_schema_version_refuses_a_schema_without_metadata():
@@ -92,7 +94,7 @@ def test_with_extra_columns_carries_unknown_input_columns_with_their_types():
     assert out.names == COMPLETIONS_SCHEMA.names + ["lang", "score"]
     assert out.field("lang").type == pa.dictionary(pa.int8(), pa.string())
     assert out.field("score").type == pa.float64()
-    assert schema_name(out) == "completions" and schema_version(out) == 1
+    assert schema_name(out) == "completions" and schema_version(out) == schema_version(COMPLETIONS_SCHEMA)
 
 
 def test_with_extra_columns_drops_known_prompt_columns():

@@ -10,6 +10,9 @@ and where everything went. A run that fails exits 1; running it again resumes it
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -218,8 +221,14 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
             with ledger_entry(spec, runner="direct", output=spec.output, job_id=job.job_id):
                 result = run_with_progress(job, progress_dir, show=not no_progress)
         except KeyboardInterrupt:
-            raise click.ClickException(f"interrupted; {kept_line(job.config.output)}; run the same command "
-                                       "again to decode the rest") from None
+            from dflash_batch.pipeline import close_writes
+
+            close_writes()  # the job's thread goes on decoding; nothing it saves from now on goes uncounted
+            click.echo(f"Error: interrupted; {kept_line(job.config.output)}; run the same command again to "
+                       "decode the rest", err=True)
+            sys.stderr.flush()
+            shutil.rmtree(progress_dir, ignore_errors=True)
+            os._exit(1)  # not sys.exit: the job's thread would run on (and crash) while Python shuts down
         except Exception as e:  # noqa: BLE001 - a failed run: exit 1 with the reason, not a traceback
             raise click.ClickException(f"job {job.job_id} failed: {type(e).__name__}: {e}\n"
                                        f"{kept_line(job.config.output)}; run the same command again to decode "

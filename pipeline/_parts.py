@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import time
 import uuid
 from typing import Any, Dict, Iterable, Sequence, Tuple
@@ -39,6 +40,17 @@ from dflash_batch.pipeline._io import PARQUET_SUFFIX, join
 PART_ROWS = 1000  # rows per part when the job sets pipeline.rows_per_file = 0
 PART_SECONDS = 60.0  # a slow job still saves its progress at least this often (per worker)
 PARTIAL = ".partial-"  # marks a part being written: OUTPUT/<final name>.partial-<random>
+
+# Closing writes (an interrupted run, see ``close_writes``) waits for a rename in flight, so once
+# it returns, what the output holds is final for this process and can be reported as kept.
+_renames = threading.Lock()
+_closed = threading.Event()
+
+
+def close_writes() -> None:
+    """No part of this process is renamed into place after this returns (a stopping run)."""
+    with _renames:
+        _closed.set()
 
 
 def part_name(prefix: str, keys: Iterable[str]) -> str:
@@ -56,9 +68,13 @@ def write_part(output: str, prefix: str, schema: pa.Schema, rows: Sequence[dict[
     pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), buffer, compression="snappy")
     with FileSystems.create(temporary, mime_type="application/octet-stream", compression_type="uncompressed") as f:
         f.write(buffer.getvalue())
-    if FileSystems.exists(final):  # a retry of the same rows: the new copy replaces the old one
-        FileSystems.delete([final])
-    FileSystems.rename([temporary], [final])
+    with _renames:
+        if _closed.is_set():
+            FileSystems.delete([temporary])
+            raise RuntimeError("this run is stopping: no more parts are saved")
+        if FileSystems.exists(final):  # a retry of the same rows: the new copy replaces the old one
+            FileSystems.delete([final])
+        FileSystems.rename([temporary], [final])
     return final
 
 

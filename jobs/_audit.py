@@ -4,7 +4,8 @@ OUTPUT_OR_JOB is the job's output (a local folder or a gs:// prefix, read throug
 FileSystems), its job file (the TOML names the output), or the id of one of its runs (as the
 ledger, ``job_stats.json`` and the report name it).
 
-Reads ``OUTPUT/completions-*.parquet``, ``dead_letters-*.parquet``, the runs' records
+Reads ``OUTPUT/completions-*.parquet``, ``dead_letters-*.parquet`` (each id counted once, dead
+letters grouped by kind: see ``pipeline.read_outcomes``), the runs' records
 ``run_stats-*.json`` and ``job_stats.json``. Rows, tokens, tau and the per-bucket counts come
 from the completions themselves. Time and throughput are the figures of ``pipeline._figures``,
 read from each run's record: per run, and for the job summed over its runs (a resume is a run
@@ -28,7 +29,6 @@ or from a ``bench.json`` in OUTPUT (``dflash-batch bench --json`` rows whose mod
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 from typing import Any
@@ -38,19 +38,11 @@ import numpy as np
 
 from dflash_batch.jobs._exit import Refused
 from dflash_batch.jobs._run import reason_lines
-from dflash_batch.pipeline import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, Figures, \
-    job_totals, join, match_files, rate_line, read_json, read_runs, time_line
+from dflash_batch.pipeline import COMPLETIONS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, Figures, job_totals, join, \
+    match_files, rate_line, read_json, read_outcomes, read_runs, read_table, time_line
 
 REPORT_FILE = "report.html"
 BENCH_FILE = "bench.json"
-
-
-def _read_table(path: str, columns: list[str] | None = None):
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.read_table(io.BytesIO(f.read()), columns=columns)
 
 
 _COLUMNS = ["id", "prompt_tokens", "completion_tokens", "decode_steps", "accepted_per_step", "bucket",
@@ -104,14 +96,12 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
     if not files and not stats:
         raise Refused(f"{output}: no {COMPLETIONS_PREFIX}*{PARQUET_SUFFIX} and no {JOB_STATS_FILE} there "
                       "(not a job output)")
-    rows: list[dict[str, Any]] = []
-    for path in files:
-        table = _read_table(path)
-        rows.extend(table.select([c for c in _COLUMNS if c in table.column_names]).to_pylist())
-    dead_files = match_files(join(output, f"{DEAD_LETTERS_PREFIX}*{PARQUET_SUFFIX}"))
-    dead_reasons: collections.Counter[str] = collections.Counter()
-    for p in dead_files:
-        dead_reasons.update(_read_table(p, ["error"]).column("error").to_pylist())
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in files:  # a retried bundle may have saved an id twice: it counts once
+        for row in read_table(path, _COLUMNS).to_pylist():
+            by_id.setdefault(row["id"], row)
+    rows = list(by_id.values())
+    outcomes = read_outcomes(output)
 
     hist = np.zeros(0, np.int64)
     for r in rows:
@@ -160,8 +150,9 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "kernel_fallbacks": stats.get("kernel_fallbacks") or [],
         "rows_in": stats.get("rows_in"),
         "completions": len(rows),
-        "dead_letters": sum(dead_reasons.values()),
-        "dead_letter_reasons": dict(dead_reasons.most_common()),
+        "dead_letters": len(outcomes.dead),
+        "dead_letters_by_kind": outcomes.dead_by_kind(),
+        "dead_letter_examples": outcomes.dead_examples(),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         # The job's figures over its runs (see pipeline._figures); each run's below.
@@ -271,7 +262,7 @@ def format_text(a: dict[str, Any]) -> str:
         lines.append(f"  speedup over AR: {s['speedup']:.2f}x ({s['source']})")
     for c in a["block_choice"]:
         lines.append(f"  block choice, {choice_line(c)}")
-    lines += [f"  {line}" for line in reason_lines(a["dead_letter_reasons"])]
+    lines += [f"  {line}" for line in reason_lines(a["dead_letters_by_kind"], a["dead_letter_examples"])]
     return "\n".join(lines)
 
 

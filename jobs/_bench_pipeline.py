@@ -46,7 +46,7 @@ def _prepared(job) -> list:
         for row in table_rows(table):
             if validate_prompt_row(row, job.config.spec.prompt.template, seen) is None:
                 item = prepare_row(tokenizer, row, path, job.config)
-                if not isinstance(item, str):
+                if not isinstance(item, tuple):  # (kind, reason): a row this job cannot decode
                     out.append(item)
     return out
 

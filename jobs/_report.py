@@ -145,7 +145,8 @@ def format_html(a: dict[str, Any]) -> str:
     imgs = "".join(f'<figure><img data-plot="{k}" alt="{esc(CAPTIONS[k])}" src="data:image/png;base64,{v}">'
                    f"<figcaption>{esc(CAPTIONS[k])}</figcaption></figure>" for k, v in images.items())
     hint = "" if a["speedup_over_ar"] else f'<p class="hint">{baseline_hint(a)}</p>'
-    dead = "".join(f"<li>{n} x {esc(r)}</li>" for r, n in a["dead_letter_reasons"].items())
+    dead = "".join(f"<li>{n} x {esc(kind)}: e.g. {esc(a['dead_letter_examples'].get(kind, ''))}</li>"
+                   for kind, n in a["dead_letters_by_kind"].items())
     choice = "".join(f"<li>{esc(choice_line(c))}</li>" for c in a["block_choice"])
     choice_html = f"<h2>Automatic block length</h2><ul>{choice}</ul>" if choice else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>dflash-batch audit: {esc(str(a['name']))}</title>

@@ -10,10 +10,13 @@ and where everything went. A run that fails exits 1; running it again resumes it
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import click
 
@@ -21,30 +24,27 @@ from dflash_batch.jobs._exit import Refused
 from dflash_batch.pipeline import Figures, format_seconds, rate_line, time_line
 
 
-def dead_letter_reasons(files: list[str]) -> dict[str, int]:
-    """Every dead-letter reason in ``files`` with its count, most common first."""
-    import collections
+def dead_letter_kinds(output: str) -> tuple[dict[str, int], dict[str, str]]:
+    """The output's dead letters per kind (each counted once, see ``pipeline.read_outcomes``), and
+    one error text per kind as an example; empty when the output cannot be read."""
+    from dflash_batch.pipeline import read_outcomes
 
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-
-    counts: collections.Counter[str] = collections.Counter()
-    for path in files:
-        try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                counts.update(pq.read_table(f, columns=["error"]).column("error").to_pylist())
-        except Exception:  # noqa: BLE001 - the summary must not fail over a listing
-            continue
-    return dict(counts.most_common())
+    try:
+        outcomes = read_outcomes(output)
+    except Exception:  # noqa: BLE001 - the summary must not fail over a listing
+        return {}, {}
+    return outcomes.dead_by_kind(), outcomes.dead_examples()
 
 
-def reason_lines(reasons: dict[str, int], limit: int = 5) -> list[str]:
-    """'dead letter x3: REASON' for the ``limit`` most common reasons, then what was left out."""
-    ranked = sorted(reasons.items(), key=lambda kv: -kv[1])
-    lines = [f"dead letter x{n}: {reason}" for reason, n in ranked[:limit]]
+def reason_lines(kinds: dict[str, int], examples: dict[str, str] | None = None, limit: int = 5) -> list[str]:
+    """'dead letter x3 KIND: EXAMPLE' for the ``limit`` most common kinds, then what was left out."""
+    examples = examples or {}
+    ranked = sorted(kinds.items(), key=lambda kv: -kv[1])
+    lines = [f"dead letter x{n} {kind}" + (f": e.g. {examples[kind]}" if kind in examples else "")
+             for kind, n in ranked[:limit]]
     rest = ranked[limit:]
     if rest:
-        lines.append(f"and {sum(n for _, n in rest)} more dead letter(s) with {len(rest)} other reason(s) "
+        lines.append(f"and {sum(n for _, n in rest)} more dead letter(s) of {len(rest)} other kind(s) "
                      "(see dead_letters-*.parquet)")
     return lines
 
@@ -57,7 +57,7 @@ def _workers_line(run: dict[str, Any]) -> str:
     return f"{loads} model load(s), {workers} worker process(es), on {hardware}"
 
 
-def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None) -> str:
+def format_summary(stats: dict[str, Any], examples: dict[str, str] | None = None) -> str:
     """A human summary of a job-stats record: this run, then the job over all its runs."""
     files = stats.get("files", {})
     run = stats.get("this_run") or {}
@@ -72,6 +72,8 @@ def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None)
     tau = sum((k + 1) * n for k, n in enumerate(hist)) / steps if steps else None
     rows = (f"  rows:     {stats.get('rows_in')} in -> {stats.get('completions_out')} completions "
             f"({this_run} this run, {done_before} done earlier), {dead} dead letters")
+    if len(runs) > 1 and stats.get("rows_in_this_run") not in (None, stats.get("rows_in")):
+        rows += f" (this run read {stats['rows_in_this_run']} of the {stats.get('rows_in')} rows in)"
     if this_run == 0 and done_before:
         lines = [f"job {stats.get('job_id')}: nothing left to do: {done_before} of {done_before} ids already complete",
                  rows, f"  time:     wall {format_seconds(this.wall_seconds)}; {_workers_line(run)}"]
@@ -99,15 +101,22 @@ def format_summary(stats: dict[str, Any], reasons: dict[str, int] | None = None)
         lines.append(f"  padding:  {waste} of padded prompt positions, by bucket")
     dead_files = files.get("dead_letters") or []
     if dead:
-        lines += [f"  {line}" for line in reason_lines(reasons if reasons is not None
-                                                        else dead_letter_reasons(dead_files))]
+        kinds = stats.get("dead_letters_by_kind") or {}
+        if examples is None:
+            kinds, examples = dead_letter_kinds(stats.get("output") or "")
+        lines += [f"  {line}" for line in reason_lines(kinds, examples)]
     lines.append(f"output: {stats.get('output')}")
-    for f in files.get("completions") or []:
-        lines.append(f"  completions:  {f}")
-    for f in dead_files:
-        lines.append(f"  dead letters: {f}")
+    lines += _file_lines("completions: ", files.get("completions") or [], f"{stats.get('output')}/completions-*.parquet")
+    lines += _file_lines("dead letters:", dead_files, f"{stats.get('output')}/dead_letters-*.parquet")
     lines.append(f"  job stats:    {stats.get('output')}/job_stats.json")
     return "\n".join(lines)
+
+
+def _file_lines(label: str, paths: list[str], pattern: str, limit: int = 3) -> list[str]:
+    """One line per file, or one line for them all when there are more than ``limit`` (parts)."""
+    if len(paths) <= limit:
+        return [f"  {label} {p}" for p in paths]
+    return [f"  {label} {len(paths)} files, {pattern}"]
 
 
 def _bar_text(p) -> str:
@@ -150,10 +159,22 @@ def run_with_progress(job, progress_dir: str, show: bool = True):
     return outcome["result"]
 
 
-def _completed_ids(files: Sequence[str]) -> int:
-    from dflash_batch.pipeline import parquet_footer
+def kept_line(output: str) -> str:
+    """What an output holds now, for a run that stopped: 'kept N completions and M dead letters in OUTPUT'."""
+    from dflash_batch.pipeline import read_outcomes
 
-    return sum(parquet_footer(f)[1] for f in files)
+    try:
+        o = read_outcomes(output)
+    except Exception as e:  # noqa: BLE001 - the message must come out even if the output is unreadable
+        return f"what was kept in {output} could not be read ({type(e).__name__}: {e})"
+    return (f"kept {len(o.completed)} completion(s) and {len(o.dead)} dead letter(s) in {output} "
+            f"({len(o.completion_files)} completion file(s))")
+
+
+def _completed_ids(output: str) -> int:
+    from dflash_batch.pipeline import read_outcomes
+
+    return len(read_outcomes(output).completed)
 
 
 @click.command("run")
@@ -185,7 +206,7 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
         pre = job.preflight
         click.echo(f"job {job.job_id}: {pre.rows_in} rows in {len(pre.files)} file(s) -> {spec.output}", err=True)
         if pre.previous_completions:
-            click.echo(f"  resuming: {_completed_ids(pre.previous_completions)} ids already complete in "
+            click.echo(f"  resuming: {_completed_ids(job.config.output)} ids already complete in "
                        f"{len(pre.previous_completions)} completion file(s) there; they are skipped", err=True)
         dtype = job.config.dtype + (" (auto)" if spec.model.dtype == "auto" else "")
         click.echo(f"  model {spec.model.target} in {dtype}, mode {spec.decode.mode}, batch {spec.decode.batch_size}, "
@@ -202,9 +223,16 @@ def run_command(job_file: Path, overrides: tuple[str, ...], no_progress: bool) -
             with ledger_entry(spec, runner="direct", output=spec.output, job_id=job.job_id):
                 result = run_with_progress(job, progress_dir, show=not no_progress)
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; run the same command again to resume "
-                                       "(rows already completed are skipped)") from None
+            from dflash_batch.pipeline import close_writes
+
+            close_writes()  # the job's thread goes on decoding; nothing it saves from now on goes uncounted
+            click.echo(f"Error: interrupted; {kept_line(job.config.output)}; run the same command again to "
+                       "decode the rest", err=True)
+            sys.stderr.flush()
+            shutil.rmtree(progress_dir, ignore_errors=True)
+            os._exit(1)  # not sys.exit: the job's thread would run on (and crash) while Python shuts down
         except Exception as e:  # noqa: BLE001 - a failed run: exit 1 with the reason, not a traceback
-            raise click.ClickException(f"job {job.job_id} failed: {type(e).__name__}: {e}\nrun the same command "
-                                       "again to resume (rows already completed are skipped)") from None
+            raise click.ClickException(f"job {job.job_id} failed: {type(e).__name__}: {e}\n"
+                                       f"{kept_line(job.config.output)}; run the same command again to decode "
+                                       "the rest") from None
     click.echo(format_summary(result.stats))

@@ -33,11 +33,13 @@ too (with a suggestion), since a misspelt key silently keeping its default would
     [prompt]
     template = "summarize"                 # none (prompt or messages as given) | summarize (document)
     instruction = "Summarize the following text in a few sentences."
+    truncate = "none"                      # none: a prompt past the context / largest bucket is a dead letter | left: cut its start
 
     [pipeline]
     rows_per_batch = 0                     # rows per decoder call; 0 = 4 x batch_size
     shards_per_bucket = 0                  # keys per bucket (decode parallelism); 0 = number of workers
-    output_shards = 0                      # completion files; 0 = the runner decides
+    rows_per_file = 0                      # rows per completion / dead-letter file, saved as the job goes; 0 = 1000
+    output_shards = 0                      # no longer used (files are saved as the job goes); accepted so old jobs load
 
     [runner]
     name = "direct"                        # direct | dataflow (dataflow: `submit`, see below)
@@ -121,12 +123,14 @@ class DecodeSpec(DecodeConfig):
 class PromptSpec:
     template: str = "none"
     instruction: str = SUMMARIZE_INSTRUCTION
+    truncate: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     rows_per_batch: int = 0
     shards_per_bucket: int = 0
+    rows_per_file: int = 0
     output_shards: int = 0
 
 
@@ -252,8 +256,9 @@ _CHECKS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     "": {"name": _job_name, "input": _text, "output": _location},
     "model": {"target": _text, "drafter": _text, "dtype": _choice(DTYPES), "config": _optional(_text),
               "drafter_config": _optional(_text)},
-    "prompt": {"template": _choice(TEMPLATES), "instruction": _text},
-    "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "output_shards": _non_negative},
+    "prompt": {"template": _choice(TEMPLATES), "instruction": _text, "truncate": _choice(("none", "left"))},
+    "pipeline": {"rows_per_batch": _non_negative, "shards_per_bucket": _non_negative, "rows_per_file": _non_negative,
+                 "output_shards": _non_negative},
     "runner": {"name": _choice(RUNNERS), "direct_num_workers": _positive,
                "direct_running_mode": _choice(RUNNING_MODES),
                **{k: _optional(_text) for k in DATAFLOW_STR_KEYS},

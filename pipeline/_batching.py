@@ -24,6 +24,12 @@ declares a processing-time timer even when unused) to its legacy in-process runn
 ignores ``direct_running_mode`` and loses the metrics of batches flushed at the end of the
 window. ``build`` therefore runs local jobs on the ``FnApiRunner`` (the DirectRunner's batch
 engine) directly, where multi-processing and metrics work as they should.
+
+Spreading the batches: ``GroupIntoBatches`` is stateful, and the FnApiRunner runs a stateful
+stage in one worker process (state is keyed; it does not partition by key). Fused into that
+stage, Decode ran there too: with 2 workers, one decoded 9,888 of 10,000 rows. A ``Reshuffle``
+between them ends the stage, so the batches, now plain elements, are split among all workers
+(and on Dataflow, a retried Decode bundle re-reads the same, already materialized batches).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from dflash_batch.decoder import ROWS_PER_SLOT
+from dflash_batch.pipeline._parts import PART_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +27,11 @@ class JobConfig:
     drafter: str | None  # the resolved drafter location in modes with a drafter, else None
     rows_per_batch: int  # rows per decoder call: pipeline.rows_per_batch, 0 meaning ROWS_PER_SLOT x batch_size
     shards_per_bucket: int  # keys per bucket: pipeline.shards_per_bucket, 0 meaning the runner's workers
+    rows_per_file: int  # rows per completion / dead-letter part: pipeline.rows_per_file, 0 meaning PART_ROWS
     progress_dir: str | None  # local folder for live progress (local runs), or None
     dtype: str | None = None  # the resolved [model] dtype (bfloat16/float32); set with the drafter, by the preflight
+    # The target's context (max_position_embeddings), once build has read it: a longer prompt is a dead letter.
+    context_tokens: int | None = None
 
 
 def job_config(spec: Any, options: PipelineOptions, progress_dir: str | None = None) -> JobConfig:
@@ -35,7 +39,8 @@ def job_config(spec: Any, options: PipelineOptions, progress_dir: str | None = N
     return JobConfig(
         spec=spec, input=_absolute(spec.input), output=_absolute(spec.output).rstrip("/"), drafter=None,
         rows_per_batch=spec.pipeline.rows_per_batch or ROWS_PER_SLOT * spec.decode.batch_size,
-        shards_per_bucket=spec.pipeline.shards_per_bucket or _worker_count(options), progress_dir=progress_dir)
+        shards_per_bucket=spec.pipeline.shards_per_bucket or _worker_count(options),
+        rows_per_file=spec.pipeline.rows_per_file or PART_ROWS, progress_dir=progress_dir)
 
 
 def _absolute(location: str) -> str:

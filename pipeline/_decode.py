@@ -5,6 +5,10 @@ see ``_model``), streams the batch through the decoder's slots, and turns each `
 completions-schema row carrying the input's own columns. If the decoder fails mid-batch, rows
 that finished are still completions, and the others become dead letters with the error, so one
 failure never fails the bundle (a retry would fail the same way).
+
+Its rows are saved as it goes: each batch's completions and dead letters join the worker's
+next part (``_parts``), which is written once full or old enough, and at the end of the bundle,
+before the rows are handed on. So a crash loses at most one unwritten part per worker.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from dflash_batch.decoder import Result
 from dflash_batch.pipeline._config import JobConfig
+from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX
 from dflash_batch.pipeline._model import ModelKey, shared_model
+from dflash_batch.pipeline._parts import PartBuffer
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE
 from dflash_batch.pipeline._tokenize import Prepared
-from dflash_batch.schemas import dead_letter_row
+from dflash_batch.schemas import DEAD_LETTERS_SCHEMA, dead_letter_key, dead_letter_row
 
 STATS = "batch_stats"
 
@@ -57,6 +64,7 @@ def completion_row(r: Result, item: Prepared, config: JobConfig, columns: Sequen
         "bucket": item.bucket, "batch_index": batch, "worker": worker, "decode_seconds": float(r.decode_seconds),
         "model": config.spec.model.target, "drafter": drafter_id(config), "mode": config.spec.decode.mode,
         "dtype": config.dtype,
+        "prompt_truncated_tokens": item.truncated,
     }
     for name in columns:
         if name not in row:
@@ -70,11 +78,13 @@ def _committed(hist: np.ndarray) -> int:
 
 
 class Decode(beam.DoFn):
-    """((bucket, shard), [Prepared]) -> completion rows; dead letters and one stats record tagged."""
+    """((bucket, shard), [Prepared]) -> completion rows; dead letters and one stats record tagged.
+    Every row handed on is already saved in a part (or is in the part ``finish_bundle`` writes)."""
 
-    def __init__(self, config: JobConfig, columns: Sequence[str]):
+    def __init__(self, config: JobConfig, schema: pa.Schema):
         self.config = config
-        self.columns = tuple(columns)
+        self.schema = schema
+        self.columns = tuple(schema.names)
 
     def setup(self):
         from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
@@ -93,6 +103,14 @@ class Decode(beam.DoFn):
         self.tau = Metrics.distribution(NAMESPACE, "tau_x1000")  # Beam distributions hold integers
         self.latency = Metrics.distribution(NAMESPACE, "batch_latency_ms")
         self.batch_rows = Metrics.distribution(NAMESPACE, "batch_rows")
+        out, per_file = self.config.output, self.config.rows_per_file
+        self.completion_part = PartBuffer(out, COMPLETIONS_PREFIX, self.schema, per_file)
+        self.dead_part = PartBuffer(out, DEAD_LETTERS_PREFIX, DEAD_LETTERS_SCHEMA, per_file)
+
+    def finish_bundle(self):
+        # Beam commits the bundle's output only after this returns: the rows are on disk first.
+        self.completion_part.flush()
+        self.dead_part.flush()
 
     def process(self, element: tuple[tuple[int, int], Iterable[Prepared]]):
         (bucket, _shard), batch = element
@@ -135,17 +153,20 @@ class Decode(beam.DoFn):
         index = batch_index([it.id for it in items])
 
         done = [(it, results[it.id]) for it in items if it.id in results]
-        for it, r in done:
+        rows = [completion_row(r, it, self.config, self.columns, index, self.worker) for it, r in done]
+        reason = error or "decode failed: the decoder returned no result for this row"
+        dead = [dead_letter_row(it.row, "decode_failed", reason, it.source) for it in items if it.id not in results]
+        self.completion_part.add(rows, [row["id"] for row in rows])
+        self.dead_part.add(dead, [dead_letter_key(d) for d in dead])
+        for _, r in done:
             h = np.asarray(r.accepted_per_step, np.int64)
             if len(h) > len(hist):
                 hist = np.pad(hist, (0, len(h) - len(hist)))
             hist[: len(h)] += h
             self.tau.update(int(round(r.tau * 1000)))
-            yield completion_row(r, it, self.config, self.columns, index, self.worker)
-        for it in items:
-            if it.id not in results:
-                reason = error or "decode failed: the decoder returned no result for this row"
-                yield beam.pvalue.TaggedOutput(DEAD, dead_letter_row(it.row, reason, it.source))
+        yield from rows
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD, d)
 
         prompt_tokens = sum(r.prompt_tokens for _, r in done)
         completion_tokens = sum(r.completion_tokens for _, r in done)

@@ -1,25 +1,28 @@
 """The job as a Beam pipeline: ``build`` wires the labelled steps, ``BuiltJob.run`` runs them.
 
     ReadPrompts -> KeyById -> GroupById (+ ids already completed) -> OnePerId -> Validate
-      -> Tokenize -> Bucket -> Batch -> Decode -> WriteCompletions
-    every step's dead letters -> DeadLetters -> WriteDeadLetters
-    Decode's batch records -> SumBatchStats -> WriteJobStats (after both writes finished)
+      -> Tokenize -> Bucket -> Batch -> Decode (saves its completions and failures as parts)
+    earlier steps' dead letters -> DeadLetters -> GroupDeadLetters -> WriteDeadLetters
+    Decode's batch records -> SumBatchStats -> WriteJobStats (after every part is written)
 
 Output layout (OUTPUT is a folder or a gs:// prefix):
-    OUTPUT/completions-<run>-SSSSS-of-NNNNN.parquet   completions schema + the input's own columns
-    OUTPUT/dead_letters-<run>-SSSSS-of-NNNNN.parquet  dead-letters schema (id, error, row_json, source)
-    OUTPUT/run_stats-<run>.json                       what each run did: its figures (see ``_figures``)
-    OUTPUT/job_stats.json                             the job over all its runs; written last, so it marks a finished run
-    OUTPUT/job_manifest.json                          the settings every completion here was made with
+    OUTPUT/completions-<hash of ids>.parquet    completions schema + the input's own columns
+    OUTPUT/dead_letters-<hash of keys>.parquet  dead-letters schema (id, kind, error, row_json, source)
+    OUTPUT/run_stats-<run>.json                 what each run did: its figures (see ``_figures``)
+    OUTPUT/job_stats.json                       the job over all its runs; written last, so it marks a finished run
+    OUTPUT/job_manifest.json                    the settings every completion here was made with
 
-Reruns: skip ids already completed. A rerun into the same output reads the ids of every
-``completions-*.parquet`` there and decodes only the rows without one; its own completions go
-to files named by its own run id, so nothing an earlier run finished is rewritten or lost, and
-each id ends up in exactly one completion row. Beam's writes are all-or-nothing per file (a
-temp file renamed into place), so an interrupted run leaves whole files or none; what it did
-not finish is decoded again. Dead letters are cheap and re-derived from the whole input by every
-run, and the last step deletes earlier runs' dead-letter files, so they are never duplicated.
-Together: rows in = completion rows + dead-letter rows, after every finished run. A rerun under
+Durable progress: the parquet files are "parts" of at most ``pipeline.rows_per_file`` rows,
+written while the job runs and named by the rows they hold (see ``_parts``), so a run that
+dies keeps what it saved, losing at most one unwritten part per worker.
+
+Reruns and chunks: skip ids already completed. A run into an output that holds parts reads the
+ids of every ``completions-*.parquet`` there and decodes only the rows without one. No run
+deletes another run's parts; dead letters are re-derived by each run from its own input (the
+same rows make the same part name, so a rerun rewrites its file). Readers count the union
+keyed by id (``_outcomes``): a duplicate from a retry counts once, a dead letter whose id was
+completed later no longer counts. Together: rows in (of every input file any run read) =
+completions + dead letters, after every finished run. A rerun under
 settings that change completions (model, dtype, template, sampling, max_new_tokens) is refused, since
 it would mix outputs; ``job_manifest.json`` records them. Why not "replace deterministically":
 it re-decodes everything after an interruption, the expensive part of a job.
@@ -35,22 +38,24 @@ from typing import Any, Callable, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.parquetio import ReadAllFromParquetBatched, WriteToParquet
+from apache_beam.io.parquetio import ReadAllFromParquetBatched
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import AsList, AsSingleton
 
 from dflash_batch.pipeline._batching import KeyByBucket, static_batches
 from dflash_batch.pipeline._config import JobConfig, job_config
+from dflash_batch.pipeline._context import check_context, model_context
 from dflash_batch.pipeline._decode import STATS, Decode
 from dflash_batch.pipeline._model import job_dtype
-from dflash_batch.pipeline._io import COMPLETIONS_PREFIX, DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, \
-    PARQUET_SUFFIX, delete, join, read_json, use_anonymous_gcs_for_emulator, write_json
+from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, MANIFEST_FILE, delete, join, \
+    read_json, use_anonymous_gcs_for_emulator, write_json
+from dflash_batch.pipeline._parts import KeyForParts, WriteParts
 from dflash_batch.pipeline._preflight import Preflight, check_layout, preflight
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE, SKIPPED, CountDeadLetters, CountSkipped, KeyById, \
     OnePerId, ToRows, Validate
 from dflash_batch.pipeline._stats import BatchStatsFn, WriteJobStats, job_id
 from dflash_batch.pipeline._tokenize import Tokenize
-from dflash_batch.schemas import DEAD_LETTERS_SCHEMA
+from dflash_batch.schemas import DEAD_LETTERS_SCHEMA, dead_letter_key
 
 _LOCAL_RUNNERS = (None, "DirectRunner", "direct", "FnApiRunner")
 
@@ -151,6 +156,10 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     pre = (check or preflight)(config)
     # A preflight that read no checkpoint (the offline dry run) leaves "auto" to the platform alone.
     config = dataclasses.replace(config, drafter=pre.drafter, dtype=pre.dtype or job_dtype(spec))
+    if check is None:  # a replaced check (an offline dry run) must not read the model
+        context = model_context(spec.model.target)
+        check_context(spec, context)
+        config = dataclasses.replace(config, context_tokens=context)
     if check is None and options.view_as(StandardOptions).runner in _LOCAL_RUNNERS:
         pre = dataclasses.replace(pre, plan=check_layout(config))  # this machine's devices, before loading
     run_id = run_id or new_run_id()
@@ -177,29 +186,30 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     decoded = (prepared.prepared
                | "Bucket" >> beam.ParDo(KeyByBucket(config.shards_per_bucket))
                | "Batch" >> static_batches(config.rows_per_batch)
-               | "Decode" >> beam.ParDo(Decode(config, pre.completions_schema.names)).with_outputs(
-                   DEAD, STATS, main="completions"))
-    completion_files = decoded.completions | "WriteCompletions" >> WriteToParquet(
-        join(config.output, f"{COMPLETIONS_PREFIX}{run_id}"), pre.completions_schema,
-        file_name_suffix=PARQUET_SUFFIX, num_shards=spec.pipeline.output_shards, codec="snappy")
+               | "Spread" >> beam.Reshuffle()  # decode batches on every worker (see _batching)
+               | "Decode" >> beam.ParDo(Decode(config, pre.completions_schema)).with_outputs(
+                   DEAD, STATS, main="completions"))  # Decode saves its own rows as it goes (see _parts)
 
-    dead = ((keyed[DEAD], one[DEAD], valid[DEAD], prepared[DEAD], decoded[DEAD])
-            | "DeadLetters" >> beam.Flatten()
-            | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(config.progress_dir)))
-    dead_files = dead | "WriteDeadLetters" >> WriteToParquet(
-        join(config.output, f"{DEAD_LETTERS_PREFIX}{run_id}"), DEAD_LETTERS_SCHEMA,
-        file_name_suffix=PARQUET_SUFFIX, codec="snappy")
+    early_dead = ((keyed[DEAD], one[DEAD], valid[DEAD], prepared[DEAD])
+                  | "DeadLetters" >> beam.Flatten()
+                  | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(config.progress_dir)))
+    dead_files = (early_dead
+                  | "KeyDeadLetters" >> beam.ParDo(KeyForParts())
+                  | "GroupDeadLetters" >> beam.GroupByKey()
+                  | "WriteDeadLetters" >> beam.ParDo(WriteParts(config.output, DEAD_LETTERS_PREFIX, DEAD_LETTERS_SCHEMA,
+                                                                dead_letter_key, config.rows_per_file)))
+    decode_dead = decoded[DEAD] | "CountDecodeFailures" >> beam.ParDo(CountDeadLetters(config.progress_dir))
+    dead = (early_dead, decode_dead) | "AllDeadLetters" >> beam.Flatten()
 
     skipped = one[SKIPPED] | "CountSkipped" >> beam.ParDo(CountSkipped(config.progress_dir))
     stats = (p
              | "Finish" >> beam.Create([None])
              | "WriteJobStats" >> beam.ParDo(
-                 WriteJobStats(config, run_id, started),
+                 WriteJobStats(config, run_id, started, tuple(pre.files)),
                  sums=AsSingleton(decoded[STATS] | "SumBatchStats" >> beam.CombineGlobally(BatchStatsFn())),
                  rows_in=AsSingleton(rows | "CountRowsIn" >> beam.combiners.Count.Globally()),
                  dead_letters=AsSingleton(dead | "CountDead" >> beam.combiners.Count.Globally()),
                  skipped=AsSingleton(skipped | "CountSkippedIds" >> beam.combiners.Count.Globally()),
-                 completion_files=AsList(completion_files),
                  dead_files=AsList(dead_files)))
     outputs = {"completions": decoded.completions, "dead_letters": dead, "job_stats": stats}
     return BuiltJob(pipeline=p, config=config, preflight=pre, run_id=run_id, outputs=outputs)

@@ -58,7 +58,9 @@ def result_manifest(config: JobConfig) -> dict:
             "template": s.prompt.template,
             "instruction": s.prompt.instruction if s.prompt.template == "summarize" else None,
             "max_new_tokens": s.decode.max_new_tokens, "temperature": s.decode.temperature,
-            "top_p": s.decode.top_p, "seed": s.decode.seed}
+            "top_p": s.decode.top_p, "seed": s.decode.seed,
+            # Only when set, so outputs made before the setting existed still match.
+            **({"truncate": s.prompt.truncate} if s.prompt.truncate != "none" else {})}
 
 
 def _inputs(pattern: str) -> tuple[list[str], list[pa.Schema], int]:
@@ -90,7 +92,9 @@ def _unify(files: list[str], schemas: list[pa.Schema], template: str) -> pa.Sche
         except SchemaError as e:
             raise JobRefused("input", f"{path}: {e}") from None
     try:
-        return pa.unify_schemas([s.remove_metadata() for s in schemas])
+        # Permissive: files that differ only in width (int32 and int64, float and double) make
+        # one column of the wider type; a real conflict (int and string) still refuses.
+        return pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise JobRefused("input", f"the input files' columns disagree: {e}") from None
 

@@ -29,6 +29,7 @@ SKIPPED = "skipped"
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # Keys of a stand-in row (see ``_rejected``); no input column is named like this.
 REJECTED = "__dflash_batch_rejected__"
+REJECTED_KIND = "__dflash_batch_rejected_kind__"
 ROW_JSON = "__dflash_batch_row_json__"
 
 
@@ -55,7 +56,7 @@ def utf8_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
-def _rejected(row: dict[str, Any], reason: str) -> dict[str, Any]:
+def _rejected(row: dict[str, Any], kind: str, reason: str) -> dict[str, Any]:
     """A stand-in for a row that is already known to be bad and cannot travel as it is.
 
     Beam's coders encode strings as UTF-8, so a row holding invalid UTF-8 (lone surrogates)
@@ -64,14 +65,22 @@ def _rejected(row: dict[str, Any], reason: str) -> dict[str, Any]:
     """
     rid = row.get("id")
     clean_id = rid if isinstance(rid, str) and not _surrogate_in(rid) else None
-    return {"id": clean_id, REJECTED: reason, ROW_JSON: row_to_json(row)}
+    return {"id": clean_id, REJECTED: reason, REJECTED_KIND: kind, ROW_JSON: row_to_json(row)}
 
 
-def dead_letter(row: dict[str, Any], reason: str, source: str | None) -> dict[str, Any]:
+def dead_letter(row: dict[str, Any], kind: str, reason: str, source: str | None) -> dict[str, Any]:
     """A dead-letter row; a stand-in row (``_rejected``) brings the original row's JSON along."""
     if REJECTED in row:
-        return {"id": row["id"], "error": reason, "row_json": row[ROW_JSON], "source": source}
-    return dead_letter_row(row, reason, source)
+        return {"id": row["id"], "kind": kind, "error": reason, "row_json": row[ROW_JSON], "source": source}
+    return dead_letter_row(row, kind, reason, source)
+
+
+def _invalid(row: dict[str, Any], template: str) -> tuple[str, str] | None:
+    """(kind, reason) when the row cannot be decoded under the template, else None."""
+    if REJECTED in row:
+        return row[REJECTED_KIND], row[REJECTED]
+    reason = validate_prompt_row(row, template)
+    return ("invalid_row", reason) if reason else None
 
 
 class ToRows(beam.DoFn):
@@ -86,10 +95,11 @@ class ToRows(beam.DoFn):
         self.rows_in.inc(table.num_rows)
         for row in table_rows(table):
             if UNREADABLE in row:
-                row = {"id": None, REJECTED: row[UNREADABLE], ROW_JSON: "{}"}
+                row = {"id": None, REJECTED: row[UNREADABLE], REJECTED_KIND: "unreadable", ROW_JSON: "{}"}
             elif _surrogate_in(row):
-                reason = validate_prompt_row(row, self.template) or utf8_problem(row) or "row is not valid UTF-8"
-                row = _rejected(row, reason)
+                reason = validate_prompt_row(row, self.template)
+                kind = "invalid_row" if reason else "invalid_utf8"
+                row = _rejected(row, kind, reason or utf8_problem(row) or "row is not valid UTF-8")
             yield source, row
 
 
@@ -108,8 +118,10 @@ class KeyById(beam.DoFn):
         if _usable_key(row.get("id")):
             yield row["id"], (source, row)
         else:
-            reason = row.get(REJECTED) or validate_prompt_row(row, self.template) or "missing id"
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, reason, source))
+            kind, reason = _invalid(row, self.template) or ("missing_id", "missing id")
+            if kind == "invalid_row":  # the validator names the id's problem (null, empty, not a string)
+                kind = "missing_id"
+            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, kind, reason, source))
 
 
 class OnePerId(beam.DoFn):
@@ -129,7 +141,7 @@ class OnePerId(beam.DoFn):
             for source, row in rows[1:]:
                 reason = (f"duplicate id {_show(rid)}: {len(rows)} rows share it; "
                           f"one row (from {kept_from}) is decoded")
-                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, reason, source))
+                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, "duplicate_id", reason, source))
         if any(True for _ in groups["done"]):
             self.skipped.inc()
             yield beam.pvalue.TaggedOutput(SKIPPED, rid)
@@ -146,11 +158,11 @@ class Validate(beam.DoFn):
     def process(self, element: tuple[str, dict]):
         source, row = element
         try:
-            reason = row.get(REJECTED) or validate_prompt_row(row, self.template)
+            invalid = _invalid(row, self.template)
         except Exception as e:  # noqa: BLE001 - a validator bug must not fail the bundle
-            reason = f"validation failed: {type(e).__name__}: {e}"
-        if reason:
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, reason, source))
+            invalid = ("invalid_row", f"validation failed: {type(e).__name__}: {e}")
+        if invalid:
+            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(row, *invalid, source))
         else:
             yield source, row
 

@@ -8,10 +8,12 @@ as a whole, i.e. summed over every run into this output (a resume is a run of it
 ``this_run`` and ``runs`` (each run's figures), the run id, files written, rows skipped by a rerun,
 model loads and the automatic block choice.
 
-Both are written by the last step of the pipeline, which waits for both Parquet writes to finish,
-so a ``job_stats.json`` naming a run means that run's files are complete. That step also deletes
-dead-letter files of earlier runs (each run re-derives every dead letter from the whole input),
-and the empty files a run that decoded nothing (or had no dead letter) would otherwise leave.
+Both are written by the last step of the pipeline, which waits for every part to be written, so
+a ``job_stats.json`` naming a run means that run's files are complete. The job's rows come from
+the union of every run's parts, keyed by id (``_outcomes``): completions and dead letters of all
+runs, each id once, a dead letter dropped once its id has a completion; rows in are those of
+every input file any run read. That step then removes what runs left half-done: parts being
+written when a run died, and the ``beam-temp-*`` folders of runs of older versions.
 
 tau is the mean number of tokens committed per target decode step, the bonus token included,
 as the DFlash paper counts it (so plain autoregressive decoding has tau = 1).
@@ -20,7 +22,9 @@ as the DFlash paper counts it (so plain autoregressive decoding has tau = 1).
 from __future__ import annotations
 
 import datetime
+import glob
 import json
+import os
 import time
 from typing import Any, Iterable
 
@@ -29,9 +33,11 @@ import numpy as np
 
 from dflash_batch.pipeline._decode import drafter_id
 from dflash_batch.pipeline._figures import Figures, total
-from dflash_batch.pipeline._io import DEAD_LETTERS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, RUN_STATS_PREFIX, \
-    delete, join, match_files, parquet_footer, read_json, write_json
+from dflash_batch.pipeline._io import JOB_STATS_FILE, RUN_STATS_PREFIX, delete, join, match_files, \
+    parquet_footer, read_json, write_json
 from dflash_batch.pipeline._config import JobConfig
+from dflash_batch.pipeline._outcomes import Outcomes, read_outcomes
+from dflash_batch.pipeline._parts import PARTIAL
 
 TAU_NOTE = "tau = tokens committed per target decode step, bonus token included (the DFlash paper's count)"
 
@@ -137,7 +143,7 @@ def _bucket_record(sums: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_record(config: JobConfig, run_id: str, started: float, finished: float, sums: dict[str, Any],
-               dead_letters: int, skipped: int) -> dict[str, Any]:
+               dead_letters: int, skipped: int, inputs: dict[str, int] | None = None) -> dict[str, Any]:
     """What one run did (``run_stats-<run>.json``): its figures, per bucket too, its tau histogram,
     and the automatic block choice per worker and bucket."""
     figures = Figures(wall_seconds=finished - started, **{k: sums[k] for k in _SUMS if k != "batches"})
@@ -146,6 +152,7 @@ def run_record(config: JobConfig, run_id: str, started: float, finished: float, 
         "started_at": _iso(started), "finished_at": _iso(finished),
         **figures.as_dict(),
         "batches": sums["batches"], "skipped_completed": skipped, "dead_letters": dead_letters,
+        "inputs": dict(inputs or {}),  # each input file this run read, with its rows
         "tau_histogram": list(sums["tau_histogram"]),
         "buckets": {str(b): _bucket_record(s) for b, s in sorted(sums["buckets"].items())},
         "hardware": sums["hardware"], "workers": sums["workers"], "finish_reasons": sums["finish_reasons"],
@@ -186,10 +193,18 @@ def job_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[dict[str, Any]], rows_in: int,
-                     completion_files: list[str], dead_files: list[str]) -> dict:
+def job_rows_in(runs: list[dict[str, Any]]) -> int:
+    """Rows in the union of the input files the runs read (a file read by two runs counts once)."""
+    files: dict[str, int] = {}
+    for r in runs:
+        files.update(r.get("inputs") or {})
+    return sum(files.values())
+
+
+def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[dict[str, Any]],
+                     outcomes: Outcomes) -> dict:
     """The job-stats record of the job after ``run``: JOB_STATS_SCHEMA's fields first (the job's
-    figures, over every run into this output), then the extras."""
+    figures, over every run into this output; its rows from the union of their parts), then the extras."""
     runs = sorted([*earlier_runs, run], key=lambda r: r["run_id"])
     t = job_totals(runs)
     fig: Figures = t["figures"]
@@ -198,9 +213,9 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
     return {
         "job_id": run["job_id"],
         "spec_json": spec.to_json(),  # the job spec as run, defaults included
-        "rows_in": rows_in,
-        "completions_out": run["rows"] + run["skipped_completed"],
-        "dead_letters": run["dead_letters"],
+        "rows_in": job_rows_in(runs),
+        "completions_out": len(outcomes.completed),
+        "dead_letters": len(outcomes.dead),
         "prompt_tokens": fig.prompt_tokens,
         "completion_tokens": fig.completion_tokens,
         "wall_seconds": fig.wall_seconds,
@@ -223,6 +238,9 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "output": config.output,
         "started_at": run["started_at"],
         "finished_at": run["finished_at"],
+        "dead_letters_by_kind": outcomes.dead_by_kind(),
+        "rows_in_this_run": sum((run.get("inputs") or {}).values()),
+        "dead_letters_this_run": run["dead_letters"],
         "completions_this_run": run["rows"],
         "skipped_completed": run["skipped_completed"],
         "decode_tokens_per_s": fig.decode_tokens_per_s,
@@ -238,7 +256,7 @@ def job_stats_record(config: JobConfig, run: dict[str, Any], earlier_runs: list[
         "attention": next((r["attention"] for r in reversed(runs) if r.get("attention")), {}),
         "kernel_fallbacks": sorted({f for r in runs for f in r.get("kernel_fallbacks") or []}),
         "tau_note": TAU_NOTE,
-        "files": {"completions": sorted(completion_files), "dead_letters": sorted(dead_files)},
+        "files": {"completions": list(outcomes.completion_files), "dead_letters": list(outcomes.dead_files)},
     }
 
 
@@ -252,36 +270,40 @@ def read_runs(output: str) -> list[dict[str, Any]]:
     return sorted((r for r in runs if isinstance(r, dict) and r.get("run_id")), key=lambda r: r["run_id"])
 
 
-def _without_empty(paths: list[str]) -> list[str]:
-    """``paths`` less the Parquet files holding no row, which are deleted (Beam writes one even
-    when nothing came to the writer)."""
-    empty = [p for p in paths if parquet_footer(p)[1] == 0]
-    delete(empty)
-    return [p for p in paths if p not in set(empty)]
+def remove_leftovers(output: str) -> list[str]:
+    """Deletes what runs that died left behind: half-written parts and older versions' Beam temp
+    folders. Returns what was deleted. (Only safe once no other run writes into ``output``.)"""
+    gone = match_files(join(output, f"*{PARTIAL}*"))
+    if "://" in output:  # an object store has no folders: a temp "folder" is the objects under it
+        gone += match_files(join(output, "beam-temp-*/*"))
+    else:  # Beam's local listing skips folders; deleting one removes what it holds
+        gone += sorted(glob.glob(os.path.join(glob.escape(output), "beam-temp-*")))
+    delete(gone)
+    return gone
 
 
 class WriteJobStats(beam.DoFn):
-    """The last step: removes earlier runs' dead letters and this run's empty files, then writes
-    ``OUTPUT/run_stats-<run>.json`` and ``OUTPUT/job_stats.json``."""
+    """The last step: writes ``OUTPUT/run_stats-<run>.json`` and ``OUTPUT/job_stats.json``, then
+    removes the leftovers of runs that died."""
 
-    def __init__(self, config: JobConfig, run_id: str, started: float):
+    def __init__(self, config: JobConfig, run_id: str, started: float, files: tuple[str, ...]):
         self.config = config
         self.run_id = run_id
         self.started = started
+        self.files = files
 
     def setup(self):
         from dflash_batch.pipeline._io import use_anonymous_gcs_for_emulator
 
         use_anonymous_gcs_for_emulator()
 
-    def process(self, _unused, sums, rows_in, dead_letters, skipped, completion_files, dead_files):
-        completion_files, dead_files = _without_empty(list(completion_files)), _without_empty(list(dead_files))
-        stale = [p for p in match_files(join(self.config.output, f"{DEAD_LETTERS_PREFIX}*{PARQUET_SUFFIX}"))
-                 if p not in set(dead_files)]
-        delete(stale)
+    def process(self, _unused, sums, rows_in, dead_letters, skipped, dead_files):
+        # rows_in and dead_files are side inputs so this step waits for reading and every write.
         earlier = [r for r in read_runs(self.config.output) if r["run_id"] != self.run_id]
-        run = run_record(self.config, self.run_id, self.started, time.time(), sums, dead_letters, skipped)
+        inputs = {path: parquet_footer(path)[1] for path in self.files}
+        run = run_record(self.config, self.run_id, self.started, time.time(), sums, dead_letters, skipped, inputs)
         write_json(join(self.config.output, f"{RUN_STATS_PREFIX}{self.run_id}.json"), run)
-        record = job_stats_record(self.config, run, earlier, rows_in, completion_files, dead_files)
+        record = job_stats_record(self.config, run, earlier, read_outcomes(self.config.output))
         write_json(join(self.config.output, JOB_STATS_FILE), record)
+        remove_leftovers(self.config.output)
         yield record

@@ -33,8 +33,10 @@ COMPLETIONS_SCHEMA = pa.schema(
         ("drafter", pa.string()),  # null in mode "ar"
         ("mode", pa.string()),  # one of MODES
         ("dtype", pa.string()),  # the model's dtype (bfloat16 / float32): it changes completions
+        # Prompt tokens cut from the start (job setting prompt.truncate = "left"); 0 when none were.
+        ("prompt_truncated_tokens", pa.int32()),
     ],
-    metadata=contract_metadata("completions"),
+    metadata=contract_metadata("completions", version=2),
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 
 from dflash_batch.jobs import _ledger
 from dflash_batch.jobs.cli import main
-from dflash_batch.schemas import COMPLETIONS_SCHEMA, DEAD_LETTERS_SCHEMA
+from dflash_batch.schemas import COMPLETIONS_SCHEMA, DEAD_LETTER_KINDS, DEAD_LETTERS_SCHEMA
 
 
 def completion(i: int, bucket: int, batch: int, hist: list[int], seconds: float) -> dict:
@@ -53,7 +54,8 @@ def output(tmp_path):
     out.mkdir()
     pq.write_table(pa.Table.from_pylist(ROWS[:2], schema=COMPLETIONS_SCHEMA), out / "completions-a-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist(ROWS[2:], schema=COMPLETIONS_SCHEMA), out / "completions-b-00000-of-00001.parquet")
-    pq.write_table(pa.Table.from_pylist([{"id": "bad", "error": "duplicate id 'r0'", "row_json": "{}", "source": "x"}],
+    pq.write_table(pa.Table.from_pylist([{"id": "bad", "kind": "duplicate_id", "error": "duplicate id 'r0'",
+                                          "row_json": "{}", "source": "x"}],
                                         schema=DEAD_LETTERS_SCHEMA), out / "dead_letters-b-00000-of-00001.parquet")
     (out / "run_stats-a.json").write_text(json.dumps(run_record("a", 4.0, 1.5, 1.0, ROWS[:2])))
     (out / "run_stats-b.json").write_text(json.dumps(run_record("b", 3.0, 0.5, 0.5, ROWS[2:])))
@@ -83,7 +85,8 @@ def test_audit_json_adds_up_what_the_completions_hold(output):
     assert b16["tokens_per_s"] == pytest.approx(b16["completion_tokens"] / b16["decode_seconds"], abs=1e-3)
     assert b16["decode_seconds"] == 1.0  # the run's record, not the slowest row (0.5 s)
     assert (b64["rows"], b64["calls"], b64["decode_seconds"]) == (2, 2, 0.5)
-    assert a["dead_letter_reasons"] == {"duplicate id 'r0'": 1}
+    assert a["dead_letters_by_kind"] == {"duplicate_id": 1}
+    assert a["dead_letter_examples"] == {"duplicate_id": "duplicate id 'r0'"}
     assert a["speedup_over_ar"] is None
 
 
@@ -113,15 +116,28 @@ def test_a_resume_that_decoded_nothing_adds_its_wall_time_and_no_tokens(output):
     assert "None" not in text and "on cpu:cpu x1" in text
 
 
-def test_dead_letter_reasons_beyond_the_top_ones_are_counted(output):
-    errors = [f"reason {i}" for i in range(8)] + ["reason 0"]
-    pq.write_table(pa.Table.from_pylist([{"id": f"d{i}", "error": e, "row_json": "{}", "source": "x"}
-                                         for i, e in enumerate(errors)], schema=DEAD_LETTERS_SCHEMA),
+def test_dead_letters_are_grouped_by_kind_and_kinds_beyond_the_top_ones_are_counted(output):
+    kinds = list(DEAD_LETTER_KINDS[:8]) + [DEAD_LETTER_KINDS[0]]
+    pq.write_table(pa.Table.from_pylist([{"id": f"d{i}", "kind": k, "error": f"{k} of row d{i}", "row_json": "{}",
+                                          "source": "x"} for i, k in enumerate(kinds)], schema=DEAD_LETTERS_SCHEMA),
                    output / "dead_letters-b-00000-of-00001.parquet")
     text = CliRunner().invoke(main, ["audit", str(output)]).output
-    assert "dead letter x2: reason 0" in text
-    assert len(re.findall(r"dead letter x\d+: ", text)) == 5
-    assert "and 3 more dead letter(s) with 3 other reason(s) (see dead_letters-*.parquet)" in text
+    assert f"dead letter x2 {kinds[0]}: e.g. {kinds[0]} of row d0" in text  # two rows, two texts: one kind
+    assert len(re.findall(r"dead letter x\d+ ", text)) == 5
+    assert "and 3 more dead letter(s) of 3 other kind(s) (see dead_letters-*.parquet)" in text
+
+
+def test_a_retried_part_and_a_later_completion_count_once(output):
+    """An id saved twice (a retried bundle) is one completion; a dead letter whose id was completed
+    by a later run no longer counts."""
+    [first] = sorted(output.glob("completions-a-*.parquet"))
+    shutil.copy(first, output / "completions-retry.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": ROWS[0]["id"], "kind": "decode_failed", "error": "oom",
+                                          "row_json": "{}", "source": "x"}], schema=DEAD_LETTERS_SCHEMA),
+                   output / "dead_letters-old.parquet")
+    a = json.loads(CliRunner().invoke(main, ["audit", str(output), "--json"]).output)
+    assert a["completions"] == 4 and a["dead_letters"] == 1 and a["dead_letters_by_kind"] == {"duplicate_id": 1}
+    assert a["completion_tokens"] == sum(r["completion_tokens"] for r in ROWS)
 
 
 def plot_ids(page: str) -> list[str]:

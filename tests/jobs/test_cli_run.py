@@ -44,7 +44,7 @@ def test_run_prints_where_the_output_went_and_a_rerun_resumes(job_file, tmp_path
     out = tmp_path / "out"
     assert f"output: {out}" in result.output and f"job stats:    {out}/job_stats.json" in result.output
     assert "6 in -> 5 completions" in result.output and "1 dead letters" in result.output
-    assert "dead letter x1: duplicate id 'r0'" in result.output
+    assert "dead letter x1 duplicate_id: e.g. duplicate id 'r0'" in result.output
     assert len(completions(out)) == 5 and job_stats(out)["name"] == "cli-test"
 
     again = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])

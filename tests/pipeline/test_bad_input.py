@@ -75,9 +75,9 @@ def test_duplicate_ids_keep_one_row(bad_job):
     assert [r["id"] for r in completions(bad_job["out"])].count("dup") == 1
 
 
-def test_prompt_longer_than_the_largest_bucket(bad_job):
+def test_prompt_longer_than_the_model(bad_job):
     [reason] = bad_job["reasons"]["too-long"]
-    assert "longer than the largest bucket (64)" in reason and reason.startswith("prompt is ")
+    assert reason.startswith("prompt is ") and "more than the model's context of 512 tokens" in reason
 
 
 def test_control_characters(bad_job):

@@ -46,6 +46,7 @@ def test_a_resume_that_decoded_nothing_keeps_the_block_choice_of_the_run_that_di
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from dflash_batch.pipeline._config import job_config
+    from dflash_batch.pipeline._outcomes import Outcomes
     from dflash_batch.pipeline._stats import job_stats_record
 
     config = job_config(job_spec("m", "/in", "/out", mode="ngram"), PipelineOptions([]))
@@ -55,7 +56,7 @@ def test_a_resume_that_decoded_nothing_keeps_the_block_choice_of_the_run_that_di
              "tau_histogram": [40], "block_choice": choice}
     resume = {"run_id": "b", "job_id": "job-b", "started_at": "", "finished_at": "", "skipped_completed": 4,
               "dead_letters": 0, **Figures(wall_seconds=1.0).as_dict(), "tau_histogram": [], "block_choice": {}}
-    record = job_stats_record(config, resume, [first], 4, [], [])
+    record = job_stats_record(config, resume, [first], Outcomes(frozenset("abcd"), {}, (), (), 4))
     assert record["block_choice"] == choice and record["job_id"] == "job-b"
     assert (record["wall_seconds"], record["decode_seconds"], record["tau_mean"]) == (10.0, 4.0, 1.0)
     assert record["tokens_per_s"] == 4.0 and record["decode_tokens_per_s"] == 10.0

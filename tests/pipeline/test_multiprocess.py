@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 
 import pytest
@@ -28,5 +29,7 @@ def test_multi_processing_matches_in_process_and_loads_once_per_process(chat_mod
     batches = multi.metrics["batch_rows"]["count"]
     loads = multi.metrics["model_loads"]
     assert batches >= 12 > loads  # many batches ...
-    assert loads == len(workers) <= 2  # ... and one model load per process that decoded
+    assert loads == len(workers) == 2  # ... and one model load per process, both of which decoded
+    shares = collections.Counter(r["worker"] for r in completions(tmp_path / "multi"))
+    assert min(shares.values()) >= 0.3 * len(rows), shares  # a fair share each
     assert job_stats(tmp_path / "multi")["model_loads"] == loads

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from job_helpers import completions, dead_letters, job_spec, job_stats, sentence, stable, write_prompts
@@ -21,34 +20,34 @@ def inputs(tmp_path):
 
 
 def _argv(chat_model_dir, inputs, out, **flags):
-    return job_spec(chat_model_dir, inputs, out, **{"output_shards": 3, "rows_per_batch": 4, **flags})
+    return job_spec(chat_model_dir, inputs, out, **{"rows_per_file": 4, "rows_per_batch": 4, **flags})
 
 
-def test_rerun_after_an_interrupted_write_yields_each_id_once(chat_model_dir, inputs, tmp_path):
+def test_rerun_after_an_interrupted_run_yields_each_id_once(chat_model_dir, inputs, tmp_path):
     out = tmp_path / "out"
     build(_argv(chat_model_dir, inputs, out)).run()
     reference = stable(completions(out))
-    # Interrupt the run as a crash while Beam renamed its files into place would: only the first
-    # of two completion files arrived, the job stats did not, a dead-letter file is there twice.
+    # Interrupt the run as a crash would: some completion parts were never written, the job stats
+    # were not, and a retried bundle wrote a dead-letter part a second time under another name.
     files = sorted(out.glob("completions-*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]).sort_by("id")
-    for f in files:
+    assert len(files) >= 3  # parts of at most rows_per_file rows
+    lost = {i for f in files[1:] for i in pq.read_table(f).column("id").to_pylist()}
+    for f in files[1:]:
         f.unlink()
-    kept = 7
-    pq.write_table(table.slice(0, kept), files[0].with_name(files[0].name.replace("-of-00003", "-of-00002")))
-    lost = set(table.column("id").to_pylist()[kept:])
+    kept = N_GOOD - len(lost)
     (out / "job_stats.json").unlink()
     [dl] = out.glob("dead_letters-*.parquet")
-    shutil.copy(dl, out / "dead_letters-19990101T000000Z-aaaaaa-00000-of-00001.parquet")
+    shutil.copy(dl, out / "dead_letters-retried.parquet")
 
     again = build(_argv(chat_model_dir, inputs, out)).run()
 
     ids = [r["id"] for r in completions(out)]
     assert sorted(ids) == sorted(set(ids)) == sorted(reference)  # every id, exactly once
     assert stable(completions(out)) == reference  # and the same completions
-    assert [d["id"] for d in dead_letters(out)] == ["bad"]  # the stale dead-letter file is gone
+    assert {d["id"] for d in dead_letters(out)} == {"bad"}  # no run deletes another's part...
     stats = job_stats(out)
-    assert stats["completions_this_run"] == len(lost) == N_GOOD - kept
+    assert stats["dead_letters"] == 1 and stats["dead_letters_by_kind"] == {"invalid_row": 1}  # ...it counts once
+    assert stats["completions_this_run"] == len(lost)
     assert stats["skipped_completed"] == kept
     assert stats["rows_in"] == N_GOOD + 1 == stats["completions_out"] + stats["dead_letters"]
     assert again.metrics["skipped_completed"] == kept and again.metrics["completions"] == len(lost)
@@ -69,9 +68,9 @@ def test_rerun_of_a_finished_job_decodes_nothing(chat_model_dir, inputs, tmp_pat
     again = build(_argv(chat_model_dir, inputs, out)).run()
     assert again.stats["completions_this_run"] == 0 and again.metrics.get("completions", 0) == 0
     assert len(completions(out)) == N_GOOD and len(dead_letters(out)) == 1
-    # No empty file: the rerun wrote no completion file, and its one dead letter's file replaced the old one.
+    # No empty file: the rerun wrote no completion part, and its one dead letter's part rewrote the old one.
     assert sorted(p.name for p in out.glob("completions-*.parquet")) == files
-    assert again.stats["files"]["completions"] == []
+    assert len(list(out.glob("dead_letters-*.parquet"))) == 1
     assert all(pq.ParquetFile(p).metadata.num_rows for p in out.glob("*.parquet"))
 
 

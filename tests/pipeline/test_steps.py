@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from job_helpers import job_spec
 
@@ -17,6 +19,7 @@ from dflash_batch.pipeline._io import table_rows
 from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.pipeline._rows import DEAD, REJECTED, ROW_JSON, ToRows
 from dflash_batch.pipeline._tokenize import Prepared, derive_seed
+from dflash_batch.schemas import COMPLETIONS_SCHEMA
 
 
 def _config(**settings) -> JobConfig:
@@ -24,7 +27,7 @@ def _config(**settings) -> JobConfig:
                                                    **settings})
     return JobConfig(spec=spec, input=spec.input, output=spec.output, drafter=None,
                      rows_per_batch=spec.pipeline.rows_per_batch, shards_per_bucket=spec.pipeline.shards_per_bucket,
-                     progress_dir=None)
+                     rows_per_file=1000, progress_dir=None)
 
 
 def test_invalid_utf8_is_read_as_lone_surrogates_not_an_error():
@@ -92,14 +95,22 @@ def failing_model():
         _model._models.pop(key, None)
 
 
-def test_a_decoder_failure_turns_unfinished_rows_into_dead_letters(failing_model):
+def test_a_decoder_failure_turns_unfinished_rows_into_dead_letters(failing_model, tmp_path):
     config, decoder = failing_model
+    config = dataclasses.replace(config, output=str(tmp_path))
     items = [Prepared(id=f"r{i}", token_ids=(1, 2, 3), max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0,
                       stop=(), bucket=16, source="f.parquet", row={"id": f"r{i}", "prompt": "p", "title": i})
              for i in range(3)]
-    fn = Decode(config, columns=["id", "completion", "title"])
+    schema = COMPLETIONS_SCHEMA.append(pa.field("title", pa.int64()))
+    fn = Decode(config, schema)
     fn.setup()
     out = list(fn.process(((16, 0), items)))
+    assert not list(tmp_path.glob("*.parquet"))  # a part waits for more rows or the end of the bundle...
+    fn.finish_bundle()  # ...which saves it
+    [saved] = [pq.read_table(p).to_pylist() for p in tmp_path.glob("completions-*.parquet")]
+    [failed] = [pq.read_table(p).to_pylist() for p in tmp_path.glob("dead_letters-*.parquet")]
+    assert [r["id"] for r in saved] == ["r0"] and [(d["id"], d["kind"]) for d in failed] == [
+        ("r1", "decode_failed"), ("r2", "decode_failed")]
     done = [o for o in out if not hasattr(o, "tag")]
     dead = [o.value for o in out if getattr(o, "tag", None) == DEAD]
     assert [d["id"] for d in done] == ["r0"] and done[0]["title"] == 0

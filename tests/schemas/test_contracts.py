@@ -12,6 +12,7 @@ from dflash_batch.schemas import (
     JOB_STATS_SCHEMA,
     PROMPTS_SCHEMA,
     SchemaError,
+    dead_letter_key,
     dead_letter_row,
     row_to_json,
     schema_name,
@@ -30,9 +31,9 @@ COMPLETION = {
     "prompt_tokens": 4, "completion_tokens": 2, "decode_steps": 1, "acceptance_length_mean": 2.0,
     "accepted_per_step": [0, 1], "draft_tokens_proposed": 1, "draft_tokens_accepted": 1, "bucket": 64,
     "batch_index": 0, "worker": "w0", "decode_seconds": 0.1, "model": "m", "drafter": "d", "mode": "dflash",
-    "dtype": "bfloat16",
+    "dtype": "bfloat16", "prompt_truncated_tokens": 0,
 }  # fmt: skip
-DEAD = {"id": None, "error": "missing id", "row_json": "{}", "source": "in/0.parquet"}
+DEAD = {"id": None, "kind": "missing_id", "error": "missing id", "row_json": "{}", "source": "in/0.parquet"}
 STATS = {
     "job_id": "j", "spec_json": "{}", "rows_in": 2, "completions_out": 1, "dead_letters": 1,
     "prompt_tokens": 4, "completion_tokens": 2, "wall_seconds": 1.0, "decode_seconds": 0.5,
@@ -46,7 +47,8 @@ ROWS = {"prompts": PROMPT, "completions": COMPLETION, "dead_letters": DEAD, "job
 @pytest.mark.parametrize("name", ALL)
 def test_every_schema_names_itself_and_has_version_1(name):
     assert schema_name(ALL[name]) == name
-    assert schema_version(ALL[name]) == 1
+    # v2: dead letters have a kind; completions record prompt tokens cut by prompt.truncate
+    assert schema_version(ALL[name]) == (2 if name in ("dead_letters", "completions") else 1)
 
 
 def test_schema_version_refuses_a_schema_without_metadata():
@@ -75,7 +77,7 @@ def test_table_round_trips_through_parquet_with_its_version(name, tmp_path):
     pq.write_table(table, tmp_path / "t.parquet")
     back = pq.read_table(tmp_path / "t.parquet")
     assert back.schema.equals(ALL[name], check_metadata=False)
-    assert schema_version(back.schema) == 1 and schema_name(back.schema) == name
+    assert schema_version(back.schema) == schema_version(ALL[name]) and schema_name(back.schema) == name
     assert back.to_pylist() == table.to_pylist()
 
 
@@ -92,7 +94,7 @@ def test_with_extra_columns_carries_unknown_input_columns_with_their_types():
     assert out.names == COMPLETIONS_SCHEMA.names + ["lang", "score"]
     assert out.field("lang").type == pa.dictionary(pa.int8(), pa.string())
     assert out.field("score").type == pa.float64()
-    assert schema_name(out) == "completions" and schema_version(out) == 1
+    assert schema_name(out) == "completions" and schema_version(out) == schema_version(COMPLETIONS_SCHEMA)
 
 
 def test_with_extra_columns_drops_known_prompt_columns():
@@ -112,18 +114,33 @@ def test_sample_completion_passes_its_self_check():
 
 def test_dead_letter_row_keeps_the_id_and_the_original_row():
     row = {"id": "x", "prompt": "", "seed": 7}
-    dead = dead_letter_row(row, "prompt is empty", "in/0.parquet")
+    dead = dead_letter_row(row, "invalid_row", "prompt is empty", "in/0.parquet")
     assert dead["id"] == "x" and dead["error"] == "prompt is empty" and dead["source"] == "in/0.parquet"
+    assert dead["kind"] == "invalid_row"
     assert json.loads(dead["row_json"]) == row
     pa.Table.from_pylist([dead], schema=DEAD_LETTERS_SCHEMA)
 
 
 def test_dead_letter_row_of_an_unwritable_row_is_still_writable(tmp_path):
     row = {"id": "bad\ud800", "blob": b"\x00\xff", "t": float("nan")}
-    dead = dead_letter_row(row, "id is not valid UTF-8", None)
+    dead = dead_letter_row(row, "invalid_utf8", "id is not valid UTF-8", None)
     assert dead["id"] is None  # a lone surrogate cannot go into an Arrow string
     assert json.loads(dead["row_json"]) == {"id": "bad\ud800", "blob": "base64:AP8=", "t": "nan"}
     pq.write_table(pa.Table.from_pylist([dead], schema=DEAD_LETTERS_SCHEMA), tmp_path / "d.parquet")
+
+
+def test_a_dead_letter_kind_must_be_a_known_one():
+    with pytest.raises(ValueError, match="kind='too long'"):
+        dead_letter_row({"id": "x"}, "too long", "prompt is long", None)
+
+
+def test_a_dead_letter_is_keyed_by_its_id_unless_the_id_is_not_its_own():
+    row = dead_letter_row({"id": "x", "prompt": ""}, "invalid_row", "prompt is empty", "a.parquet")
+    twin = dead_letter_row({"id": "x", "prompt": "other"}, "duplicate_id", "duplicate id 'x'", "b.parquet")
+    anonymous = dead_letter_row({"prompt": "p"}, "missing_id", "missing id", "a.parquet")
+    assert dead_letter_key(row) == "x"
+    assert len({dead_letter_key(row), dead_letter_key(twin), dead_letter_key(anonymous)}) == 3
+    assert dead_letter_key(anonymous) == dead_letter_key(dict(anonymous))  # the same row, the same key
 
 
 def test_row_to_json_handles_non_string_ids():

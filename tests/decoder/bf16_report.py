@@ -20,7 +20,7 @@ from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._prompts import render_messages
 from dflash_batch.decoder._target import forward
 from dflash_batch.jobs._datasets import aclsum_abstracts
-from dflash_batch.pipeline import summarize_messages
+from dflash_batch.decoder import summarize_messages
 
 MODEL = "smollm2-135m-instruct"
 

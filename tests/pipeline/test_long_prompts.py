@@ -9,7 +9,8 @@ import shutil
 import pytest
 from job_helpers import completions, dead_letters, job_spec, job_stats, write_prompts
 
-from dflash_batch.pipeline import JobRefused, build, job_config, render_row, shared_tokenizer
+from dflash_batch.decoder import render_row
+from dflash_batch.pipeline import JobRefused, build, job_config, shared_tokenizer
 from dflash_batch.pipeline._tokenize import prepare_row
 
 CONTEXT = 40

@@ -20,7 +20,7 @@ from dflash_batch.decoder._drafter_checkpoint import (  # noqa: F401  (re-export
     tensors_from_params,
 )
 from dflash_batch.decoder._drafter_config import ARCHITECTURE, DrafterConfig, default_target_layer_ids  # noqa: F401
-from dflash_batch.decoder._layers import apply_rope, dense, mlp, qkv_proj, rms_norm, rope_inv_freq
+from dflash_batch.decoder._layers import apply_rope, dense, matmul_rows, mlp, qkv_proj, rms_norm, rope_inv_freq, scan_layers
 from dflash_batch.decoder._target import Params, embed, lm_head
 from dflash_batch.kernels import draft_attention
 
@@ -117,7 +117,7 @@ def draft_head(dparams: Params, dcfg: DrafterConfig, target_params: Params, x: j
     drafter's own reduced head (map ids with ``draft_to_target_ids``)."""
     x = rms_norm(x, dparams["norm"], dcfg.rms_norm_eps)
     if "lm_head" in dparams:
-        return jnp.einsum("...D,DV->...V", x, dparams["lm_head"], preferred_element_type=jnp.float32)  # V = V_d
+        return matmul_rows(x, dparams["lm_head"], "...D,DV->...V")  # V = V_d
     return lm_head(target_params, x.astype(target_params["embed"].dtype))
 
 
@@ -147,7 +147,7 @@ def draft_block(dparams: Params, dcfg: DrafterConfig, target_params: Params, tar
         w, ck, cv = xs  # ck, cv [B, K, S, H]
         return draft_layer(w, dcfg, x, positions, lambda q, k, v: draft_attention(q, ck, cv, ctx_len, k, v)), None
 
-    x, _ = jax.lax.scan(layer, x, (dparams["layers"], ctx_k, ctx_v))  # [B, L, D]
+    x, _ = scan_layers(layer, x, (dparams["layers"], ctx_k, ctx_v))  # [B, L, D]
     return draft_head(dparams, dcfg, target_params, x[:, 1:])  # [B, L-1, V or V_d]
 
 

@@ -10,9 +10,61 @@ import jax.numpy as jnp
 from dflash_batch.decoder._config import TargetConfig
 
 
+def matmul_rows(x: jax.Array, w: jax.Array, spec: str = "...D,DF->...F") -> jax.Array:
+    """``einsum(spec, x, w)`` accumulated in float32, computed as at least two rows.
+
+    Why two: XLA's CPU backend multiplies a single row by a matrix-vector routine that sums in
+    another order than its matrix-matrix routine, which every call of two or more rows uses
+    (measured: equal bits for 2 to 2048 rows, last-bit differences for 1). So a 1-token AR step
+    at batch 1 and an L-token verify pass would round differently, and in bfloat16 a last-bit
+    difference can become a whole bf16 step that 30 layers grow into another token. The
+    single-row routine is also 30x slower in bf16. A duplicated row costs nothing measurable.
+    """
+    lead = x.shape[:-1]
+    if math.prod(lead) != 1:
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    two = jnp.broadcast_to(x.reshape(1, x.shape[-1]), (2, x.shape[-1]))  # [2, D]: the row twice
+    out = jnp.einsum(spec, two, w, preferred_element_type=jnp.float32)  # [2, F]
+    return out[0].reshape(lead + out.shape[-1:])
+
+
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out], accumulated in float32 and rounded once to x's dtype."""
-    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return matmul_rows(x, w.astype(x.dtype)).astype(x.dtype)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _unbits(x: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if dtype == jnp.bfloat16 else x
+
+
+def take_layer(stack: jax.Array, index) -> jax.Array:
+    """``stack[index]`` (a layer of a stacked array, or ``stack[i, j]``), sliced as raw bits when bf16.
+
+    XLA's CPU backend upcasts a dynamic slice of a bfloat16 array to float32 by converting the
+    WHOLE array first, on every call: every layer's weights or the whole KV cache, which made a
+    bf16 decode step 10x slower than float32. Sliced as uint16 and bitcast back, the slice is a
+    plain copy; on a TPU the bitcast is free.
+    """
+    return _unbits(_bits(stack)[index], stack.dtype)
+
+
+def scan_layers(f, init, xs):
+    """``jax.lax.scan(f, init, xs)`` over stacked per-layer arrays, with bfloat16 leaves of
+    ``xs`` and of the stacked outputs carried as raw bits (see ``take_layer`` for why)."""
+    dtypes = jax.tree.map(lambda a: a.dtype, xs)
+    out_dtypes = []
+
+    def body(carry, x):
+        carry, y = f(carry, jax.tree.map(_unbits, x, dtypes))
+        out_dtypes.append(jax.tree.map(lambda a: a.dtype, y))
+        return carry, jax.tree.map(_bits, y)
+
+    carry, ys = jax.lax.scan(body, init, jax.tree.map(_bits, xs))
+    return carry, jax.tree.map(_unbits, ys, out_dtypes[0])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

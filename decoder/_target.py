@@ -14,23 +14,25 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._layers import apply_rope, dense, mlp, qkv_proj, rms_norm, rope_inv_freq
+from dflash_batch.decoder._layers import (apply_rope, dense, matmul_rows, mlp, qkv_proj, rms_norm, rope_inv_freq,
+                                          scan_layers, take_layer)
 from dflash_batch.kernels import verify_attention
 
 Params = dict[str, Any]
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] -> [B, T, D]."""
-    return jnp.take(params["embed"], tokens, axis=0)
+    """tokens [B, T] -> [B, T, D] (gathered as raw bits when bf16: see ``take_layer``)."""
+    table = params["embed"]
+    return take_layer(table, tokens)
 
 
 def lm_head(params: Params, x: jax.Array) -> jax.Array:
     """x [..., D] -> logits [..., V] in fp32 (tied embeddings when there is no lm_head)."""
     w = params.get("lm_head")
     if w is None:
-        return jnp.einsum("...D,VD->...V", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...D,DV->...V", x, w, preferred_element_type=jnp.float32)
+        return matmul_rows(x, params["embed"], "...D,VD->...V")
+    return matmul_rows(x, w, "...D,DV->...V")
 
 
 def head_rows(params: Params, ids=None) -> jax.Array:
@@ -119,16 +121,16 @@ def forward(
     def layer(x, xs):
         w, idx = xs  # the layer's weights and its index in the cache
         if slot is None:
-            k_cache, v_cache = cache.k[idx], cache.v[idx]  # [B, K, S, H]
+            k_cache, v_cache = take_layer(cache.k, idx), take_layer(cache.v, idx)  # [B, K, S, H]
         else:
-            k_cache, v_cache = cache.k[idx, slot][None], cache.v[idx, slot][None]  # [1, K, S, H]
+            k_cache, v_cache = take_layer(cache.k, (idx, slot))[None], take_layer(cache.v, (idx, slot))[None]
         # Cache rows < start, then the block causally: kernels/ picks Pallas or plain jnp.
         x, k, v = target_layer(w, cfg, x, positions,
                                lambda q, k, v: verify_attention(q, k_cache, v_cache, start, k, v))
         return x, (k, v, x if collect_layers else None)
 
     layer_ids = jnp.arange(cfg.num_layers)
-    x, (k_new, v_new, hidden) = jax.lax.scan(layer, x, (params["layers"], layer_ids))  # k_new [L, B, T, K, H]
+    x, (k_new, v_new, hidden) = scan_layers(layer, x, (params["layers"], layer_ids))  # k_new [L, B, T, K, H]
     kc = write_rows(cache.k, k_new, positions, slot)
     vc = write_rows(cache.v, v_new, positions, slot)
     feats = None
@@ -159,5 +161,5 @@ def hidden_states(params: Params, cfg: TargetConfig, tokens: jax.Array, collect_
         x, _, _ = target_layer(w, cfg, x, positions, lambda q, k, v: verify_attention(q, nothing, nothing, start, k, v))
         return x, x
 
-    _, hidden = jax.lax.scan(layer, embed(params, tokens), params["layers"])  # [L, B, S, D]
+    _, hidden = scan_layers(layer, embed(params, tokens), params["layers"])  # [L, B, S, D]
     return jnp.moveaxis(hidden[jnp.asarray(tuple(collect_layers))], 0, 2)  # [B, S, n, D]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._drafter import (Attend, DrafterConfig, context_kv, draft_head, draft_layer,
                                            embed_block)
+from dflash_batch.decoder._layers import scan_layers
 from dflash_batch.decoder._target import Params
 
 
@@ -106,5 +107,5 @@ def packed_draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Par
         w, lk, lv = xs
         return draft_layer(w, dcfg, x, blk_pos, packed_attention(lk, lv, visible, a)), None
 
-    x, _ = jax.lax.scan(layer, x, (dparams["layers"], ck, cv))  # [B, A*L, D]
+    x, _ = scan_layers(layer, x, (dparams["layers"], ck, cv))  # [B, A*L, D]
     return draft_head(dparams, dcfg, target_params, x.reshape(bsz, a, blk, -1)[:, :, 1:])  # [B, A, L-1, V]

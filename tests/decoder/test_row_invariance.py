@@ -1,0 +1,61 @@
+"""Numerics that do not depend on how many rows share a call, and bf16 layers sliced without
+a float32 detour: what keeps bf16 AR and bf16 verification token-identical, and bf16 fast."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dflash_batch.decoder import KVCache, forward, load_target
+from dflash_batch.decoder._layers import dense, matmul_rows, scan_layers, take_layer
+
+
+def test_a_row_gets_the_same_bits_alone_as_among_other_rows():
+    """One row through ``dense`` (an AR step at batch 1) equals the same row inside a
+    many-row call (a verify pass), bit for bit, in bf16 and in float32."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 576))
+    w = jax.random.normal(jax.random.PRNGKey(1), (576, 1536)) * 0.05
+    for dtype in (jnp.bfloat16, jnp.float32):
+        xs, ws = x.astype(dtype), w.astype(dtype)
+        many = np.asarray(jax.jit(dense)(xs, ws).astype(jnp.float32))
+        for i in (0, 7):
+            alone = np.asarray(jax.jit(dense)(xs[i:i + 1][None], ws).astype(jnp.float32))  # [1, 1, F]
+            np.testing.assert_array_equal(alone[0, 0], many[i], err_msg=f"{dtype} row {i}")
+
+
+def test_matmul_rows_keeps_the_shape_of_a_single_row():
+    x, w = jnp.ones((1, 1, 8), jnp.bfloat16), jnp.ones((8, 3), jnp.bfloat16)
+    assert matmul_rows(x, w).shape == (1, 1, 3) and matmul_rows(x[0, 0], w).shape == (3,)
+    assert matmul_rows(x, w.T, "...D,VD->...V").shape == (1, 1, 3)
+
+
+def test_layers_sliced_as_bits_equal_plain_slicing():
+    stack = (jax.random.normal(jax.random.PRNGKey(2), (3, 4, 5))).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(take_layer(stack, 1), np.float32), np.asarray(stack[1], np.float32))
+
+    def body(c, w):
+        return c + w.sum(), (w * 2, c)
+
+    got = scan_layers(body, jnp.float32(0), stack)
+    want = jax.lax.scan(body, jnp.float32(0), stack)
+    assert got[1][0].dtype == jnp.bfloat16
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_the_bf16_forward_converts_no_stacked_array_to_float32(tiny_llama_dir):
+    """XLA's CPU backend upcasts a dynamic slice or gather of a bf16 array by converting the
+    whole array: every layer's weights, the KV cache or the embedding table, on every step."""
+    model = load_target(str(tiny_llama_dir), dtype="bfloat16", with_tokenizer=False)
+    cfg = model.config
+    shape = (cfg.num_layers, 2, cfg.num_kv_heads, 32, cfg.head_dim)
+    cache = KVCache(k=jnp.zeros(shape, jnp.bfloat16), v=jnp.zeros(shape, jnp.bfloat16))
+    fn = jax.jit(lambda p, t, s, c: forward(p, cfg, t, s, c)[0])
+    hlo = fn.lower(model.params, jnp.ones((2, 1), jnp.int32), jnp.full((2,), 5, jnp.int32), cache).compile().as_text()
+    whole = [f"f32[{','.join(map(str, a.shape))}]" for a in jax.tree.leaves((model.params, cache)) if a.ndim >= 2]
+    converted = [line.strip()[:120] for line in hlo.splitlines()
+                 if re.search(r"= f32\[[0-9,]+\]\S* convert\(", line) and any(w + "{" in line for w in whole)]
+    assert converted == []

@@ -23,15 +23,19 @@ on a TPU's bf16 matrix units. Float32 is kept where rounding would change a toke
   * the final logits are float32, and so are sampling (temperature, top-p, Gumbel noise)
     and acceptance: they pick the token, so a tie broken by bf16 rounding would be a
     different output.
-A 1-token AR step and an L-token verify pass call the same functions, but XLA may sum a
-matmul or an attention row in a different order at another shape; in bf16 a float32 sum
-that differs in its last bit can round to a different bf16 value. The tiny test models
-are token-identical anyway (tests/decoder/test_bf16.py); SmolLM2 is not yet (see
-docs/design.md, "Numerics").
+A 1-token AR step and an L-token verify pass must round every value the same way, or in
+bf16 a last-bit difference grows into another token. Two things make a row's projections and
+MLP the same bits at any block length and batch size: every matmul runs as at least two rows
+(XLA's CPU routine for one row sums in another order; ``_layers.matmul_rows``), and XLA may
+not skip a rounding the code asks for (``_xla_flags``). Attention is not there yet: XLA's CPU
+dot sums a query's scores in an order that depends on how many query rows share the call, so
+on SmolLM2 bf16 verification still differs from bf16 AR on some rows (docs/design.md,
+"Numerics"); float32 is the dtype to use where exact equality with AR matters.
 
 This package never imports Beam or click: it runs as-is on an accelerator host.
 """
 
+from dflash_batch.decoder import _xla_flags  # noqa: F401  (first: sets XLA_FLAGS before anything can start JAX)
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._checkpoint import TargetModel, load_target, params_from_hf, read_safetensors
 from dflash_batch.decoder._compile_cache import enable_compilation_cache

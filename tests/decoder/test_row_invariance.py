@@ -59,3 +59,29 @@ def test_the_bf16_forward_converts_no_stacked_array_to_float32(tiny_llama_dir):
     converted = [line.strip()[:120] for line in hlo.splitlines()
                  if re.search(r"= f32\[[0-9,]+\]\S* convert\(", line) and any(w + "{" in line for w in whole)]
     assert converted == []
+
+
+def test_importing_the_decoder_asks_xla_to_keep_every_rounding():
+    import os
+
+    assert "--xla_allow_excess_precision=false" in os.environ["XLA_FLAGS"]
+
+
+def test_a_blocks_first_row_equals_an_ar_step_in_bf16(tiny_llama_dir):
+    """The anchor row of a verify pass and the same token decoded alone (batch 1 and batch 2)
+    give the same bf16 hidden states and logits, bit for bit, in every layer."""
+    model = load_target(str(tiny_llama_dir), dtype="bfloat16", with_tokenizer=False)
+    cfg = model.config
+    fn = jax.jit(lambda p, t, s, c: forward(p, cfg, t, s, c, collect_layers=tuple(range(cfg.num_layers))))
+    rng = np.random.default_rng(0)
+    for batch in (1, 2):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, 48, cfg.head_dim)
+        cache = KVCache(k=jnp.zeros(shape, jnp.bfloat16), v=jnp.zeros(shape, jnp.bfloat16))
+        prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, 20)), jnp.int32)
+        _, _, cache = fn(model.params, prompt, jnp.zeros((batch,), jnp.int32), cache)
+        block = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, 8)), jnp.int32)
+        start = jnp.full((batch,), 20, jnp.int32)
+        logits_block, hidden_block, _ = fn(model.params, block, start, cache)
+        logits_step, hidden_step, _ = fn(model.params, block[:, :1], start, cache)
+        np.testing.assert_array_equal(np.asarray(hidden_step[:, 0], np.float32), np.asarray(hidden_block[:, 0], np.float32))
+        np.testing.assert_array_equal(np.asarray(logits_step[:, 0]), np.asarray(logits_block[:, 0]))

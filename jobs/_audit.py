@@ -34,12 +34,12 @@ import os
 from typing import Any
 
 import click
-import numpy as np
 
 from dflash_batch.jobs._exit import Refused
 from dflash_batch.jobs._run import reason_lines
 from dflash_batch.pipeline import COMPLETIONS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, Figures, job_totals, join, \
     match_files, rate_line, read_json, read_outcomes, read_runs, read_table, time_line
+from dflash_batch.schemas import add_histograms, observed_range, tau_from_histogram
 
 REPORT_FILE = "report.html"
 BENCH_FILE = "bench.json"
@@ -103,14 +103,10 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
     rows = list(by_id.values())
     outcomes = read_outcomes(output)
 
-    hist = np.zeros(0, np.int64)
+    hist: list[int] = []
     for r in rows:
-        h = np.asarray(r.get("accepted_per_step") or [], np.int64)
-        if len(h) > len(hist):
-            hist = np.pad(hist, (0, len(h) - len(hist)))
-        hist[: len(h)] += h
-    steps = int(hist.sum())
-    committed = int((hist * np.arange(1, len(hist) + 1)).sum())
+        hist = add_histograms(hist, r.get("accepted_per_step") or [])
+    tau = tau_from_histogram(hist)
     prompt_tokens = sum(r["prompt_tokens"] or 0 for r in rows)
     completion_tokens = sum(r["completion_tokens"] or 0 for r in rows)
 
@@ -166,9 +162,9 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "rate_completion_tokens": job.completion_tokens,
         "runs": [{"run_id": r.get("run_id"), "job_id": r.get("job_id"), "started_at": r.get("started_at"),
                   **Figures.from_dict(r).as_dict()} for r in runs],
-        "tau_mean": round(committed / steps, 4) if steps else None,
-        "tau_histogram": hist.tolist(),
-        "decode_steps": steps,
+        "tau_mean": None if tau is None else round(tau, 4),
+        "tau_histogram": hist,
+        "decode_steps": sum(hist),
         "finish_reasons": dict(collections.Counter(r["finish_reason"] for r in rows)),
         "buckets": [buckets[k] for k in sorted(buckets)],
         "speedup_over_ar": _speedup(output, stats, job.decode_tokens_per_s, baseline),
@@ -216,12 +212,6 @@ def _speedup(output: str, stats: dict[str, Any], decode_tps: float | None, basel
 
 def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
-
-
-def observed_range(hist: list[int]) -> list[int]:
-    """The histogram up to its last step size that occurred (index i: steps committing i + 1 tokens)."""
-    nonzero = [i for i, n in enumerate(hist) if n]
-    return hist[: nonzero[-1] + 1] if nonzero else []
 
 
 def format_text(a: dict[str, Any]) -> str:

@@ -18,8 +18,9 @@ import html
 import io
 from typing import Any
 
-from dflash_batch.jobs._audit import choice_line, observed_range
+from dflash_batch.jobs._audit import choice_line
 from dflash_batch.pipeline import Figures, format_rate, format_seconds
+from dflash_batch.schemas import observed_range
 
 CAPTIONS = {
     "tau_histogram": "How many tokens each decode step committed (tau counts the bonus token)",

@@ -161,13 +161,6 @@ def test_html_report_plots_per_bucket_only_for_several_buckets_with_human_captio
     assert plot_ids((output / "report.html").read_text()) == ["tau_histogram"]
 
 
-def test_the_tau_histogram_is_trimmed_to_the_step_sizes_that_occurred():
-    from dflash_batch.jobs._audit import observed_range
-
-    assert observed_range([5, 0, 3, 1] + [0] * 12) == [5, 0, 3, 1]
-    assert observed_range([0] * 16) == []
-
-
 def test_a_baseline_gives_a_speedup_figure(output, tmp_path):
     ar = tmp_path / "ar"
     ar.mkdir()

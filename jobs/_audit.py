@@ -36,6 +36,7 @@ from typing import Any
 import click
 
 from dflash_batch.jobs._exit import Refused
+from dflash_batch.jobs._report import choice_line, format_html
 from dflash_batch.jobs._run import reason_lines
 from dflash_batch.pipeline import COMPLETIONS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, Figures, job_totals, join, \
     match_files, rate_line, read_json, read_outcomes, read_runs, read_table, time_line
@@ -256,19 +257,6 @@ def format_text(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def choice_line(c: dict[str, Any]) -> str:
-    """'WHERE: decode calls L=1 x5, L=2 x1; steps run as AR by the gate: L=2 30%; best expected
-    L=1 at 9.6 tokens/s per row'."""
-    calls = ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
-    if c.get("gated_fraction_by_block"):
-        calls += "; steps run as AR by the gate: " + ", ".join(
-            f"L={b} {g:.0%}" for b, g in sorted(c["gated_fraction_by_block"].items()))
-    best = c["best_expected"]
-    why = (f"; best expected L={best} at {c['expected_tokens_per_s_per_row'][best]:.1f} tokens/s per row"
-           if best is not None else "")
-    return f"{c['where']}: decode calls {calls}{why}"
-
-
 def _write_text(path: str, text: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
@@ -286,7 +274,6 @@ def _write_text(path: str, text: str) -> None:
 def audit_command(output_or_job: str, as_json: bool, html_path: str | None, baseline: str | None) -> None:
     """Throughput, tau, batch fill and padding of a job: OUTPUT_OR_JOB is its output (folder or
     gs://), its job file, or a run's id."""
-    from dflash_batch.jobs._report import format_html
     from dflash_batch.pipeline import use_anonymous_gcs_for_emulator
 
     use_anonymous_gcs_for_emulator()

@@ -12,7 +12,7 @@ Why ``"auto"`` resolves as it does:
     values, and the model itself was published in bfloat16. vLLM's ``dtype="auto"`` makes the
     same choice for float32 checkpoints. Ask for ``"float32"`` to keep it.
   * On CPU it is the dtype measured faster on this project's machines (``CPU_AUTO``; the table
-    is in docs/design.md, the script is ``python -P -m dflash_batch.jobs._dtype_speed``).
+    is in docs/design.md, the script is ``python tools/dtype_speed.py``).
 
 The names are the dtype names of numpy/JAX, so a later ``"int8"`` or ``"float8_e4m3fn"`` fits
 beside them: add it to ``DTYPES`` and ``ACCELERATOR_AUTO``, with its loader.

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dflash_batch.schemas import tau_from_histogram
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -57,7 +59,4 @@ class Result:
     @property
     def tau(self) -> float:
         """Mean tokens committed per decode step (the prefill's first token excluded)."""
-        steps = int(self.accepted_per_step.sum())
-        if steps == 0:
-            return 1.0
-        return float((self.accepted_per_step * np.arange(1, len(self.accepted_per_step) + 1)).sum() / steps)
+        return float(tau_from_histogram(self.accepted_per_step, empty=1.0))

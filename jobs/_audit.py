@@ -34,12 +34,13 @@ import os
 from typing import Any
 
 import click
-import numpy as np
 
 from dflash_batch.jobs._exit import Refused
+from dflash_batch.jobs._report import choice_line, format_html
 from dflash_batch.jobs._run import reason_lines
 from dflash_batch.pipeline import COMPLETIONS_PREFIX, JOB_STATS_FILE, PARQUET_SUFFIX, Figures, job_totals, join, \
     match_files, rate_line, read_json, read_outcomes, read_runs, read_table, time_line
+from dflash_batch.schemas import add_histograms, observed_range, tau_from_histogram
 
 REPORT_FILE = "report.html"
 BENCH_FILE = "bench.json"
@@ -90,52 +91,26 @@ def _runs(output: str, stats: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
-    """The audit of the job in ``output`` as a JSON-ready dict."""
+    """The audit of the job in ``output`` as a JSON-ready dict.
+
+    Algorithm:
+      1. Read the completions, each id once, and refuse a folder that is no job output.
+      2. Add the rows' accepted-per-step histograms: tau and the step counts come from them.
+      3. Sum the runs' records into the job's figures (time, tokens/s, per bucket).
+      4. Group the rows into decoder calls per bucket: batch fill and padding waste.
+      5. Add the speedup over AR and the automatic block choice, where there are figures for them.
+    """
     stats = read_json(join(output, JOB_STATS_FILE)) or {}
-    files = match_files(join(output, f"{COMPLETIONS_PREFIX}*{PARQUET_SUFFIX}"))
-    if not files and not stats:
-        raise Refused(f"{output}: no {COMPLETIONS_PREFIX}*{PARQUET_SUFFIX} and no {JOB_STATS_FILE} there "
-                      "(not a job output)")
-    by_id: dict[str, dict[str, Any]] = {}
-    for path in files:  # a retried bundle may have saved an id twice: it counts once
-        for row in read_table(path, _COLUMNS).to_pylist():
-            by_id.setdefault(row["id"], row)
-    rows = list(by_id.values())
+    rows = _completions(output, stats)
     outcomes = read_outcomes(output)
-
-    hist = np.zeros(0, np.int64)
+    hist: list[int] = []
     for r in rows:
-        h = np.asarray(r.get("accepted_per_step") or [], np.int64)
-        if len(h) > len(hist):
-            hist = np.pad(hist, (0, len(h) - len(hist)))
-        hist[: len(h)] += h
-    steps = int(hist.sum())
-    committed = int((hist * np.arange(1, len(hist) + 1)).sum())
-    prompt_tokens = sum(r["prompt_tokens"] or 0 for r in rows)
-    completion_tokens = sum(r["completion_tokens"] or 0 for r in rows)
-
+        hist = add_histograms(hist, r.get("accepted_per_step") or [])
+    tau = tau_from_histogram(hist)
     runs = _runs(output, stats)
     totals = job_totals(runs)
     job: Figures = totals["figures"]
-    per_call = _rows_per_call(stats)
-    buckets: dict[int, dict[str, Any]] = {}
-    calls: dict[tuple[int, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
-    for r in rows:
-        calls[(r["bucket"], r["worker"], r["batch_index"])].append(r)
-    for (bucket, _, _), members in sorted(calls.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
-        b = buckets.setdefault(bucket, {"bucket": bucket, "rows": 0, "calls": 0, "prompt_tokens": 0,
-                                        "completion_tokens": 0})
-        b["rows"] += len(members)
-        b["calls"] += 1
-        b["prompt_tokens"] += sum(m["prompt_tokens"] or 0 for m in members)
-        b["completion_tokens"] += sum(m["completion_tokens"] or 0 for m in members)
-    for b in buckets.values():
-        recorded = Figures.from_dict(totals["buckets"].get(str(b["bucket"])) or {})
-        b["padding_waste"] = round(1.0 - b["prompt_tokens"] / (b["rows"] * b["bucket"]), 4)
-        b["batch_fill"] = round(b["rows"] / (b["calls"] * per_call), 4) if per_call else None
-        b["decode_seconds"] = recorded.decode_seconds
-        b["tokens_per_s"] = recorded.decode_tokens_per_s
-
+    buckets = _buckets(rows, _rows_per_call(stats), totals["buckets"])
     modes = sorted({r["mode"] for r in rows if r.get("mode")}) or ([stats["mode"]] if stats.get("mode") else [])
     return {
         "output": output,
@@ -153,8 +128,8 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "dead_letters": len(outcomes.dead),
         "dead_letters_by_kind": outcomes.dead_by_kind(),
         "dead_letter_examples": outcomes.dead_examples(),
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
+        "prompt_tokens": sum(r["prompt_tokens"] or 0 for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] or 0 for r in rows),
         # The job's figures over its runs (see pipeline._figures); each run's below.
         "wall_seconds": job.wall_seconds,
         "load_seconds": job.load_seconds,
@@ -166,14 +141,54 @@ def audit(output: str, baseline: str | None = None) -> dict[str, Any]:
         "rate_completion_tokens": job.completion_tokens,
         "runs": [{"run_id": r.get("run_id"), "job_id": r.get("job_id"), "started_at": r.get("started_at"),
                   **Figures.from_dict(r).as_dict()} for r in runs],
-        "tau_mean": round(committed / steps, 4) if steps else None,
-        "tau_histogram": hist.tolist(),
-        "decode_steps": steps,
+        "tau_mean": None if tau is None else round(tau, 4),
+        "tau_histogram": hist,
+        "decode_steps": sum(hist),
         "finish_reasons": dict(collections.Counter(r["finish_reason"] for r in rows)),
-        "buckets": [buckets[k] for k in sorted(buckets)],
+        "buckets": buckets,
         "speedup_over_ar": _speedup(output, stats, job.decode_tokens_per_s, baseline),
         "block_choice": _block_choice(stats),
     }
+
+
+def _completions(output: str, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """The completion rows in ``output``, one per id: a retried bundle may have saved an id twice."""
+    files = match_files(join(output, f"{COMPLETIONS_PREFIX}*{PARQUET_SUFFIX}"))
+    if not files and not stats:
+        raise Refused(f"{output}: no {COMPLETIONS_PREFIX}*{PARQUET_SUFFIX} and no {JOB_STATS_FILE} there "
+                      "(not a job output)")
+    by_id: dict[str, dict[str, Any]] = {}
+    for path in files:
+        for row in read_table(path, _COLUMNS).to_pylist():
+            by_id.setdefault(row["id"], row)
+    return list(by_id.values())
+
+
+def _buckets(rows: list[dict[str, Any]], per_call: int | None,
+             recorded: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per bucket, in bucket order: rows, decoder calls, tokens, batch fill, padding waste, and the
+    decode seconds and tokens/s of the runs' records (``recorded``, keyed by the bucket as text).
+
+    A decoder call is one distinct ``(worker, batch_index)`` within a bucket.
+    """
+    buckets: dict[int, dict[str, Any]] = {}
+    calls: dict[tuple[int, str, int], list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in rows:
+        calls[(r["bucket"], r["worker"], r["batch_index"])].append(r)
+    for (bucket, _, _), members in sorted(calls.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])):
+        b = buckets.setdefault(bucket, {"bucket": bucket, "rows": 0, "calls": 0, "prompt_tokens": 0,
+                                        "completion_tokens": 0})
+        b["rows"] += len(members)
+        b["calls"] += 1
+        b["prompt_tokens"] += sum(m["prompt_tokens"] or 0 for m in members)
+        b["completion_tokens"] += sum(m["completion_tokens"] or 0 for m in members)
+    for b in buckets.values():
+        figures = Figures.from_dict(recorded.get(str(b["bucket"])) or {})
+        b["padding_waste"] = round(1.0 - b["prompt_tokens"] / (b["rows"] * b["bucket"]), 4)
+        b["batch_fill"] = round(b["rows"] / (b["calls"] * per_call), 4) if per_call else None
+        b["decode_seconds"] = figures.decode_seconds
+        b["tokens_per_s"] = figures.decode_tokens_per_s
+    return [buckets[k] for k in sorted(buckets)]
 
 
 def _block_choice(stats: dict[str, Any]) -> list[dict[str, Any]]:
@@ -218,12 +233,6 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def observed_range(hist: list[int]) -> list[int]:
-    """The histogram up to its last step size that occurred (index i: steps committing i + 1 tokens)."""
-    nonzero = [i for i, n in enumerate(hist) if n]
-    return hist[: nonzero[-1] + 1] if nonzero else []
-
-
 def format_text(a: dict[str, Any]) -> str:
     runs = a["runs"]
     job = Figures.from_dict(a)
@@ -266,19 +275,6 @@ def format_text(a: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def choice_line(c: dict[str, Any]) -> str:
-    """'WHERE: decode calls L=1 x5, L=2 x1; steps run as AR by the gate: L=2 30%; best expected
-    L=1 at 9.6 tokens/s per row'."""
-    calls = ", ".join(f"L={b} x{n}" for b, n in sorted(c["calls_by_block"].items()))
-    if c.get("gated_fraction_by_block"):
-        calls += "; steps run as AR by the gate: " + ", ".join(
-            f"L={b} {g:.0%}" for b, g in sorted(c["gated_fraction_by_block"].items()))
-    best = c["best_expected"]
-    why = (f"; best expected L={best} at {c['expected_tokens_per_s_per_row'][best]:.1f} tokens/s per row"
-           if best is not None else "")
-    return f"{c['where']}: decode calls {calls}{why}"
-
-
 def _write_text(path: str, text: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
@@ -296,7 +292,6 @@ def _write_text(path: str, text: str) -> None:
 def audit_command(output_or_job: str, as_json: bool, html_path: str | None, baseline: str | None) -> None:
     """Throughput, tau, batch fill and padding of a job: OUTPUT_OR_JOB is its output (folder or
     gs://), its job file, or a run's id."""
-    from dflash_batch.jobs._report import format_html
     from dflash_batch.pipeline import use_anonymous_gcs_for_emulator
 
     use_anonymous_gcs_for_emulator()

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from dflash_batch.decoder import DRAFTER_MODES, ROWS_PER_SLOT, DecodeConfig, Decoder, Request, Result, TargetModel
+from dflash_batch.schemas import tau_from_histogram
 
 
 class DecoderCell:
@@ -105,8 +106,7 @@ class DecoderCell:
 
     def tau(self) -> float:
         hist = sum((r.accepted_per_step for r in self.results), np.zeros(max(self.decoder.blocks), np.int64))
-        steps = int(hist.sum())
-        return float((hist * np.arange(1, len(hist) + 1)).sum() / steps) if steps else 1.0
+        return float(tau_from_histogram(hist, empty=1.0))
 
     def reports(self) -> dict:
         """The automatic block choice and the hybrid chooser's view, where they apply."""

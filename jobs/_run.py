@@ -22,6 +22,7 @@ import click
 
 from dflash_batch.jobs._exit import Refused
 from dflash_batch.pipeline import Figures, format_seconds, rate_line, time_line
+from dflash_batch.schemas import tau_from_histogram
 
 
 def dead_letter_kinds(output: str) -> tuple[dict[str, int], dict[str, str]]:
@@ -67,9 +68,7 @@ def format_summary(stats: dict[str, Any], examples: dict[str, str] | None = None
     finish = ", ".join(f"{r} x{n}" for r, n in sorted((run.get("finish_reasons") or {}).items()))
     done_before, this_run = stats.get("skipped_completed") or 0, stats.get("completions_this_run") or 0
     dead = stats.get("dead_letters") or 0
-    hist = run.get("tau_histogram") or []
-    steps = sum(hist)
-    tau = sum((k + 1) * n for k, n in enumerate(hist)) / steps if steps else None
+    tau = tau_from_histogram(run.get("tau_histogram") or [])
     rows = (f"  rows:     {stats.get('rows_in')} in -> {stats.get('completions_out')} completions "
             f"({this_run} this run, {done_before} done earlier), {dead} dead letters")
     if len(runs) > 1 and stats.get("rows_in_this_run") not in (None, stats.get("rows_in")):

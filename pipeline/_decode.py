@@ -31,7 +31,7 @@ from dflash_batch.pipeline._model import ModelKey, shared_model
 from dflash_batch.pipeline._parts import PartBuffer
 from dflash_batch.pipeline._rows import DEAD, NAMESPACE
 from dflash_batch.pipeline._tokenize import Prepared
-from dflash_batch.schemas import DEAD_LETTERS_SCHEMA, dead_letter_key, dead_letter_row
+from dflash_batch.schemas import DEAD_LETTERS_SCHEMA, add_histograms, committed_tokens, dead_letter_key, dead_letter_row
 
 STATS = "batch_stats"
 
@@ -70,11 +70,6 @@ def completion_row(r: Result, item: Prepared, config: JobConfig, columns: Sequen
         if name not in row:
             row[name] = item.row.get(name)
     return row
-
-
-def _committed(hist: np.ndarray) -> int:
-    """Tokens committed over the steps of a histogram (index i = steps that committed i + 1)."""
-    return int((np.asarray(hist) * np.arange(1, len(hist) + 1)).sum())
 
 
 class Decode(beam.DoFn):
@@ -121,7 +116,6 @@ class Decode(beam.DoFn):
             self.model_loads.inc()
         results: dict[str, Result] = {}
         error = None
-        hist = np.zeros(0, np.int64)  # grows to the decoder's block size
         with model.lock:
             t0 = time.perf_counter()
             compiled_before = model.decoder.compile_seconds
@@ -135,7 +129,7 @@ class Decode(beam.DoFn):
                     results[r.id] = r
                     h = np.asarray(r.accepted_per_step, np.int64)
                     self.progress.report(rows=1, completion_tokens=r.completion_tokens, steps=int(h.sum()),
-                                         committed=_committed(h))
+                                         committed=committed_tokens(h))
             except Exception as e:  # noqa: BLE001 - rows become dead letters; the bundle goes on
                 error = f"decode failed: {type(e).__name__}: {e}"
                 try:  # the slots may hold half-finished rows: start the next batch from fresh slots
@@ -158,11 +152,9 @@ class Decode(beam.DoFn):
         dead = [dead_letter_row(it.row, "decode_failed", reason, it.source) for it in items if it.id not in results]
         self.completion_part.add(rows, [row["id"] for row in rows])
         self.dead_part.add(dead, [dead_letter_key(d) for d in dead])
+        hist: list[int] = []  # grows to the decoder's block size
         for _, r in done:
-            h = np.asarray(r.accepted_per_step, np.int64)
-            if len(h) > len(hist):
-                hist = np.pad(hist, (0, len(h) - len(hist)))
-            hist[: len(h)] += h
+            hist = add_histograms(hist, r.accepted_per_step)
             self.tau.update(int(round(r.tau * 1000)))
         yield from rows
         for d in dead:
@@ -181,7 +173,7 @@ class Decode(beam.DoFn):
         load_seconds = model.load_seconds if loaded_now else 0.0
         yield beam.pvalue.TaggedOutput(STATS, {
             "batches": 1, "rows": len(done), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "tau_histogram": hist.tolist(), "decode_seconds": decode_seconds, "compile_seconds": compile_seconds,
+            "tau_histogram": hist, "decode_seconds": decode_seconds, "compile_seconds": compile_seconds,
             "load_seconds": load_seconds, "model_loads": int(loaded_now),
             "bucket": bucket,
             "bucket_figures": {"rows": len(done), "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

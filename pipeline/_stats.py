@@ -29,7 +29,6 @@ import time
 from typing import Any, Iterable
 
 import apache_beam as beam
-import numpy as np
 
 from dflash_batch.pipeline._decode import drafter_id
 from dflash_batch.pipeline._figures import Figures, total
@@ -38,6 +37,7 @@ from dflash_batch.pipeline._io import JOB_STATS_FILE, RUN_STATS_PREFIX, delete, 
 from dflash_batch.pipeline._config import JobConfig
 from dflash_batch.pipeline._outcomes import Outcomes, read_outcomes
 from dflash_batch.pipeline._parts import PARTIAL
+from dflash_batch.schemas import add_histograms, tau_from_histogram
 
 TAU_NOTE = "tau = tokens committed per target decode step, bonus token included (the DFlash paper's count)"
 
@@ -61,12 +61,6 @@ def _keep_latest(reports: dict[str, dict], key: str, report: dict) -> None:
     """Decoder reports are cumulative per worker and bucket: the one with the most decode calls is the latest."""
     if report and (key not in reports or _calls(report) >= _calls(reports[key])):
         reports[key] = report
-
-
-def _add_hist(a: list[int], b: list[int]) -> list[int]:
-    n = max(len(a), len(b))
-    padded = [np.pad(np.asarray(h, np.int64), (0, n - len(h))) for h in (a, b)]
-    return (padded[0] + padded[1]).tolist()
 
 
 def _add_counts(into: dict, more: dict) -> None:
@@ -97,7 +91,7 @@ class BatchStatsFn(beam.CombineFn):
     def add_input(self, acc: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
         for k in _SUMS:
             acc[k] += rec[k]
-        acc["tau_histogram"] = _add_hist(acc["tau_histogram"], rec["tau_histogram"])
+        acc["tau_histogram"] = add_histograms(acc["tau_histogram"], rec["tau_histogram"])
         _add_counts(acc["buckets"].setdefault(rec["bucket"], {}), {k: rec["bucket_figures"][k] for k in _BUCKET_SUMS})
         acc["workers"] = sorted(set(acc["workers"]) | {rec["worker"]})
         acc["hardware"] = sorted(set(acc["hardware"]) | {rec["hardware"]})
@@ -111,7 +105,7 @@ class BatchStatsFn(beam.CombineFn):
         for acc in accumulators:
             for k in _SUMS:
                 out[k] += acc[k]
-            out["tau_histogram"] = _add_hist(out["tau_histogram"], acc["tau_histogram"])
+            out["tau_histogram"] = add_histograms(out["tau_histogram"], acc["tau_histogram"])
             for bucket, sums in acc["buckets"].items():
                 _add_counts(out["buckets"].setdefault(bucket, {}), sums)
             out["workers"] = sorted(set(out["workers"]) | set(acc["workers"]))
@@ -173,19 +167,17 @@ def job_totals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     finish: dict[str, int] = {}
     hardware: set[str] = set()
     for r in runs:
-        hist = _add_hist(hist, r.get("tau_histogram") or [])
+        hist = add_histograms(hist, r.get("tau_histogram") or [])
         for b, s in (r.get("buckets") or {}).items():
             _add_counts(buckets.setdefault(b, {}), {k: s.get(k, 0) for k in _BUCKET_SUMS})
         _add_counts(finish, r.get("finish_reasons") or {})
         hardware |= set(r.get("hardware") or [])
-    h = np.asarray(hist, np.int64)
-    steps = int(h.sum())
-    committed = int((h * np.arange(1, len(h) + 1)).sum())
+    tau = tau_from_histogram(hist)
     return {
         "figures": total(Figures.from_dict(r) for r in runs),
         "tau_histogram": hist,
-        "tau_mean": round(committed / steps, 4) if steps else None,
-        "decode_steps": steps,
+        "tau_mean": None if tau is None else round(tau, 4),
+        "decode_steps": sum(hist),
         "buckets": {b: _bucket_record(s) for b, s in sorted(buckets.items(), key=lambda kv: int(kv[0]))},
         "padding_waste": padding_waste(buckets),
         "finish_reasons": finish,

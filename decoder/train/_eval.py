@@ -17,6 +17,7 @@ from dflash_batch.decoder._decoder import Decoder
 from dflash_batch.decoder._drafter import Drafter
 from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig
 from dflash_batch.decoder._requests import Request
+from dflash_batch.schemas import tau_from_histogram
 
 
 def decode_tau(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]], *, mode: str = "dflash",
@@ -40,7 +41,6 @@ def decode_tau(target: TargetModel, prompts: Sequence[tuple[str, Sequence[int]]]
     for r in results:
         hist[: len(r.accepted_per_step)] += r.accepted_per_step[:block_size]
     steps = int(hist.sum())
-    committed = int((hist * np.arange(1, block_size + 1)).sum())
-    return {"tau": committed / steps if steps else 1.0, "tau_mean": float(np.mean([r.tau for r in results])),
+    return {"tau": tau_from_histogram(hist, empty=1.0), "tau_mean": float(np.mean([r.tau for r in results])),
             "steps": steps, "tokens": sum(r.completion_tokens for r in results), "seconds": seconds,
             "hist": hist.tolist()}

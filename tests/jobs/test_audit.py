@@ -161,13 +161,6 @@ def test_html_report_plots_per_bucket_only_for_several_buckets_with_human_captio
     assert plot_ids((output / "report.html").read_text()) == ["tau_histogram"]
 
 
-def test_the_tau_histogram_is_trimmed_to_the_step_sizes_that_occurred():
-    from dflash_batch.jobs._audit import observed_range
-
-    assert observed_range([5, 0, 3, 1] + [0] * 12) == [5, 0, 3, 1]
-    assert observed_range([0] * 16) == []
-
-
 def test_a_baseline_gives_a_speedup_figure(output, tmp_path):
     ar = tmp_path / "ar"
     ar.mkdir()
@@ -245,3 +238,19 @@ def test_audit_takes_the_job_file_or_a_run_id_for_the_output(output, tmp_path, m
     assert json.loads(by_id.output)["job_id"] == "audit-test-b"
     unknown = CliRunner().invoke(main, ["audit", "audit-test-nope"])
     assert unknown.exit_code == 2 and "not a job output folder, a job file, or a job id in the ledger" in unknown.output
+
+
+def test_a_decoder_call_is_one_worker_and_batch_index_within_a_bucket():
+    from dflash_batch.jobs._audit import _buckets
+
+    def row(bucket, worker, index, prompt_tokens):
+        return {"bucket": bucket, "worker": worker, "batch_index": index, "prompt_tokens": prompt_tokens,
+                "completion_tokens": 4}
+
+    rows = [row(64, "w1", 0, 32), row(64, "w1", 0, 64), row(64, "w2", 0, 48), row(32, "w1", 0, 16)]
+    recorded = {"64": {"decode_seconds": 2.0, "completion_tokens": 12}}
+    small, big = _buckets(rows, 4, recorded)
+    assert (small["bucket"], small["calls"], small["batch_fill"], small["padding_waste"]) == (32, 1, 0.25, 0.5)
+    assert (big["bucket"], big["rows"], big["calls"]) == (64, 3, 2)  # w1 and w2 both ran their batch 0
+    assert big["batch_fill"] == pytest.approx(3 / 8) and big["padding_waste"] == pytest.approx(1 - 144 / 192)
+    assert small["tokens_per_s"] is None and big["decode_seconds"] == 2.0

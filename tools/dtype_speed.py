@@ -1,7 +1,7 @@
 """How fast one target decode step runs in each dtype on this machine: the numbers behind
 ``decoder._dtype``'s choice for ``dtype = "auto"`` on CPU.
 
-    python -P -m dflash_batch.jobs._dtype_speed [--model smollm2-135m-instruct] [--rows 1,8,16]
+    python tools/dtype_speed.py [--model smollm2-135m-instruct] [--rows 1,8,16]
         [--repeats 7] [--context 256]
 
 Algorithm:

@@ -156,6 +156,7 @@ class SlotEngine:
             t1 = time.perf_counter()
             s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(0), 0.0)
             jax.block_until_ready(steps)
+            del steps  # nothing of the scratch run may outlive it (the plan counts one state)
             self.warmup_seconds[f"decode L={block}"] = time.perf_counter() - t1
         if len(blocks) > 1:
             t1 = time.perf_counter()

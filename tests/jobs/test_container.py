@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import apache_beam
+import pyarrow as pa
 import pytest
 
 from dflash_batch.jobs._dataflow import TPU_MACHINE_TYPES
@@ -158,7 +159,7 @@ def test_the_decode_step_sets_the_jobs_tpu_variables_before_jax_starts(monkeypat
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
     environ["TPU_WORKER_ID"] = "0"  # set by the entrypoint: kept
     monkeypatch.setattr(os, "environ", environ)
-    Decode(job_config(_dataflow_spec("ct5lp-hightpu-8t"), PipelineOptions([])), []).setup()
+    Decode(job_config(_dataflow_spec("ct5lp-hightpu-8t"), PipelineOptions([])), pa.schema([])).setup()
     assert {k: v for k, v in environ.items() if k.startswith("TPU_")} == tpu_env("ct5lp-hightpu-8t")
     assert environ["TPU_ACCELERATOR_TYPE"] == "v5litepod-8"
 

@@ -63,7 +63,7 @@ def test_dry_run_writes_the_create_job_request_and_its_extras_beside_it(tmp_path
     options = env["sdkPipelineOptions"]["options"]
     assert options["dry_run"] is False and options["no_auth"] is False  # what a real submit sends
     extras = json.loads((tmp_path / "request.extras.json").read_text())
-    assert {"ReadPrompts", "Tokenize", "Bucket", "Batch", "Decode", "WriteCompletions", "WriteJobStats"} \
+    assert {"ReadPrompts", "Tokenize", "Bucket", "Batch", "Decode", "WriteDeadLetters", "WriteJobStats"} \
         <= set(extras["pipeline_step_names"])
     assert any(f["location"].endswith("/pipeline.pb") for f in extras["staged_files"])  # recorded, not uploaded
 
@@ -152,7 +152,7 @@ def test_dry_run_prints_the_memory_plan_of_the_topology(tmp_path):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("decode.batch_size=1000000", "runner.tpu_topology"),  # the KV cache alone outgrows a v5e chip
+    ("decode.batch_size=1000000", "decode.batch_size"),  # the KV cache alone outgrows a v5e chip: a smaller batch fits
     ("decode.tensor_parallel=2", "decode.tensor_parallel"),  # SmolLM2's 9 query heads
     ("decode.data_parallel=2", "decode.data_parallel"),  # a 1x1 slice has one chip
 ])
@@ -215,7 +215,9 @@ def test_dry_run_of_a_gs_model_makes_no_network_call(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert attempts == []
     assert "target config: known shape Qwen/Qwen3-8B (matched model.target 'gs://bkt/models/Qwen3-8B')" in done.stdout
-    assert "mesh: data 2 x model 4" in done.stdout and ": fits" in done.stdout
+    # dtype auto on TPU workers: bfloat16, where Qwen3-8B fits two chips per replica
+    assert "mesh: data 4 x model 2" in done.stdout and ": fits" in done.stdout
+    assert "weights in bfloat16, KV cache in bfloat16" in done.stdout
     create_job_request((tmp_path / "r.json").read_text())
     assert seconds < 120  # seconds, not the minutes of credential and GCS retries
 

@@ -41,7 +41,8 @@ from dflash_batch.decoder._checkpoint import TargetModel, load_target, params_fr
 from dflash_batch.decoder._compile_cache import enable_compilation_cache
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig, DecodeConfigError
-from dflash_batch.decoder._drafter import Drafter, DrafterConfig, load_drafter, place_drafter
+from dflash_batch.decoder._drafter_checkpoint import Drafter, load_drafter, place_drafter
+from dflash_batch.decoder._drafter_config import DrafterConfig
 from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder, timed_generate
 from dflash_batch.decoder._engine import ROWS_PER_SLOT, BatchRun, bucket_for
 from dflash_batch.schemas import MODES

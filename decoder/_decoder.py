@@ -11,7 +11,7 @@ from dflash_batch.decoder._ar import ar_decode, ar_prefill
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._cost_table import cost_key
 from dflash_batch.decoder._decode_config import DecodeConfig
-from dflash_batch.decoder._drafter import Drafter
+from dflash_batch.decoder._drafter_checkpoint import Drafter
 from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, StateHolder, bucket_for, falls_back_to_ar
 from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
 from dflash_batch.decoder._requests import Request, Result

@@ -15,11 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._drafter_checkpoint import (  # noqa: F401  (re-exported)
-    Drafter, drafter_table, init_drafter_params, load_drafter, params_from_tensors, place_drafter, save_drafter,
-    tensors_from_params,
-)
-from dflash_batch.decoder._drafter_config import ARCHITECTURE, DrafterConfig, default_target_layer_ids  # noqa: F401
+from dflash_batch.decoder._drafter_config import DrafterConfig
 from dflash_batch.decoder._layers import apply_rope, dense, matmul_rows, mlp, qkv_proj, rms_norm, rope_inv_freq, scan_layers
 from dflash_batch.decoder._target import Params, embed, lm_head
 from dflash_batch.kernels import draft_attention

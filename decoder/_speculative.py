@@ -39,7 +39,9 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._ar import prefill_chunk, run_steps
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._drafter import Drafter, DrafterConfig, context_kv, draft_block, draft_to_target_ids
+from dflash_batch.decoder._drafter_checkpoint import Drafter
+from dflash_batch.decoder._drafter_config import DrafterConfig
+from dflash_batch.decoder._drafter import context_kv, draft_block, draft_to_target_ids
 from dflash_batch.decoder._sampling import sample
 from dflash_batch.decoder._slots import Slots, commit
 from dflash_batch.decoder._target import Params, forward, write_rows

@@ -43,7 +43,7 @@ def random_drafter(target_config, block_size: int):
     import jax
 
     from dflash_batch.decoder import Drafter, DrafterConfig
-    from dflash_batch.decoder._drafter import init_drafter_params
+    from dflash_batch.decoder._drafter_checkpoint import init_drafter_params
 
     c = target_config
     dcfg = DrafterConfig(block_size=block_size, mask_token_id=3, target_layer_ids=(0, 2), num_layers=2,

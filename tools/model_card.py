@@ -37,7 +37,7 @@ def model_card(s: dict, data_note: str = "", shape_note: str = "") -> str:
         + ("training is **finished**." if s["finished"] else f"**training is not finished** (step {s['step']} of "
            f"{t['steps']}): this is the latest checkpoint."),
         "",
-        "Extensions recorded in `dflash_config` (see `decoder/_drafter.py`):",
+        "Extensions recorded in `dflash_config` (see `decoder/_drafter_config.py`):",
         (f"- `mask_embedding: true`: the target has no spare token row, so a learned mask vector (tensor "
          f"`mask_embedding`) replaces the embedding of `mask_token_id` ({dfl['mask_token_id']}) at block positions "
          "1..B-1." if dfl.get("mask_embedding")

@@ -14,7 +14,7 @@ import numpy as np
 
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._decoder import Decoder
-from dflash_batch.decoder._drafter import Drafter
+from dflash_batch.decoder._drafter_checkpoint import Drafter
 from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig
 from dflash_batch.decoder._requests import Request
 from dflash_batch.schemas import tau_from_histogram

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._drafter import DrafterConfig, init_drafter_params
+from dflash_batch.decoder._drafter_checkpoint import init_drafter_params
+from dflash_batch.decoder._drafter_config import DrafterConfig
 from dflash_batch.decoder._target import Params, head_rows
 
 

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dflash_batch.decoder._config import TargetConfig
-from dflash_batch.decoder._drafter import DrafterConfig
+from dflash_batch.decoder._drafter_config import DrafterConfig
 from dflash_batch.decoder._mesh import make_mesh
 from dflash_batch.decoder._target import Params, head_rows
 from dflash_batch.decoder.train._blocks import make_batch, make_token_batch

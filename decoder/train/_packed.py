@@ -24,8 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dflash_batch.decoder._drafter import (Attend, DrafterConfig, context_kv, draft_head, draft_layer,
-                                           embed_block)
+from dflash_batch.decoder._drafter_config import DrafterConfig
+from dflash_batch.decoder._drafter import Attend, context_kv, draft_head, draft_layer, embed_block
 from dflash_batch.decoder._layers import scan_layers
 from dflash_batch.decoder._target import Params
 

@@ -34,7 +34,8 @@ from jax.sharding import Mesh
 
 from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._registry import resolve_drafter_dir
-from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, load_drafter, save_drafter
+from dflash_batch.decoder._drafter_checkpoint import Drafter, load_drafter, save_drafter
+from dflash_batch.decoder._drafter_config import DrafterConfig, default_target_layer_ids
 from dflash_batch.decoder._target import Params
 from dflash_batch.decoder.train._data import generate_responses
 from dflash_batch.decoder.train._eval import decode_tau

@@ -12,7 +12,8 @@ import jax
 import pytest
 
 from dflash_batch.decoder import Request, load_drafter, load_target, render_messages
-from dflash_batch.decoder._drafter import Drafter, DrafterConfig, default_target_layer_ids, init_drafter_params
+from dflash_batch.decoder._drafter_checkpoint import Drafter, init_drafter_params
+from dflash_batch.decoder._drafter_config import DrafterConfig, default_target_layer_ids
 from dflash_batch.decoder._registry import resolve_drafter_dir
 from dflash_batch.jobs._datasets import aclsum_abstracts
 from dflash_batch.decoder import summarize_messages

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from dflash_batch.decoder._drafter import (
-    DrafterConfig, context_kv, draft_block, draft_to_target_ids, init_drafter_params, load_drafter, save_drafter,
-)
+from dflash_batch.decoder._drafter_checkpoint import init_drafter_params, load_drafter, save_drafter
+from dflash_batch.decoder._drafter_config import DrafterConfig
+from dflash_batch.decoder._drafter import context_kv, draft_block, draft_to_target_ids
 
 MASK = 3
 BLOCK = 4

@@ -161,7 +161,8 @@ def test_a_hybrid_job_with_automatic_blocks_gives_the_ar_jobs_tokens(job, chat_m
     import jax
 
     from dflash_batch.decoder import load_target
-    from dflash_batch.decoder._drafter import DrafterConfig, init_drafter_params, save_drafter
+    from dflash_batch.decoder._drafter_checkpoint import init_drafter_params, save_drafter
+    from dflash_batch.decoder._drafter_config import DrafterConfig
 
     c = load_target(str(chat_model_dir), with_tokenizer=False).config
     dcfg = DrafterConfig(block_size=8, mask_token_id=3, target_layer_ids=(0, 1), num_layers=1,

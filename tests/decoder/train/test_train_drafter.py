@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from tiny_training import N_HELD_OUT, SPEC, tiny_prompts
 
-from dflash_batch.decoder._drafter import load_drafter
+from dflash_batch.decoder._drafter_checkpoint import load_drafter
 from dflash_batch.decoder.train import decode_tau, split_prompts
 
 

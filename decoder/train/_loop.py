@@ -32,6 +32,7 @@ from dflash_batch.decoder._drafter_config import DrafterConfig
 from dflash_batch.decoder._mesh import make_mesh
 from dflash_batch.decoder._target import Params, head_rows
 from dflash_batch.decoder.train._blocks import make_batch, make_token_batch
+from dflash_batch.decoder.train._config import TrainConfig
 from dflash_batch.decoder.train._features import FeatureCache
 from dflash_batch.decoder.train._online import TokenSequences, target_outputs
 from dflash_batch.decoder.train._loss import block_loss, loss_weights
@@ -39,39 +40,6 @@ from dflash_batch.decoder.train._packed import packed_draft_logits
 from dflash_batch.decoder.train._state import has_checkpoint, load_checkpoint, save_checkpoint
 
 SEQ_STEP = 128  # granularity of a batch's padded context length S
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. Defaults follow the DFlash paper where it says (AdamW,
-    lr 6e-4, cosine, 4% warmup, clip 1.0); the rest were chosen on this project's CPU."""
-
-    steps: int = 2000
-    batch_size: int = 4  # sequences per step
-    anchors: int = 16  # blocks per sequence (A)
-    lr: float = 6e-4
-    warmup: float = 0.04  # fraction of ``steps``
-    weight_decay: float = 0.01
-    b2: float = 0.95
-    clip: float = 1.0
-    gamma: float | None = None  # loss decay; None: the paper's value for the block size
-    distill: float = 0.5  # weight of the soft (target distribution) loss; 1 - distill on hard labels
-    top_k: int = 32  # target distribution entries kept for distillation
-    teacher: str = "topk"  # soft labels: "topk" entries, or the "full" distribution over the draft vocabulary
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    eval_every: int = 0  # steps between evaluations (0: at the end only)
-
-    def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.anchors < 1:
-            raise ValueError(f"{self.steps=}, {self.batch_size=} and {self.anchors=} must be >= 1")
-        if not 0.0 <= self.distill <= 1.0:
-            raise ValueError(f"{self.distill=} must be in [0, 1]")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"{self.warmup=} must be in [0, 1)")
-        if self.teacher not in ("topk", "full"):
-            raise ValueError(f"{self.teacher=} must be 'topk' or 'full'")
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
@@ -279,105 +247,148 @@ def train_loop(trainer: Trainer, params: Params, train_seqs: Sequence[int], ckpt
     Without ``resume`` an existing checkpoint is an error, so no run is overwritten by accident.
     ``deadline`` (a ``time.time()``): stop like SIGTERM once it has passed, checkpointed,
     so a run with a wall-clock budget resumes where the budget ended it.
+
+    1. Start fresh, or from the checkpoint in ``ckpt_dir`` (``_start``).
+    2. Evaluate the untrained drafter: the baseline every later evaluation is read against.
+    3. Train step by step (``_steps``) until the end, ``stop_at``, a signal or the deadline.
+    4. Evaluate the final drafter once the schedule is complete, and checkpoint.
     """
     tcfg = trainer.tcfg
-    train_seqs = np.asarray(train_seqs)
-    params = trainer.place(params)
-    opt_state = trainer.init_opt(params)
-    meta = {"step": 0, "seed": tcfg.seed, "identity": identity, "train_seconds": 0.0, "predicted_tokens": 0,
-            "history": [], "evals": []}
-    if has_checkpoint(ckpt_dir):
-        if not resume:
-            raise FileExistsError(f"{ckpt_dir} holds a checkpoint: resume it, or choose another work dir")
-        (params, opt_state), meta = load_checkpoint(ckpt_dir, (params, opt_state))
-        params, opt_state = trainer.place((params, opt_state))
-        if meta["identity"] != json.loads(json.dumps(identity)):
-            diff = sorted(k for k in set(identity) | set(meta["identity"])
-                          if json.loads(json.dumps(identity.get(k))) != meta["identity"].get(k))
-            raise ValueError(f"cannot resume {ckpt_dir}: the run's settings differ in {diff}")
+    params, opt_state, meta = _start(trainer, params, ckpt_dir, resume=resume, identity=identity)
     end = min(tcfg.steps, stop_at) if stop_at is not None else tcfg.steps
-    start = meta["step"]
-    losses: list[float] = []
-
-    def checkpoint(step: int) -> None:
-        meta["step"] = step
-        save_checkpoint(ckpt_dir, (params, opt_state), meta)
-
-    def log(record: dict) -> None:
-        if log_path is not None:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run_eval(step: int) -> None:
-        rec: dict = {"step": step, "predicted_tokens": meta["predicted_tokens"], "train_seconds": meta["train_seconds"]}
-        if len(heldout_seqs):
-            rec.update({f"heldout_{k}": v for k, v in trainer.evaluate(params, heldout_seqs).items()})
-        if evaluate is not None:
-            rec.update(evaluate(params, step))
-        meta["evals"].append(rec)
-        log({"eval": rec})
-        if bar is not None:
-            bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in rec.items() if not isinstance(v, (list, dict))))
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tcfg.steps, initial=start, unit="step", desc="train-drafter", dynamic_ncols=True)
-    step = start
-    if start == 0 and tcfg.eval_every and end > 0:
-        run_eval(0)  # the untrained drafter: the baseline every later evaluation is read against
-    window: list[dict] = []
-    step_seconds, tokens_mark = 0.0, 0  # over the current log window, step time only (no evals)
+    run = _Run(trainer, params, opt_state, meta, ckpt_dir=ckpt_dir, log_path=log_path, heldout_seqs=heldout_seqs,
+               evaluate=evaluate, bar=_step_bar(progress, tcfg.steps, meta["step"]))
+    if run.step == 0 and tcfg.eval_every and end > 0:
+        run.evaluate()
     try:
         with _Stop() as stop:
-            while step < end and not stop.requested:
-                if deadline is not None and time.time() >= deadline:
-                    stop.requested = True
-                    break
-                seqs = train_seqs[batch_sequences(tcfg.seed, step, len(train_seqs), tcfg.batch_size)]
-                batch = trainer.batch(seqs, anchor_rng(tcfg.seed, step))
-                batch_tokens = int(batch["label_exists"].sum())
-                t0 = time.perf_counter()
-                params, opt_state, metrics = trainer.step(params, opt_state, batch)
-                metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                meta["train_seconds"] += dt
-                step_seconds += dt
-                meta["predicted_tokens"] += batch_tokens
-                tokens_mark += batch_tokens
-                losses.append(float(metrics["loss"]))
-                step += 1
-                window.append({k: float(v) for k, v in metrics.items()})
-                if step % tcfg.log_every == 0 or step == end:
-                    avg = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    avg.update(step=step, tok_s=tokens_mark / max(step_seconds, 1e-9))
-                    meta["history"].append(avg)
-                    log(avg)
-                    window, step_seconds, tokens_mark = [], 0.0, 0
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc1']:.3f}",
-                                    tau=f"{metrics['tau']:.2f}", tau_h=f"{metrics['tau_h']:.2f}")
-                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                    run_eval(step)
-                if step % tcfg.checkpoint_every == 0:
-                    checkpoint(step)
+            _steps(run, np.asarray(train_seqs), end, stop, deadline)
             if stop.requested:
                 print(f"stopped (signal or time budget) at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                      f"checkpointing step {step} and stopping",
-                      file=sys.stderr, flush=True)
-            if step >= tcfg.steps and not any(e["step"] == step for e in meta["evals"]):
-                run_eval(step)
+                      f"checkpointing step {run.step} and stopping", file=sys.stderr, flush=True)
+            if run.step >= tcfg.steps and not any(e["step"] == run.step for e in meta["evals"]):
+                run.evaluate()
     except KeyboardInterrupt:
         try:
-            checkpoint(step)
+            run.checkpoint()
         except RuntimeError:  # interrupted inside a step: its donated inputs are gone
             pass  # the last periodic checkpoint stands
         raise
     finally:
-        if bar is not None:
-            bar.close()
-    checkpoint(step)
-    return LoopResult(params=params, step=step, losses=losses, meta=meta)
+        if run.bar is not None:
+            run.bar.close()
+    run.checkpoint()
+    return LoopResult(params=run.params, step=run.step, losses=run.losses, meta=meta)
+
+
+def _start(trainer: Trainer, params: Params, ckpt_dir: Path, *, resume: bool, identity: dict) -> tuple:
+    """(params, optimiser state, meta) placed on the mesh: fresh, or the checkpoint's when
+    ``resume`` asks for it and its ``identity`` is this run's."""
+    params = trainer.place(params)
+    opt_state = trainer.init_opt(params)
+    meta = {"step": 0, "seed": trainer.tcfg.seed, "identity": identity, "train_seconds": 0.0, "predicted_tokens": 0,
+            "history": [], "evals": []}
+    if not has_checkpoint(ckpt_dir):
+        return params, opt_state, meta
+    if not resume:
+        raise FileExistsError(f"{ckpt_dir} holds a checkpoint: resume it, or choose another work dir")
+    (params, opt_state), meta = load_checkpoint(ckpt_dir, (params, opt_state))
+    params, opt_state = trainer.place((params, opt_state))
+    if meta["identity"] != json.loads(json.dumps(identity)):  # compared as the checkpoint stored it (JSON)
+        diff = sorted(k for k in set(identity) | set(meta["identity"])
+                      if json.loads(json.dumps(identity.get(k))) != meta["identity"].get(k))
+        raise ValueError(f"cannot resume {ckpt_dir}: the run's settings differ in {diff}")
+    return params, opt_state, meta
+
+
+def _step_bar(progress: bool, total: int, initial: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train-drafter", dynamic_ncols=True)
+
+
+def _steps(run: "_Run", train_seqs: np.ndarray, end: int, stop: _Stop, deadline: float | None) -> None:
+    """Trains until step ``end`` or a stop request (a signal, or ``deadline`` passing),
+    evaluating every ``eval_every`` and checkpointing every ``checkpoint_every`` steps.
+
+    Step s trains on the s-th slice of the seeded sequence stream with anchors drawn from
+    (seed, s), so what a step computes depends on s alone, not on where a call started.
+    """
+    tcfg = run.trainer.tcfg
+    while run.step < end and not stop.requested:
+        if deadline is not None and time.time() >= deadline:
+            stop.requested = True
+            break
+        seqs = train_seqs[batch_sequences(tcfg.seed, run.step, len(train_seqs), tcfg.batch_size)]
+        run.train_step(run.trainer.batch(seqs, anchor_rng(tcfg.seed, run.step)), end)
+        if tcfg.eval_every and run.step % tcfg.eval_every == 0 and run.step < tcfg.steps:
+            run.evaluate()  # the final step's evaluation waits until the loop has ended
+        if run.step % tcfg.checkpoint_every == 0:
+            run.checkpoint()
+
+
+class _Run:
+    """One call of ``train_loop``: the state carried from step to step (parameters,
+    optimiser state, ``meta``: the checkpointed counters and records) and what it writes."""
+
+    def __init__(self, trainer: Trainer, params: Params, opt_state, meta: dict, *, ckpt_dir: Path,
+                 log_path: Path | None, heldout_seqs: Sequence[int],
+                 evaluate: Callable[[Params, int], dict] | None, bar):
+        self.trainer, self.params, self.opt_state, self.meta = trainer, params, opt_state, meta
+        self.ckpt_dir, self.log_path, self.bar = ckpt_dir, log_path, bar
+        self.heldout_seqs, self._evaluate = heldout_seqs, evaluate
+        self.step = meta["step"]
+        self.losses: list[float] = []  # the loss of every step of this call
+        # The current log window: per-step metrics, and step time only (no evaluations) and tokens.
+        self._window: list[dict] = []
+        self._seconds, self._tokens = 0.0, 0
+
+    def checkpoint(self) -> None:
+        self.meta["step"] = self.step
+        save_checkpoint(self.ckpt_dir, (self.params, self.opt_state), self.meta)
+
+    def log(self, record: dict) -> None:
+        if self.log_path is not None:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def train_step(self, batch: dict, end: int) -> None:
+        """One optimiser step on ``batch``, timed; its metrics join the log window."""
+        batch_tokens = int(batch["label_exists"].sum())
+        t0 = time.perf_counter()
+        self.params, self.opt_state, metrics = self.trainer.step(self.params, self.opt_state, batch)
+        metrics = jax.device_get(metrics)  # waits for the step: the time below is the step's
+        dt = time.perf_counter() - t0
+        self.meta["train_seconds"] += dt
+        self.meta["predicted_tokens"] += batch_tokens
+        self._seconds += dt
+        self._tokens += batch_tokens
+        self.losses.append(float(metrics["loss"]))
+        self.step += 1
+        self._window.append({k: float(v) for k, v in metrics.items()})
+        if self.step % self.trainer.tcfg.log_every == 0 or self.step == end:
+            avg = {k: float(np.mean([w[k] for w in self._window])) for k in self._window[0]}
+            avg.update(step=self.step, tok_s=self._tokens / max(self._seconds, 1e-9))
+            self.meta["history"].append(avg)
+            self.log(avg)
+            self._window, self._seconds, self._tokens = [], 0.0, 0
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc1']:.3f}",
+                                 tau=f"{metrics['tau']:.2f}", tau_h=f"{metrics['tau_h']:.2f}")
+
+    def evaluate(self) -> None:
+        """Records the held-out metrics and ``evaluate``'s (decoder tau) at the current step."""
+        rec: dict = {"step": self.step, "predicted_tokens": self.meta["predicted_tokens"],
+                     "train_seconds": self.meta["train_seconds"]}
+        if len(self.heldout_seqs):
+            rec.update({f"heldout_{k}": v for k, v in self.trainer.evaluate(self.params, self.heldout_seqs).items()})
+        if self._evaluate is not None:
+            rec.update(self._evaluate(self.params, self.step))
+        self.meta["evals"].append(rec)
+        self.log({"eval": rec})
+        if self.bar is not None:
+            self.bar.write("eval " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in rec.items() if not isinstance(v, (list, dict))))

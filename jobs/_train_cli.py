@@ -9,9 +9,13 @@ from pathlib import Path
 import click
 
 from dflash_batch.decoder import DEFAULT_MODEL, DTYPES
+from dflash_batch.decoder.train import DataConfig, DrafterSpec, TrainConfig
+from dflash_batch.jobs._settings_options import settings_from, settings_options
 
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: the run checkpointed and can be resumed
+# Every field of these is an option of the command, with the field's default, help and bounds.
+SETTINGS = (DrafterSpec, TrainConfig, DataConfig)
 
 
 def read_prompts(path: Path, tokenizer, template: str = "auto", limit: int = 0
@@ -69,13 +73,31 @@ def target_dtype(setting: str, target: str) -> str:
     return resolve_dtype(setting, config)
 
 
-def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
-    if not value:
-        return None
+def load_prompts(tokenizer, path: Path, template: str, limit: int, max_prompt_tokens: int
+                 ) -> list[tuple[str, list[int]]]:
+    """The prompts to train on, as ``read_prompts`` reads them, without those over
+    ``max_prompt_tokens`` (0: no limit); what is skipped is said on stderr."""
+    prompts, bad = read_prompts(path, tokenizer, template, limit)
+    if bad:
+        click.echo(f"skipped {len(bad)} invalid prompt rows, e.g. {bad[0]}", err=True)
+    if max_prompt_tokens:
+        kept = [p for p in prompts if len(p[1]) <= max_prompt_tokens]
+        if len(kept) < len(prompts):
+            click.echo(f"skipped {len(prompts) - len(kept)} prompts over {max_prompt_tokens} tokens", err=True)
+        prompts = kept
+    if not prompts:
+        raise click.ClickException(f"no valid prompts in {path}")
+    return prompts
+
+
+def _settings(params: dict) -> tuple:
+    """(DrafterSpec, TrainConfig, DataConfig) from the parsed options."""
+    from dflash_batch.decoder.train import SettingsError
+
     try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        return tuple(settings_from(cls, params) for cls in SETTINGS)
+    except SettingsError as e:
+        raise click.UsageError(str(e)) from None
 
 
 @click.command("train-drafter")
@@ -92,75 +114,24 @@ def _int_tuple(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
 @click.option("--limit", default=0, show_default=True, type=click.IntRange(0), help="Use the first N prompts (0: all).")
 @click.option("--max-prompt-tokens", default=0, show_default=True, type=click.IntRange(0),
               help="Skip prompts longer than this (0: none); online training pads every batch to the longest.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1), help="Response length.")
-@click.option("--gen-batch", default=8, show_default=True, type=click.IntRange(1), help="Decoder batch for responses.")
-@click.option("--gen-mode", default="ar", show_default=True, type=click.Choice(["ar", "ngram"]),
-              help="Decode mode for responses (both lossless: same tokens).")
-@click.option("--eval-prompts", default=16, show_default=True, type=click.IntRange(0), help="Held-out prompts.")
-@click.option("--eval-max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--steps", default=2000, show_default=True, type=click.IntRange(1))
-@click.option("--batch", default=4, show_default=True, type=click.IntRange(1), help="Sequences per step.")
-@click.option("--anchors", default=16, show_default=True, type=click.IntRange(1), help="Blocks per sequence.")
-@click.option("--block-size", default=16, show_default=True, type=click.IntRange(2))
-@click.option("--layers", default=1, show_default=True, type=click.IntRange(1), help="Draft layers.")
-@click.option("--target-layers", callback=_int_tuple, help="Target layers whose outputs are the context features "
-              "(comma-separated) [default: 5 spread by z-lab's rule].")
-@click.option("--draft-vocab", default=8192, show_default=True, type=click.IntRange(0),
-              help="Reduced draft vocabulary size (0: the full target vocabulary).")
-@click.option("--mask-token-id", type=int, help="Mask id recorded in config.json [default: pad or EOS id; "
-              "its embedding is replaced by a learned one].")
-@click.option("--init", "init_from", default="target", show_default=True, type=click.Choice(["target", "random"]),
-              help="Start draft layers from target layers, or from noise.")
-@click.option("--init-from", "init_drafter", help="Continue training this drafter (a folder, gs:// prefix, or "
-              "'default': the one shipped for the target), e.g. to fine-tune a published one on your domain: its shape, "
-              "feature layers and draft vocabulary "
-              "replace --layers, --block-size, --target-layers, --draft-vocab and --init.")
-@click.option("--source-layers", callback=_int_tuple, help="Target layers the draft layers start from "
-              "(comma-separated, one per draft layer) [default: the ones after the deepest feature layer].")
-@click.option("--standardize/--no-standardize", default=True, show_default=True,
-              help="Scale target features per channel (folded into fc at save).")
-@click.option("--distill", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="Weight of the loss to the target's distribution (the rest on its tokens).")
-@click.option("--top-k", default=32, show_default=True, type=click.IntRange(1), help="Distribution entries kept.")
-@click.option("--teacher", default="topk", show_default=True, type=click.Choice(["topk", "full"]),
-              help="Distillation target: the target's top-k entries, or its full distribution over the draft "
-              "vocabulary (KL; computed in each step from the target's output-head input).")
-@click.option("--lr", default=6e-4, show_default=True, type=float)
-@click.option("--warmup", default=0.04, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--weight-decay", default=0.01, show_default=True, type=float)
-@click.option("--gamma", type=float, help="Loss decay over block positions [default: the paper's for the block size].")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--eval-every", default=500, show_default=True, type=click.IntRange(0),
-              help="Steps between tau evaluations with the real decoder (0: at the end only).")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint in the work dir.")
 @click.option("--stop-at", type=click.IntRange(1), help="End this call after this step (the schedule keeps --steps).")
 @click.option("--test-prompts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Evaluation prompts Parquet: tau (dflash at B=16 and 8, ngram at 16) goes into the model card.")
 @click.option("--test-limit", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--test-max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--online/--offline", default=None, help="Run the target inside the training step (no feature "
-              "cache on disk) [default: online on an accelerator, offline on the CPU].")
 @click.option("--time-budget", default=0.0, show_default=True, type=click.FloatRange(0),
               help="Wall-clock seconds for this call (0: none). Generation ends by --gen-budget, training "
               "--eval-reserve before the end; both checkpoint, and --resume continues.")
 @click.option("--gen-budget", type=click.FloatRange(0), help="Seconds from the start for generating responses "
-              "[default: 40%% of --time-budget].")
+              "[default: 40% of --time-budget].")
 @click.option("--eval-reserve", type=click.FloatRange(0), help="Seconds kept after training for the test "
-              "evaluation and the export [default: 20%% of --time-budget].")
+              "evaluation and the export [default: 20% of --time-budget].")
+@settings_options(*SETTINGS)
 def train_drafter_command(target: str, dtype: str, prompts_path: Path, out: Path, work_dir: Path | None,
-                          template: str, limit: int,
-                          max_prompt_tokens: int,
-                          max_new_tokens: int, gen_batch: int, gen_mode: str, eval_prompts: int,
-                          eval_max_new_tokens: int, steps: int, batch: int, anchors: int, block_size: int, layers: int,
-                          target_layers: tuple[int, ...] | None, draft_vocab: int, mask_token_id: int | None,
-                          init_from: str, init_drafter: str | None, source_layers: tuple[int, ...] | None,
-                          standardize: bool, distill: float,
-                          top_k: int, teacher: str, lr: float, warmup: float,
-                          weight_decay: float, gamma: float | None, seed: int, checkpoint_every: int, eval_every: int,
-                          resume: bool, stop_at: int | None, test_prompts: Path | None, test_limit: int,
-                          test_max_new_tokens: int, online: bool | None, time_budget: float, gen_budget: float | None,
-                          eval_reserve: float | None) -> None:
+                          template: str, limit: int, max_prompt_tokens: int, resume: bool, stop_at: int | None,
+                          test_prompts: Path | None, test_limit: int, test_max_new_tokens: int, time_budget: float,
+                          gen_budget: float | None, eval_reserve: float | None, **settings) -> None:
     """Train a DFlash drafter for TARGET on its own greedy responses to PROMPTS.
 
     Everything slow is cached in the work dir (responses, target features, checkpoints),
@@ -170,37 +141,19 @@ def train_drafter_command(target: str, dtype: str, prompts_path: Path, out: Path
     """
     import time
 
-    from dflash_batch.decoder import jnp_dtype, load_target
-    from dflash_batch.decoder import cache_dir
-    from dflash_batch.decoder.train import SUMMARY_FILE, DrafterSpec, TrainConfig, train_drafter
+    from dflash_batch.decoder import cache_dir, jnp_dtype, load_target
+    from dflash_batch.decoder.train import SUMMARY_FILE, train_drafter
 
+    spec, tcfg, data = _settings(settings)
     t_start = time.time()
     gen_deadline, deadline = deadlines(t_start, time_budget, gen_budget, eval_reserve)
     dtype = target_dtype(dtype, target)
     tgt = load_target(target, dtype=jnp_dtype(dtype))
-    prompts, bad = read_prompts(prompts_path, tgt.tokenizer, template, limit)
-    if bad:
-        click.echo(f"skipped {len(bad)} invalid prompt rows, e.g. {bad[0]}", err=True)
-    if max_prompt_tokens:
-        kept = [p for p in prompts if len(p[1]) <= max_prompt_tokens]
-        if len(kept) < len(prompts):
-            click.echo(f"skipped {len(prompts) - len(kept)} prompts over {max_prompt_tokens} tokens", err=True)
-        prompts = kept
-    if not prompts:
-        raise click.ClickException(f"no valid prompts in {prompts_path}")
+    prompts = load_prompts(tgt.tokenizer, prompts_path, template, limit, max_prompt_tokens)
     work_dir = work_dir or cache_dir() / "train" / out.name
-    spec = DrafterSpec(num_layers=layers, block_size=block_size, target_layer_ids=target_layers,
-                       draft_vocab_size=draft_vocab or None, mask_token_id=mask_token_id,
-                       init_from_target=init_from == "target", source_layers=source_layers,
-                       standardize=standardize, init_drafter=init_drafter)
-    tcfg = TrainConfig(steps=steps, batch_size=batch, anchors=anchors, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                       gamma=gamma, distill=distill, top_k=top_k, teacher=teacher, seed=seed, checkpoint_every=checkpoint_every,
-                       eval_every=eval_every)
     try:
-        summary = train_drafter(tgt, prompts, out, work_dir=work_dir, spec=spec, tcfg=tcfg,
-                                max_new_tokens=max_new_tokens, gen_batch=gen_batch, gen_mode=gen_mode,
-                                eval_prompts=eval_prompts, eval_max_new_tokens=eval_max_new_tokens, resume=resume,
-                                stop_at=stop_at, log=lambda m: click.echo(m, err=True), online=online,
+        summary = train_drafter(tgt, prompts, out, work_dir=work_dir, spec=spec, tcfg=tcfg, data=data, resume=resume,
+                                stop_at=stop_at, log=lambda m: click.echo(m, err=True),
                                 gen_deadline=gen_deadline, deadline=deadline)
     except (FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from None
@@ -213,7 +166,7 @@ def train_drafter_command(target: str, dtype: str, prompts_path: Path, out: Path
     click.echo(json.dumps({k: summary[k] for k in ("out_dir", "step", "finished", "evals", "train_seconds")} |
                           {"test": summary.get("test")}, indent=2, default=str))
     if budget_spent:
-        click.echo(f"time budget spent at step {summary['step']} of {steps}; continue with --resume", err=True)
+        click.echo(f"time budget spent at step {summary['step']} of {tcfg.steps}; continue with --resume", err=True)
     elif not summary["finished"] and (stop_at is None or summary["step"] < stop_at):
         # Stopped by a signal before its end: a supervisor may rerun with --resume.
         click.echo(f"interrupted at step {summary['step']}; continue with --resume", err=True)

@@ -47,15 +47,17 @@ def drafter_dir(target_dir, tmp_path_factory):
     target layer it feeds normed features where we feed the layer's output. z-lab's own rule
     for feature layers never picks the last layer (at most L-3); the difference is noted in
     docs/design.md."""
-    from dflash_batch.decoder.train import DrafterSpec, TrainConfig, train_drafter
+    from dflash_batch.decoder.train import DataConfig, DrafterSpec, TrainConfig, train_drafter
 
     root = tmp_path_factory.mktemp("zlab-drafter")
     spec = DrafterSpec(num_layers=1, block_size=BLOCK, target_layer_ids=(0, 1), draft_vocab_size=None,
                        mask_token_id=0, mask_embedding=False)
-    tcfg = TrainConfig(steps=200, batch_size=4, anchors=8, lr=3e-3, checkpoint_every=1000, log_every=1000)
+    tcfg = TrainConfig(steps=200, batch_size=4, anchors=8, lr=3e-3, checkpoint_every=1000, log_every=1000,
+                       eval_every=0)
     train_drafter(load_target(str(target_dir), with_tokenizer=False), tiny_prompts(96), root / "drafter",
-                  work_dir=root / "work", spec=spec, tcfg=tcfg, max_new_tokens=32, eval_prompts=4,
-                  eval_max_new_tokens=8, progress=False, log=lambda _: None)
+                  work_dir=root / "work", spec=spec, tcfg=tcfg,
+                  data=DataConfig(max_new_tokens=32, eval_prompts=4, eval_max_new_tokens=8), progress=False,
+                  log=lambda _: None)
     return root / "drafter"
 
 

@@ -91,3 +91,50 @@ def test_dtype_is_an_option_resolved_like_a_jobs(tiny_llama_dir):
     assert target_dtype("bfloat16", str(tiny_llama_dir)) == "bfloat16"
     bad = CliRunner().invoke(train_drafter_command, ["--dtype", "fp8", "--prompts", __file__, "--out", "x"])
     assert bad.exit_code == 2 and "--dtype" in bad.output and "fp8" in bad.output
+
+
+def _parse(args: list[str]) -> tuple:
+    """(DrafterSpec, TrainConfig, DataConfig) as the command builds them from ``args``."""
+    from dflash_batch.jobs._settings_options import settings_from
+    from dflash_batch.jobs._train_cli import SETTINGS, train_drafter_command
+
+    ctx = train_drafter_command.make_context("train-drafter", ["--prompts", __file__, "--out", "x", *args])
+    return tuple(settings_from(cls, ctx.params) for cls in SETTINGS)
+
+
+def test_every_settings_field_is_an_option_with_the_fields_default_and_help():
+    """One default per setting: the dataclass's. A hand-written option, or one that is missing,
+    fails here."""
+    import dataclasses
+
+    from dflash_batch.jobs._settings_options import option_name
+    from dflash_batch.jobs._train_cli import SETTINGS, train_drafter_command
+
+    params = {p.name: p for p in train_drafter_command.params}
+    for cls in SETTINGS:
+        for field in dataclasses.fields(cls):
+            assert field.name in params, f"{cls.__name__}.{field.name} has no option"
+            option = params[field.name]
+            assert option_name(field).split("/")[0] in option.opts
+            assert option.help == field.metadata["help"] and option.help
+    assert _parse([]) == tuple(cls() for cls in SETTINGS)  # every parsed default is the field's
+
+
+def test_the_recipes_option_names_still_set_their_fields():
+    spec, tcfg, data = _parse(["--layers", "2", "--batch", "8", "--draft-vocab", "0", "--init", "random",
+                               "--init-from", "default", "--target-layers", "1,3", "--source-layers", "4",
+                               "--no-standardize", "--eval-every", "0", "--steps", "9", "--teacher", "full",
+                               "--offline", "--gen-mode", "ngram", "--eval-prompts", "3", "--clip", "0.5"])
+    assert (spec.num_layers, spec.draft_vocab_size, spec.init_from_target, spec.init_drafter) == (2, None, False, "default")
+    assert (spec.target_layer_ids, spec.source_layers, spec.standardize) == ((1, 3), (4,), False)
+    assert (tcfg.batch_size, tcfg.eval_every, tcfg.steps, tcfg.teacher, tcfg.clip) == (8, 0, 9, "full", 0.5)
+    assert (data.online, data.gen_mode, data.eval_prompts) == (False, "ngram", 3)
+
+
+def test_an_option_outside_its_fields_bounds_is_refused_by_name():
+    from dflash_batch.jobs._train_cli import train_drafter_command
+
+    for args, name in ((["--steps", "0"], "--steps"), (["--warmup", "1"], "--warmup"),
+                       (["--teacher", "soft"], "--teacher"), (["--target-layers", "1,a"], "--target-layers")):
+        bad = CliRunner().invoke(train_drafter_command, ["--prompts", __file__, "--out", "x", *args])
+        assert bad.exit_code == 2 and name in bad.output, (args, bad.output)

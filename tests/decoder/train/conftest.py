@@ -20,10 +20,10 @@ def tiny32(tmp_path_factory):
 def tiny_run(tiny32, tmp_path_factory):
     """Trains a drafter on the tiny target's own greedy responses to random prompts
     (some held out for evaluation) and returns (summary, out_dir, work_dir)."""
-    from dflash_batch.decoder.train import train_drafter
+    from dflash_batch.decoder.train import DataConfig, train_drafter
 
     root = tmp_path_factory.mktemp("tiny-run")
+    data = DataConfig(max_new_tokens=32, eval_prompts=N_HELD_OUT, eval_max_new_tokens=32)
     summary = train_drafter(tiny32, tiny_prompts(), root / "drafter", work_dir=root / "work", spec=SPEC, tcfg=TRAIN,
-                            max_new_tokens=32, eval_prompts=N_HELD_OUT, eval_max_new_tokens=32, progress=False,
-                            log=lambda _: None)
+                            data=data, progress=False, log=lambda _: None)
     return summary, root / "drafter", root / "work"

@@ -12,7 +12,7 @@ import time
 import pytest
 from tiny_training import SPEC, TRAIN, tiny_prompts
 
-from dflash_batch.decoder.train import _data, _loop, generate_responses, train_drafter
+from dflash_batch.decoder.train import DataConfig, _data, _loop, generate_responses, train_drafter
 
 
 class Clock:
@@ -56,8 +56,8 @@ def test_budgeted_run_freezes_its_prompt_set_and_resumes_to_the_end(tiny32, tmp_
     monkeypatch.setattr(_loop, "time", train_clock)
     prompts = tiny_prompts(40, seed=6)
     tcfg = dataclasses.replace(TRAIN, steps=6, eval_every=0, checkpoint_every=100, log_every=1)
-    kw = dict(spec=SPEC, tcfg=tcfg, max_new_tokens=8, gen_batch=8, eval_prompts=4, eval_max_new_tokens=8,
-              progress=False, log=lambda _: None, online=True)
+    data = DataConfig(max_new_tokens=8, gen_batch=8, eval_prompts=4, eval_max_new_tokens=8, online=True)
+    kw = dict(spec=SPEC, tcfg=tcfg, data=data, progress=False, log=lambda _: None)
 
     def gen_tick(done, total, tps):
         gen_clock.now = done
@@ -71,10 +71,10 @@ def test_budgeted_run_freezes_its_prompt_set_and_resumes_to_the_end(tiny32, tmp_
         return real_step(self, *a)
 
     monkeypatch.setattr(_loop.Trainer, "step", counted_step)
-    from dflash_batch.decoder.train import _run
+    from dflash_batch.decoder.train import _prepare
 
-    real_gen = _run.generate_responses
-    monkeypatch.setattr(_run, "generate_responses", lambda *a, **k: real_gen(*a, **dict(k, progress=gen_tick)))
+    real_gen = _prepare.generate_responses
+    monkeypatch.setattr(_prepare, "generate_responses", lambda *a, **k: real_gen(*a, **dict(k, progress=gen_tick)))
     first = train_drafter(tiny32, prompts, tmp_path / "out", work_dir=tmp_path / "work", gen_deadline=20.0,
                           deadline=3.0, **kw)
     frozen = json.loads((tmp_path / "work" / "prompt-set.json").read_text())

@@ -52,7 +52,7 @@ def test_shipped_drafter_is_the_evaluated_one_with_the_best_held_out_tau(tiny_ru
 
 
 def test_best_drafter_keeps_the_higher_tau_and_ignores_another_runs(tiny_run, tmp_path):
-    from dflash_batch.decoder.train._run import BestDrafter
+    from dflash_batch.decoder.train._best import BestDrafter
 
     _, out, _ = tiny_run
     loaded = load_drafter(out)
@@ -124,7 +124,7 @@ def test_training_continues_a_saved_drafter(tiny32, tiny_run, tmp_path):
     import dataclasses
     import shutil
 
-    from dflash_batch.decoder.train import DrafterSpec, train_drafter
+    from dflash_batch.decoder.train import DataConfig, DrafterSpec, train_drafter
     from tiny_training import TRAIN
 
     summary, out, work = tiny_run
@@ -134,9 +134,9 @@ def test_training_continues_a_saved_drafter(tiny32, tiny_run, tmp_path):
     shutil.copytree(work / "features", cont_work / "features")
     spec = DrafterSpec(num_layers=2, block_size=4, draft_vocab_size=16, init_drafter=str(out))  # the drafter's win
     tcfg = dataclasses.replace(TRAIN, steps=20, eval_every=20, lr=3e-4)
+    data = DataConfig(max_new_tokens=32, eval_prompts=N_HELD_OUT, eval_max_new_tokens=32)
     cont = train_drafter(tiny32, tiny_prompts(), tmp_path / "continued", work_dir=cont_work, spec=spec, tcfg=tcfg,
-                         max_new_tokens=32, eval_prompts=N_HELD_OUT, eval_max_new_tokens=32, progress=False,
-                         log=lambda _: None)
+                         data=data, progress=False, log=lambda _: None)
     base, tuned = load_drafter(out), load_drafter(tmp_path / "continued")
     assert tuned.config == base.config
     np.testing.assert_array_equal(np.asarray(tuned.params["d2t"]), np.asarray(base.params["d2t"]))

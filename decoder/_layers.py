@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dflash_batch.decoder._config import TargetConfig
+from dflash_batch.kernels._ordered_sum import ordered_sum
 
 
 def matmul_rows(x: jax.Array, w: jax.Array, spec: str = "...D,DF->...F") -> jax.Array:
@@ -70,7 +71,9 @@ def scan_layers(f, init, xs):
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm with its statistics, and the scaling by its weight, in float32; the result in x's dtype."""
     x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # The mean of squares as a fixed-order sum: XLA's own reduction rounds differently
+    # depending on how many rows the array has (see kernels/_ordered_sum.py).
+    x32 = x32 * jax.lax.rsqrt(ordered_sum(x32 * x32) / x.shape[-1] + eps)
     return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
 
 

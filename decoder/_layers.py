@@ -42,16 +42,22 @@ def _unbits(x: jax.Array, dtype) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if dtype == jnp.bfloat16 else x
 
 
-def _switch_layers() -> bool:
-    """Whether bf16 layers are picked by ``lax.switch`` over static slices: on XLA's CPU backend.
+_SWITCH_MIN_BYTES = 1 << 18  # smaller bf16 layers are sliced as bits: their copy costs less than the compile
+
+
+def _switch_layers(stack: jax.Array) -> bool:
+    """Whether layers of ``stack`` are picked by ``lax.switch`` over static slices: bf16 layers of
+    at least 256 KiB, on XLA's CPU backend.
 
     There, a dynamic slice of a 16-bit array is copied element by element (and a bfloat16 one is
     first converted WHOLE to float32), while a static slice is a block copy. Measured on 30
     stacked [576, 3072] bf16 layers at 16 rows: 108 ms through a dynamic slice, 17 ms through a
-    switch of static slices, against 60 ms for the same float32 chain. A TPU slices bf16
+    switch of static slices, against 60 ms for the same float32 chain. The price is compile
+    time (a SmolLM2 forward: 2.4 s against 0.6 s), hence the size floor. A TPU slices bf16
     natively, so accelerators keep the plain slice (and a smaller program).
     """
-    return jax.default_backend() == "cpu"
+    layer_bytes = stack.dtype.itemsize * stack.size // max(stack.shape[0], 1)
+    return stack.dtype == jnp.bfloat16 and layer_bytes >= _SWITCH_MIN_BYTES and jax.default_backend() == "cpu"
 
 
 def _pick_layer(stacks: list[jax.Array], layer) -> list[jax.Array]:
@@ -65,13 +71,13 @@ def take_layer(stack: jax.Array, index) -> jax.Array:
     """``stack[index]``: a layer of a stacked array (``index`` a scalar), ``stack[layer, j]``, or
     rows gathered by an index array; bf16 without the slow paths of XLA's CPU backend.
 
-    On CPU a bf16 layer comes from a switch over static slices (``_switch_layers``). Anything
+    On CPU a large bf16 layer comes from a switch over static slices (``_switch_layers``). Anything
     else bf16 is sliced as uint16 bits and bitcast back: XLA's CPU backend would otherwise
     convert the WHOLE array to float32 first, on every call (every layer's weights or the whole
     KV cache). On a TPU the bitcast is free.
     """
     layer, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-    if stack.dtype == jnp.bfloat16 and _switch_layers() and jnp.ndim(layer) == 0:
+    if _switch_layers(stack) and jnp.ndim(layer) == 0:
         (stack,) = _pick_layer([stack], layer)
         return _unbits(_bits(stack)[rest], stack.dtype) if rest else stack
     return _unbits(_bits(stack)[index], stack.dtype)
@@ -82,7 +88,7 @@ def scan_layers(f, init, xs):
     picked as ``take_layer`` does (a switch of static slices on CPU, raw bits elsewhere) and the
     stacked bf16 outputs carried as raw bits."""
     leaves, tree = jax.tree.flatten(xs)
-    held = [a.dtype == jnp.bfloat16 and _switch_layers() for a in leaves]
+    held = [_switch_layers(a) for a in leaves]
     n = leaves[0].shape[0]
     out_dtypes = []
 

@@ -24,13 +24,13 @@ on a TPU's bf16 matrix units. Float32 is kept where rounding would change a toke
     and acceptance: they pick the token, so a tie broken by bf16 rounding would be a
     different output.
 A 1-token AR step and an L-token verify pass must round every value the same way, or in
-bf16 a last-bit difference grows into another token. Two things make a row's projections and
-MLP the same bits at any block length and batch size: every matmul runs as at least two rows
-(XLA's CPU routine for one row sums in another order; ``_layers.matmul_rows``), and XLA may
-not skip a rounding the code asks for (``_xla_flags``). Attention is not there yet: XLA's CPU
-dot sums a query's scores in an order that depends on how many query rows share the call, so
-on SmolLM2 bf16 verification still differs from bf16 AR on some rows (docs/design.md,
-"Numerics"); float32 is the dtype to use where exact equality with AR matters.
+bf16 a last-bit difference grows into another token. So no sum may depend on how many rows share
+a call: every matmul runs as at least two rows (XLA's CPU routine for one row sums in another
+order; ``_layers.matmul_rows``); RMSNorm's mean and the softmax denominator are fixed-order sums
+(``kernels/_ordered_sum.py``); the reference verify attention takes one softmax over the cache with
+the block written in, never "cache part + block part"; and XLA may not skip a rounding the code
+asks for (``_xla_flags``). In bf16, speculative greedy output is token-identical to AR
+(docs/design.md, "Numerics").
 
 This package never imports Beam or click: it runs as-is on an accelerator host.
 """

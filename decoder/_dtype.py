@@ -11,8 +11,9 @@ Why ``"auto"`` resolves as it does:
     not for serving: the embedded SmolLM2 is a GGUF import kept as its exact dequantized float32
     values, and the model itself was published in bfloat16. vLLM's ``dtype="auto"`` makes the
     same choice for float32 checkpoints. Ask for ``"float32"`` to keep it.
-  * On CPU it is the dtype measured faster on this project's machines (``CPU_AUTO``; the table
-    is in docs/design.md, the script is ``python tools/dtype_speed.py``).
+  * On CPU it is float32 (``CPU_AUTO``): a bf16 step is faster here, but bf16 compiles slower,
+    and for the small jobs a CPU runs float32 finishes first (the numbers are in docs/design.md;
+    the script is ``python tools/dtype_speed.py``).
 
 The names are the dtype names of numpy/JAX, so a later ``"int8"`` or ``"float8_e4m3fn"`` fits
 beside them: add it to ``DTYPES`` and ``ACCELERATOR_AUTO``, with its loader.
@@ -27,9 +28,9 @@ import jax.numpy as jnp
 # What a job may ask for; every name but "auto" is also a resolved dtype.
 DTYPES = ("auto", "bfloat16", "float32")
 
-# Measured on the project's 2-core CPU machines with this decoder (docs/design.md, "dtype"):
-# a SmolLM2-135M decode step in bfloat16 ran 4-7x slower than in float32, since XLA's CPU
-# backend has no fast bfloat16 path for the model's stacked-layer matmuls.
+# Measured on the project's 2-core CPU machines with this decoder (docs/design.md, "dtype"): a
+# SmolLM2-135M decode step runs 1.4-2.2x faster in bfloat16, but its programs compile 3-4x
+# slower, which outweighs the steps in a job of under about 100 rows. Long CPU jobs: bfloat16.
 CPU_AUTO = "float32"
 
 # A checkpoint's stored dtype -> the dtype "auto" runs it in on an accelerator.

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from dflash_batch.kernels import _block_attention as _ba
 from dflash_batch.kernels._dispatch import kernel_mode
+from dflash_batch.kernels._ordered_sum import ordered_sum
 from dflash_batch.kernels._sharded import on_mesh
+
+_PAD_ROWS = 16  # the reference's block rows are padded to a multiple of this (see its docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +48,47 @@ class VerifyBlockSizes:
 def reference_verify_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
                                k_new: jax.Array, v_new: jax.Array, *, cache_layout: str = "BKSH",
                                out_dtype=None) -> jax.Array:
-    """Plain-jnp verify attention.
+    """Plain-jnp verify attention, computed so that a query's output does not depend on T.
 
     q [B, T, K, G, H]; k/v cache [B, K, S, H] ("BKSH") or [B, S, K, H] ("BSKH");
     lengths [B]; k/v new [B, T, K, H]. Returns [B, T, K, G, H] in ``out_dtype``
     (default q.dtype).
+
+    Why not two parts (cache, then block, as the Pallas kernel does): query t of an L-token
+    verify pass must give the same bits as the 1-token step at the same position, which sees
+    block rows < t as cache rows. Summed as "cache part + block part", the two calls add the
+    same numbers in different groupings, and the last-bit differences grow, in bfloat16, into
+    different tokens. So:
+      1. Append ``pad(T)`` empty rows to the cache (16 for any T <= 16, so a 1-token step and
+         a block of up to 16 see the same array length) and write the block's rows at the
+         sequence's positions ``length .. length + T - 1``.
+      2. One masked softmax per query over that array: key j is visible to query t when
+         ``j <= length + t``; its denominator is a fixed-order sum (``ordered_sum``).
+      3. p @ V over the same array, accumulated in float32 (rows past the block zeroed, so
+         whatever the cache holds there, NaN included, cannot leak).
     """
     k_cache, v_cache = _ba.to_bksh(k_cache, cache_layout), _ba.to_bksh(v_cache, cache_layout)
-    t = q.shape[1]
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, k_cache.shape[2])
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    return _ba.reference_block_attention(q, k_cache, v_cache, lengths, k_new, v_new, causal,
-                                         jnp.dtype(out_dtype or q.dtype))
+    b, t, n_kv, _, h = q.shape
+    s_len = k_cache.shape[2]
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, s_len)
+    extra = -(-t // _PAD_ROWS) * _PAD_ROWS
+    positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(n_kv)[None, :, None]
+
+    def merged(cache, new):  # [B, K, S + extra, H] with the block at its positions
+        cache = jnp.pad(cache, ((0, 0), (0, 0), (0, extra), (0, 0)))
+        return cache.at[rows, heads, positions[:, None, :]].set(jnp.moveaxis(new, 1, 2).astype(cache.dtype))
+
+    keys, values = merged(k_cache, k_new), merged(v_cache, v_new)
+    visible = jnp.arange(s_len + extra)[None, None, :] <= positions[:, :, None]  # [B, T, S']
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys, preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    in_use = jnp.arange(s_len + extra)[None, :] < (lengths + t)[:, None]  # [B, S']
+    values = jnp.where(in_use[:, None, :, None], values, jnp.zeros((), values.dtype))
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    out = out / ordered_sum(p)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(jnp.dtype(out_dtype or q.dtype))
 
 
 def _verify_attention_pallas(q, k_cache, v_cache, lengths, k_new, v_new, *, block_sizes: VerifyBlockSizes,

@@ -3,14 +3,19 @@ a float32 detour: what keeps bf16 AR and bf16 verification token-identical, and 
 
 from __future__ import annotations
 
+import functools
 import re
+
+import pytest
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder import KVCache, forward, load_target
-from dflash_batch.decoder._layers import dense, matmul_rows, scan_layers, take_layer
+from tiny_models import make_tiny_checkpoint
+from dflash_batch.decoder._layers import dense, matmul_rows, rms_norm, scan_layers, take_layer
+from dflash_batch.kernels import reference_verify_attention
 
 
 def test_a_row_gets_the_same_bits_alone_as_among_other_rows():
@@ -44,6 +49,25 @@ def test_layers_sliced_as_bits_equal_plain_slicing():
     assert got[1][0].dtype == jnp.bfloat16
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_large_bf16_layers_come_from_static_slices_and_equal_plain_slicing():
+    """A bf16 stack of 512 KiB layers: ``take_layer`` and ``scan_layers`` give plain slicing's
+    values, and on CPU the compiled scan slices it statically (no dynamic slice of a 16-bit
+    stack, which XLA's CPU backend copies element by element: 6x slower on SmolLM2's MLP)."""
+    stack = jax.random.normal(jax.random.PRNGKey(3), (3, 512, 512)).astype(jnp.bfloat16)
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(jax.jit(take_layer)(stack, i), np.float32), np.asarray(stack[i], np.float32))
+
+    def body(c, w):
+        return c + w[:2, :2].astype(jnp.float32), w[0]
+
+    got = jax.jit(lambda s: scan_layers(body, jnp.zeros((2, 2)), s))
+    want = jax.lax.scan(body, jnp.zeros((2, 2)), stack)
+    for a, b in zip(jax.tree.leaves(got(stack)), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    hlo = got.lower(stack).compile().as_text()
+    assert not re.search(r"= (bf16|u16)\[1,512,512\]\S* dynamic-slice\(", hlo)
 
 
 def test_the_bf16_forward_converts_no_stacked_array_to_float32(tiny_llama_dir):
@@ -85,3 +109,65 @@ def test_a_blocks_first_row_equals_an_ar_step_in_bf16(tiny_llama_dir):
         logits_step, hidden_step, _ = fn(model.params, block[:, :1], start, cache)
         np.testing.assert_array_equal(np.asarray(hidden_step[:, 0], np.float32), np.asarray(hidden_block[:, 0], np.float32))
         np.testing.assert_array_equal(np.asarray(logits_step[:, 0]), np.asarray(logits_block[:, 0]))
+
+
+@pytest.fixture(scope="module")
+def smollm2_wide_dir(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2-135M's widths."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("wide"), "llama", hidden_size=576, intermediate_size=1536,
+                                num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=2)
+
+
+def test_every_row_of_a_verify_block_equals_the_ar_step_at_its_position_in_bf16(smollm2_wide_dir):
+    """Row t of an 8-token verify pass and the t-th of eight 1-token steps give the same hidden
+    states and logits, bit for bit, in every layer (batch 3, ragged starts). This holds only if
+    no sum depends on the block length: the attention must not add "cache part + block part"
+    (a step sees earlier block rows as cache rows), and RMSNorm's mean must not take an order
+    that XLA picks from the number of rows (the two tests below prove each part alone, in
+    float32, where every regrouping shows). The model has SmolLM2's widths.
+
+    float32 is not bit-exact in this sense on this CPU: XLA's float32 matmuls sum in an order
+    that depends on the row count (bf16's do not), so float32 promises identical tokens only."""
+    model = load_target(str(smollm2_wide_dir), dtype="bfloat16", with_tokenizer=False)
+    cfg = model.config
+    fn = jax.jit(lambda p, t, s, c: forward(p, cfg, t, s, c, collect_layers=tuple(range(cfg.num_layers))))
+    rng = np.random.default_rng(1)
+    batch, t = 3, 8
+    cache = KVCache.init(cfg, batch, 64)
+    prompt = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, 30)), jnp.int32)
+    _, _, cache = fn(model.params, prompt, jnp.zeros((batch,), jnp.int32), cache)
+    start = jnp.asarray([30, 17, 25], jnp.int32)  # ragged: rows past a start are stale prompt rows
+    block = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, t)), jnp.int32)
+    logits_block, hidden_block, _ = fn(model.params, block, start, cache)
+    for i in range(t):
+        logits_step, hidden_step, cache = fn(model.params, block[:, i:i + 1], start + i, cache)
+        np.testing.assert_array_equal(np.asarray(hidden_step[:, 0], np.float32),
+                                      np.asarray(hidden_block[:, i], np.float32), err_msg=f"row {i}")
+        np.testing.assert_array_equal(np.asarray(logits_step[:, 0]), np.asarray(logits_block[:, i]), err_msg=f"row {i}")
+
+
+def test_rms_norm_gives_a_row_the_same_bits_whatever_the_number_of_rows():
+    """RMSNorm of the first rows of a [4, 8, 576] array equals RMSNorm of those rows alone
+    ([4, 1, 576]), bit for bit in float32 (XLA's own mean picks its order from the shape)."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 8, 576)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(4).uniform(0.8, 1.2, 576), jnp.float32)
+    norm = jax.jit(lambda x: rms_norm(x, w, 1e-5))
+    np.testing.assert_array_equal(np.asarray(norm(x)[:, :1]), np.asarray(norm(x[:, :1])))
+
+
+def test_verify_attention_row_t_equals_a_one_token_call_that_sees_the_block_as_cache():
+    """Query t of an 8-row verify call and a 1-row call whose cache already holds block rows
+    < t: the same float32 bits (SmolLM2's heads, ragged lengths)."""
+    rng = np.random.default_rng(5)
+    b, t, k, g, h, s = 3, 8, 3, 3, 64, 200
+    rnd = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)  # noqa: E731
+    q, kc, vc, kn, vn = rnd(b, t, k, g, h), rnd(b, k, s, h), rnd(b, k, s, h), rnd(b, t, k, h), rnd(b, t, k, h)
+    lengths = jnp.asarray([150, 37, 101], jnp.int32)
+    attend = jax.jit(functools.partial(reference_verify_attention, out_dtype=jnp.float32))
+    full = np.asarray(attend(q, kc, vc, lengths, kn, vn))
+    rows = jnp.arange(b)
+    for i in range(t):
+        one = attend(q[:, i:i + 1], kc, vc, lengths + i, kn[:, i:i + 1], vn[:, i:i + 1])
+        np.testing.assert_array_equal(np.asarray(one)[:, 0], full[:, i], err_msg=f"row {i}")
+        kc = kc.at[rows, :, lengths + i].set(kn[:, i])
+        vc = vc.at[rows, :, lengths + i].set(vn[:, i])

@@ -14,6 +14,7 @@ from dflash_batch.decoder._decode_config import DecodeConfig
 from dflash_batch.decoder._drafter_checkpoint import Drafter
 from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, StateHolder, bucket_for, falls_back_to_ar
 from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
+from dflash_batch.decoder._proposers import proposer_for
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._speculative import spec_decode, spec_prefill
 from dflash_batch.decoder._spmd import bind_phases
@@ -30,11 +31,16 @@ class Decoder:
     bucket's state whatever the number of buckets seen. ``drafter`` is required by the modes
     in ``DRAFTER_MODES`` and unused by the others. ``mesh``: a ``('data', 'model')`` mesh the
     target was loaded onto (``load_target(..., mesh=)``); None decodes on one device.
+    ``proposer``: what drafts in a speculative mode (``decoder/_proposers.py``); None: the one
+    the mode names.
     """
 
     def __init__(self, target: TargetModel, config: DecodeConfig = DecodeConfig(), drafter: Drafter | None = None,
-                 mesh=None):
+                 mesh=None, *, proposer=None):
         mode = config.mode
+        if proposer is not None and mode == "ar":
+            raise ValueError("a proposer needs a speculative mode (mode='ar' drafts nothing)")
+        self.proposer = proposer if proposer is not None else proposer_for(mode)
         if mode in DRAFTER_MODES:
             if drafter is None:
                 raise ValueError(f"mode {mode!r} needs a drafter")
@@ -110,7 +116,7 @@ class Decoder:
                                                                              eos_ids=eos),
                 init_state=init_state, params=params, drafter=None, mesh=self.mesh,
             )
-        static = dict(cfg=cfg, eos_ids=eos, mode=self.mode)
+        static = dict(cfg=cfg, eos_ids=eos, proposer=self.proposer)
         gated = falls_back_to_ar(self.blocks)
         return bind_phases(
             prefill=lambda p, d, s, *args: spec_prefill(p, d, s, *args, **static),

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -57,11 +56,6 @@ class Decoder:
         self.drafter = check_mesh(self.mesh, target, drafter, config.batch_size)
         self._engines: dict[int, SlotEngine] = {}
         self._holder = StateHolder()  # the one slot state, shared by every bucket's engine
-
-    @property
-    def mesh_description(self) -> str:
-        """The chips this decoder spans, e.g. ``cpu x6, data 2 x model 3``."""
-        return describe(self.mesh)
 
     @property
     def mode(self) -> str:
@@ -181,10 +175,3 @@ def hybrid_report(st) -> dict:
             "ngram_accepted_by_match_length": {str(k): round(float(expect[k]), 3) for k in range(1, len(expect))},
             "dflash_calibration": round(float(st.dflash_acc / st.dflash_pred), 3)}
 
-
-def timed_generate(decoder: Decoder, requests: Sequence[Request]) -> tuple[list[Result], float]:
-    """Runs all requests after warming up their buckets; returns results and decode seconds."""
-    decoder.warmup(max(decoder.bucket(len(r.token_ids)) for r in requests))
-    t0 = time.perf_counter()
-    results = list(decoder.generate(requests))
-    return results, time.perf_counter() - t0

@@ -96,6 +96,29 @@ def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
     assert compiles() == 0
 
 
+def test_one_host_round_trip_per_decode_call(tiny_llama, drafter, monkeypatch):
+    """A decode call reads back what the policy and ``harvest`` need in one ``device_get``, and
+    nothing implicitly; ``harvest`` adds one more only when rows finished. More would stall the
+    device once per call."""
+    dec = make_decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size="auto", batch_size=3,
+                       max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
+    dec.warmup(64)
+    reqs = _requests(7, tiny_llama.config.vocab_size, seed=3, budgets=[3, 24, 11])
+    gets, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: gets.append(1) or device_get(tree))
+    run, calls, finished = dec.start(reqs, bucket=64), 0, 0
+    with jax.transfer_guard_device_to_host("disallow"):  # an implicit read-back raises
+        while run.refill() or run.busy:
+            before = len(gets)
+            run.decode()
+            assert len(gets) - before == 1
+            before = len(gets)
+            done = run.harvest()
+            assert len(gets) - before == (1 if done else 0)
+            calls, finished = calls + 1, finished + len(done)
+    assert finished == 7 and calls >= 3
+
+
 def test_stats_count_drafted_and_accepted_tokens(tiny_llama, drafter, ar_reference):
     reqs, _ = ar_reference
     dec = make_decoder(tiny_llama, mode="dflash", drafter=drafter, block_size=8, batch_size=3, max_new_tokens=24,

@@ -107,7 +107,8 @@ def test_one_host_round_trip_per_decode_call(tiny_llama, drafter, monkeypatch):
     gets, device_get = [], jax.device_get
     monkeypatch.setattr(jax, "device_get", lambda tree: gets.append(1) or device_get(tree))
     run, calls, finished = dec.start(reqs, bucket=64), 0, 0
-    with jax.transfer_guard_device_to_host("disallow"):  # an implicit read-back raises
+    # On an accelerator the guard also makes any implicit read-back raise (on a CPU it cannot).
+    with jax.transfer_guard_device_to_host("disallow"):
         while run.refill() or run.busy:
             before = len(gets)
             run.decode()

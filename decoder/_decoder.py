@@ -11,12 +11,12 @@ from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._cost_table import cost_key
 from dflash_batch.decoder._decode_config import DecodeConfig
 from dflash_batch.decoder._drafter_checkpoint import Drafter
-from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, StateHolder, bucket_for, falls_back_to_ar
+from dflash_batch.decoder._engine import (BatchRun, Phases, SlotEngine, StateHolder, bind_phases, bucket_for,
+                                          falls_back_to_ar)
 from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
 from dflash_batch.decoder._proposers import proposer_for
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._speculative import spec_decode, spec_prefill
-from dflash_batch.decoder._spmd import bind_phases
 from dflash_batch.decoder._state import DRAFTER_MODES, cache_length, decode_blocks, new_state
 
 
@@ -106,16 +106,16 @@ class Decoder:
         if self.mode == "ar":
             return bind_phases(
                 prefill=lambda p, d, s, *args: ar_prefill(p, cfg, eos, s, *args)[0],
-                decode=lambda p, d, s, stop_first, n, gate, block: ar_decode(p, s, stop_first, n, cfg=cfg,
-                                                                             eos_ids=eos),
+                decode=lambda p, d, s, stop_on_first_done, max_steps, gate, block: ar_decode(
+                    p, s, stop_on_first_done, max_steps, cfg=cfg, eos_ids=eos),
                 init_state=init_state, params=params, drafter=None, mesh=self.mesh,
             )
         static = dict(cfg=cfg, eos_ids=eos, proposer=self.proposer)
         gated = falls_back_to_ar(self.blocks)
         return bind_phases(
             prefill=lambda p, d, s, *args: spec_prefill(p, d, s, *args, **static),
-            decode=lambda p, d, s, stop_first, n, gate, block: spec_decode(
-                p, d, s, stop_first, n, gate, block=block, gated=gated, **static),
+            decode=lambda p, d, s, stop_on_first_done, max_steps, gate, block: spec_decode(
+                p, d, s, stop_on_first_done, max_steps, gate, block=block, gated=gated, **static),
             init_state=init_state, params=params, drafter=self.drafter, mesh=self.mesh, blocks=self.blocks,
         )
 

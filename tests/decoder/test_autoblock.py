@@ -66,10 +66,10 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
         probes.append(trial)
         return block, trial
 
-    def logged(s, waiting, block, n_steps, gate):
+    def logged(s, *, max_steps, **kw):
         if probes[-1]:
-            steps.append(int(n_steps))
-        return decode(s, waiting, block, n_steps, gate)
+            steps.append(int(max_steps))
+        return decode(s, max_steps=max_steps, **kw)
 
     engine.policy.choose, engine.phases.decode, steps = logged_choice, logged, []
     assert {r.id: r.token_ids for r in auto.generate(reqs)} == ar

@@ -225,9 +225,9 @@ def test_ar_calls_skip_the_drafter_and_later_drafts_stay_lossless(tiny_llama, dr
     calls = []
     decode = engine.phases.decode
 
-    def spy(s, stop_first, block, n, gate):
+    def spy(s, *, block, **kw):
         before = jax.device_get((s.pos, s.extra.ctx_len, s.extra.ctx_k))
-        s, ran = decode(s, stop_first, block, n, gate)
+        s, ran = decode(s, block=block, **kw)
         calls.append((block, before, jax.device_get((s.pos, s.extra.ctx_len, s.extra.ctx_k))))
         return s, ran
 

@@ -96,8 +96,10 @@ class Decoder:
 
         dtypes = sorted({str(a.dtype) for a in jax.tree.leaves(self.target.params)})
         dcfg = self.drafter.config if self.drafter is not None else None
-        return cost_key(jax.devices()[0].device_kind, describe(self.mesh), self.mode, self.target.config, dcfg,
-                        dtypes, self.config.batch_size, cache_len, self.config.prefill_chunk, self.blocks)
+        # The proposer is named too: a caller's own (a test's oracle) costs what its programs cost.
+        return cost_key(jax.devices()[0].device_kind, describe(self.mesh), self.mode, repr(self.proposer),
+                        self.target.config, dcfg, dtypes, self.config.batch_size, cache_len,
+                        self.config.prefill_chunk, self.blocks)
 
     def _phases(self, cache_len: int) -> Phases:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids

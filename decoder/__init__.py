@@ -43,13 +43,13 @@ from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig, DecodeConfigError
 from dflash_batch.decoder._drafter_checkpoint import Drafter, load_drafter, place_drafter
 from dflash_batch.decoder._drafter_config import DrafterConfig
-from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder, timed_generate
+from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder
 from dflash_batch.decoder._engine import ROWS_PER_SLOT, BatchRun, bucket_for
 from dflash_batch.schemas import MODES
 from dflash_batch.decoder._memory import (HBM_PER_CHIP, LayoutError, MemoryPlan, chip_count, choose_layout,
                                           local_capacity, plan)
 from dflash_batch.decoder._state import cache_length
-from dflash_batch.decoder._mesh import data_sharding, describe, make_mesh
+from dflash_batch.decoder._mesh import describe, make_mesh
 from dflash_batch.decoder._registry import DEFAULT_MODEL, registered_models, resolve_drafter_dir, resolve_model_dir
 from dflash_batch.decoder._storage import cache_dir
 from dflash_batch.decoder._prompts import (SUMMARIZE_INSTRUCTION, render_messages, render_row, summarize_messages,
@@ -58,13 +58,13 @@ from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._target import forward
 
 __all__ = [
-    "BatchRun", "bucket_for", "cache_dir", "cache_length", "chip_count", "choose_layout", "data_sharding",
+    "BatchRun", "bucket_for", "cache_dir", "cache_length", "chip_count", "choose_layout",
     "DecodeConfig", "DecodeConfigError", "Decoder", "DEFAULT_MODEL", "DEFAULT_PROMPT_BUCKETS", "describe",
     "Drafter", "DRAFTER_MODES", "DrafterConfig", "enable_compilation_cache", "forward", "HBM_PER_CHIP",
     "KVCache", "LayoutError", "load_drafter", "load_target", "local_capacity", "make_mesh", "MemoryPlan",
     "MODES", "params_from_hf", "place_drafter", "plan", "read_safetensors", "registered_models",
     "render_messages", "Request", "resolve_drafter_dir", "resolve_model_dir", "Result", "ROWS_PER_SLOT",
-    "TargetConfig", "TargetModel", "timed_generate", "tokenize_prompt",
+    "TargetConfig", "TargetModel", "tokenize_prompt",
     "render_row", "SUMMARIZE_INSTRUCTION", "summarize_messages",
 ]
 

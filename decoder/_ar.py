@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._sampling import sample
-from dflash_batch.decoder._slots import Slots, commit, start_slot
+from dflash_batch.decoder._slots import Slots, start_slot
+from dflash_batch.decoder._step import commit
 from dflash_batch.decoder._target import Params, forward
 
 

@@ -10,8 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
-from dflash_batch.decoder._speculative import PROPOSERS
 
+MODES = ("ar", "dflash", "ngram", "hybrid")  # "ar" decodes alone; the others name a proposer
 DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
@@ -64,8 +64,8 @@ class DecodeConfig:
     def problems(self) -> list[tuple[str, str]]:
         """(field, what is wrong) for every setting that cannot work."""
         out = []
-        if not (isinstance(self.mode, str) and (self.mode == "ar" or self.mode in PROPOSERS)):
-            out.append(("mode", f"must be one of {'/'.join(('ar', *PROPOSERS))}, got {_show(self.mode)}"))
+        if not (isinstance(self.mode, str) and self.mode in MODES):
+            out.append(("mode", f"must be one of {'/'.join(MODES)}, got {_show(self.mode)}"))
         if not (self.block_size == "auto" or (_int(self.block_size) and self.block_size > 0)):
             out.append(("block_size", f"must be 'auto' or a positive integer, got {_show(self.block_size)}"))
         for name in ("data_parallel", "tensor_parallel"):

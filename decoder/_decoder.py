@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -12,11 +11,12 @@ from dflash_batch.decoder._checkpoint import TargetModel
 from dflash_batch.decoder._cost_table import cost_key
 from dflash_batch.decoder._decode_config import DecodeConfig
 from dflash_batch.decoder._drafter_checkpoint import Drafter
-from dflash_batch.decoder._engine import BatchRun, Phases, SlotEngine, StateHolder, bucket_for, falls_back_to_ar
+from dflash_batch.decoder._engine import (BatchRun, Phases, SlotEngine, StateHolder, bind_phases, bucket_for,
+                                          falls_back_to_ar)
 from dflash_batch.decoder._mesh import check_mesh, describe, is_sharded
+from dflash_batch.decoder._proposers import proposer_for
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._speculative import spec_decode, spec_prefill
-from dflash_batch.decoder._spmd import bind_phases
 from dflash_batch.decoder._state import DRAFTER_MODES, cache_length, decode_blocks, new_state
 
 
@@ -30,11 +30,16 @@ class Decoder:
     bucket's state whatever the number of buckets seen. ``drafter`` is required by the modes
     in ``DRAFTER_MODES`` and unused by the others. ``mesh``: a ``('data', 'model')`` mesh the
     target was loaded onto (``load_target(..., mesh=)``); None decodes on one device.
+    ``proposer``: what drafts in a speculative mode (``decoder/_proposers.py``); None: the one
+    the mode names.
     """
 
     def __init__(self, target: TargetModel, config: DecodeConfig = DecodeConfig(), drafter: Drafter | None = None,
-                 mesh=None):
+                 mesh=None, *, proposer=None):
         mode = config.mode
+        if proposer is not None and mode == "ar":
+            raise ValueError("a proposer needs a speculative mode (mode='ar' drafts nothing)")
+        self.proposer = proposer if proposer is not None else proposer_for(mode)
         if mode in DRAFTER_MODES:
             if drafter is None:
                 raise ValueError(f"mode {mode!r} needs a drafter")
@@ -51,11 +56,6 @@ class Decoder:
         self.drafter = check_mesh(self.mesh, target, drafter, config.batch_size)
         self._engines: dict[int, SlotEngine] = {}
         self._holder = StateHolder()  # the one slot state, shared by every bucket's engine
-
-    @property
-    def mesh_description(self) -> str:
-        """The chips this decoder spans, e.g. ``cpu x6, data 2 x model 3``."""
-        return describe(self.mesh)
 
     @property
     def mode(self) -> str:
@@ -96,8 +96,10 @@ class Decoder:
 
         dtypes = sorted({str(a.dtype) for a in jax.tree.leaves(self.target.params)})
         dcfg = self.drafter.config if self.drafter is not None else None
-        return cost_key(jax.devices()[0].device_kind, describe(self.mesh), self.mode, self.target.config, dcfg,
-                        dtypes, self.config.batch_size, cache_len, self.config.prefill_chunk, self.blocks)
+        # The proposer is named too: a caller's own (a test's oracle) costs what its programs cost.
+        return cost_key(jax.devices()[0].device_kind, describe(self.mesh), self.mode, repr(self.proposer),
+                        self.target.config, dcfg, dtypes, self.config.batch_size, cache_len,
+                        self.config.prefill_chunk, self.blocks)
 
     def _phases(self, cache_len: int) -> Phases:
         cfg, params, eos = self.target.config, self.target.params, self.target.eos_token_ids
@@ -106,16 +108,16 @@ class Decoder:
         if self.mode == "ar":
             return bind_phases(
                 prefill=lambda p, d, s, *args: ar_prefill(p, cfg, eos, s, *args)[0],
-                decode=lambda p, d, s, stop_first, n, gate, block: ar_decode(p, s, stop_first, n, cfg=cfg,
-                                                                             eos_ids=eos),
+                decode=lambda p, d, s, stop_on_first_done, max_steps, gate, block: ar_decode(
+                    p, s, stop_on_first_done, max_steps, cfg=cfg, eos_ids=eos),
                 init_state=init_state, params=params, drafter=None, mesh=self.mesh,
             )
-        static = dict(cfg=cfg, eos_ids=eos, mode=self.mode)
+        static = dict(cfg=cfg, eos_ids=eos, proposer=self.proposer)
         gated = falls_back_to_ar(self.blocks)
         return bind_phases(
             prefill=lambda p, d, s, *args: spec_prefill(p, d, s, *args, **static),
-            decode=lambda p, d, s, stop_first, n, gate, block: spec_decode(
-                p, d, s, stop_first, n, gate, block=block, gated=gated, **static),
+            decode=lambda p, d, s, stop_on_first_done, max_steps, gate, block: spec_decode(
+                p, d, s, stop_on_first_done, max_steps, gate, block=block, gated=gated, **static),
             init_state=init_state, params=params, drafter=self.drafter, mesh=self.mesh, blocks=self.blocks,
         )
 
@@ -175,10 +177,3 @@ def hybrid_report(st) -> dict:
             "ngram_accepted_by_match_length": {str(k): round(float(expect[k]), 3) for k in range(1, len(expect))},
             "dflash_calibration": round(float(st.dflash_acc / st.dflash_pred), 3)}
 
-
-def timed_generate(decoder: Decoder, requests: Sequence[Request]) -> tuple[list[Result], float]:
-    """Runs all requests after warming up their buckets; returns results and decode seconds."""
-    decoder.warmup(max(decoder.bucket(len(r.token_ids)) for r in requests))
-    t0 = time.perf_counter()
-    results = list(decoder.generate(requests))
-    return results, time.perf_counter() - t0

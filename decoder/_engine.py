@@ -18,6 +18,7 @@ import numpy as np
 
 from dflash_batch.decoder._autoblock import BlockPolicy
 from dflash_batch.decoder._cost_table import load_costs, save_costs
+from dflash_batch.decoder._mesh import active, is_sharded, replicated, shardings, state_specs
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._sampling import row_key
 from dflash_batch.decoder._slots import Slots
@@ -54,7 +55,7 @@ class Phases:
 
     prefill(state, tokens [1, P], start, length, slot, budget, temperature, top_p, key) -> state
         (one fixed-size chunk of a prompt; the last chunk opens the slot)
-    decode(state, stop_on_first_done, block, max_steps, gate) -> (state, steps_run)
+    decode(state, *, stop_on_first_done, max_steps, gate, block) -> (state, steps_run)
         (gate: the block's pass cost in AR steps, for the per-step fallback to AR of an
         automatic block length; 0 = always verify)
     """
@@ -63,6 +64,61 @@ class Phases:
     decode: Callable
     init_state: Callable[[], Slots]
     blocks: tuple[int, ...] = (1,)  # block lengths decode may be called with; several = automatic choice
+
+
+def bind_phases(prefill: Callable, decode: Callable, init_state: Callable, params, drafter, mesh=None,
+                **kw) -> Phases:
+    """A decode mode's jitted phases with their weights bound, on one device or on a mesh.
+
+    prefill(params, drafter, state, tokens, start, length, slot, budget, temperature, top_p, key) -> state
+    decode(params, drafter, state, stop_on_first_done, max_steps, gate, block) -> (state, steps_run),
+      positional (a sharded jit places positional arguments only); the bound ``Phases.decode``
+      takes them by keyword. ``kw``: the remaining ``Phases`` fields.
+
+    On one device the phases are called as they are. On a mesh each phase is wrapped in a jit
+    whose input and output shardings are the state's own (``_mesh.state_specs``), so that:
+      * the slot state is created already sharded (``init_state`` is a jitted zeros function
+        with ``out_shardings``): no host copy, and no chip holds a whole cache;
+      * every call returns the state in the layout it came in, so nothing recompiles after
+        warmup;
+      * arrays the host puts into the state (the engine's edits of ``done``, ``pos``, ...) are
+        moved into that layout on the way in (a no-op for the others), again without a new
+        compilation.
+    The mesh is active while the phases trace, for sampling's sharding constraint and the
+    kernels' ``shard_map``.
+    """
+    if not is_sharded(mesh):
+        return Phases(
+            prefill=lambda s, *args: prefill(params, drafter, s, *args),
+            decode=lambda s, *, stop_on_first_done, max_steps, gate, block: decode(
+                params, drafter, s, stop_on_first_done, max_steps, np.float32(gate), block),
+            init_state=init_state, **kw)
+    state_sh = shardings(state_specs(jax.eval_shape(init_state)), mesh)
+    p_sh = jax.tree.map(lambda a: a.sharding, params)
+    d_sh = jax.tree.map(lambda a: a.sharding, drafter)
+    rep = replicated(mesh)
+    init_j = jax.jit(init_state, out_shardings=state_sh)
+    prefill_j = jax.jit(prefill, donate_argnums=(2,), in_shardings=(p_sh, d_sh, state_sh) + (rep,) * 8,
+                        out_shardings=state_sh)
+    decode_j = jax.jit(decode, static_argnums=(6,), donate_argnums=(2,),
+                       in_shardings=(p_sh, d_sh, state_sh, rep, rep, rep), out_shardings=(state_sh, rep))
+
+    # Arrays the host put into the state are placed first: a traced call's cache key includes
+    # its arguments' shardings, so an unplaced array would trace (and compile) it again.
+    def run_prefill(s, *args):
+        with active(mesh):
+            return prefill_j(params, drafter, jax.device_put(s, state_sh), *args)
+
+    def run_decode(s, *, stop_on_first_done, max_steps, gate, block):
+        with active(mesh):
+            return decode_j(params, drafter, jax.device_put(s, state_sh), stop_on_first_done, max_steps,
+                            np.float32(gate), block)
+
+    def run_init():
+        with active(mesh):
+            return init_j()
+
+    return Phases(prefill=run_prefill, decode=run_decode, init_state=run_init, **kw)
 
 
 class StateHolder:
@@ -154,7 +210,8 @@ class SlotEngine:
         blocks = self.phases.blocks
         for block in blocks:
             t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(0), 0.0)
+            s, steps = self.phases.decode(s, stop_on_first_done=jnp.asarray(True), max_steps=np.int32(0), gate=0.0,
+                                          block=block)
             jax.block_until_ready(steps)
             del steps  # nothing of the scratch run may outlive it (the plan counts one state)
             self.warmup_seconds[f"decode L={block}"] = time.perf_counter() - t1
@@ -196,7 +253,8 @@ class SlotEngine:
                           budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
             jax.block_until_ready(s.pos)
             t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, jnp.asarray(True), block, np.int32(WARMUP_STEPS), gate)
+            s, steps = self.phases.decode(s, stop_on_first_done=jnp.asarray(True), max_steps=np.int32(WARMUP_STEPS),
+                                          gate=gate, block=block)
             steps = int(steps)
             return s, (time.perf_counter() - t1) / steps if steps else None
 
@@ -295,8 +353,8 @@ class BatchRun:
         e = self.engine
         block, trial = e.policy.choose()
         steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
-        e.state, _ = e.phases.decode(e.state, jnp.asarray(self._next is not None), block, np.int32(steps),
-                                     e.policy.gate(block))
+        e.state, _ = e.phases.decode(e.state, stop_on_first_done=jnp.asarray(self._next is not None),
+                                     max_steps=np.int32(steps), gate=e.policy.gate(block), block=block)
         # One host round trip per call: what the policy learns and what ``harvest`` reads.
         hist, gated, self._done, self._n_out = jax.device_get(
             (e.state.hist, _gated(e.state), e.state.done, e.state.n_out))

@@ -44,16 +44,6 @@ def make_mesh(data: int, model: int, devices: Sequence[Any] | None = None) -> Me
     return Mesh(np.array(devices[: data * model], dtype=object).reshape(data, model), AXES)
 
 
-def single_device_mesh() -> Mesh:
-    """The 1 x 1 mesh over the default device: the decoder's single-chip behaviour."""
-    return make_mesh(1, 1, jax.devices()[:1])
-
-
-def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Arrays whose leading axis is the batch, split over ``data`` (and replicated over ``model``)."""
-    return NamedSharding(mesh, ROW_SPEC)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -96,35 +96,3 @@ def start_slot(s: Slots, slot: jax.Array, first: jax.Array, length: jax.Array, b
         drafted=s.drafted.at[slot].set(0),
         accepted=s.accepted.at[slot].set(0),
     )
-
-
-def commit(s: Slots, tokens: jax.Array, n_new: jax.Array, eos_ids: tuple[int, ...]) -> Slots:
-    """Appends each active row's first ``n_new`` of ``tokens`` [B, T] to its completion.
-
-    Stops a row at its first EOS or at its budget, whichever comes first, so a
-    block that runs past either commits only what AR decoding would have emitted.
-    Returns the state with positions, outputs, done flags and the histogram updated.
-    """
-    b, t = tokens.shape
-    active = ~s.done
-    idx = jnp.arange(t)[None, :]  # [1, T]
-    room = s.budget - s.n_out  # [B]
-    hit = is_eos(tokens, eos_ids) & (idx < n_new[:, None])
-    first_eos = jnp.min(jnp.where(hit, idx, t), axis=1)  # [B]
-    n = jnp.minimum(jnp.minimum(n_new, room), first_eos + 1)
-    n = jnp.where(active, n, 0)  # [B]
-    write = jnp.where(idx < n[:, None], s.n_out[:, None] + idx, s.capacity)  # out of range = dropped
-    out = s.out.at[jnp.arange(b)[:, None], write].set(tokens, mode="drop")
-    ended_eos = active & (first_eos < n)
-    n_out = s.n_out + n
-    last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
-    hist = s.hist.at[jnp.arange(b), jnp.maximum(n - 1, 0)].add(active.astype(jnp.int32))
-    return s.replace(
-        pos=s.pos + n,
-        last=jnp.where(active, last, s.last),
-        out=out,
-        n_out=n_out,
-        done=s.done | ended_eos | (n_out >= s.budget),
-        eos=s.eos | ended_eos,
-        hist=hist,
-    )

@@ -7,7 +7,7 @@ import pytest
 
 from dflash_batch.decoder import Request
 from dflash_batch.decoder._autoblock import BlockPolicy
-from oracle_proposer import propose_oracle
+from oracle_proposer import ORACLE
 from decoding import make_decoder
 
 
@@ -48,15 +48,12 @@ def test_rechecks_the_runner_up_every_so_many_calls():
 
 
 def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypatch):
-    from dflash_batch.decoder import _speculative
-
-    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
     rng = np.random.default_rng(11)
     reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=int(rng.integers(2, 40)))),
                     max_new_tokens=int(rng.integers(1, 24))) for i in range(8)]
     kw = dict(batch_size=3, max_new_tokens=24, prompt_buckets=(64,), prefill_chunk=16)
     ar = {r.id: r.token_ids for r in make_decoder(tiny_llama, **kw).generate(reqs)}
-    auto = make_decoder(tiny_llama, mode="oracle", block_size="auto", **kw)
+    auto = make_decoder(tiny_llama, **ORACLE, block_size="auto", **kw)
     assert auto.blocks == (1, 2, 4, 8, 16)
     engine = auto.engine(64)
     engine.warmup()
@@ -69,10 +66,10 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
         probes.append(trial)
         return block, trial
 
-    def logged(s, waiting, block, n_steps, gate):
+    def logged(s, *, max_steps, **kw):
         if probes[-1]:
-            steps.append(int(n_steps))
-        return decode(s, waiting, block, n_steps, gate)
+            steps.append(int(max_steps))
+        return decode(s, max_steps=max_steps, **kw)
 
     engine.policy.choose, engine.phases.decode, steps = logged_choice, logged, []
     assert {r.id: r.token_ids for r in auto.generate(reqs)} == ar
@@ -150,16 +147,13 @@ def test_gated_steps_are_no_evidence_of_acceptance_but_count_in_the_expectation(
 def test_the_per_step_gate_runs_steps_as_ar_where_proposals_cannot_pay(tiny_llama, monkeypatch, gate, all_gated):
     """A gate no proposal can clear turns every step of a speculative call into an AR step
     (one token, nothing verified); gate 0 verifies every step. Tokens equal AR's either way."""
-    from dflash_batch.decoder import _speculative
-
-    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
     monkeypatch.setattr(BlockPolicy, "gate", lambda self, block: gate)
     rng = np.random.default_rng(5)
     reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=int(rng.integers(2, 40)))),
                     max_new_tokens=16, temperature=0.7 if i % 2 else 0.0, seed=i) for i in range(6)]
     kw = dict(batch_size=3, max_new_tokens=16, prompt_buckets=(64,), prefill_chunk=16)
     ar = {r.id: r.token_ids for r in make_decoder(tiny_llama, **kw).generate(reqs)}
-    auto = make_decoder(tiny_llama, mode="oracle", block_size="auto", **kw)
+    auto = make_decoder(tiny_llama, **ORACLE, block_size="auto", **kw)
     out = list(auto.generate(reqs))
     assert {r.id: r.token_ids for r in out} == ar
     report = auto.block_report()["64"]

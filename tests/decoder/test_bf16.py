@@ -14,7 +14,6 @@ from dflash_batch.decoder import Drafter, Request, load_target
 from dflash_batch.decoder._layers import dense, rms_norm
 from dflash_batch.decoder._slots import Slots
 from dflash_batch.decoder._speculative import init_spec_state
-from dflash_batch.decoder import _speculative
 from decoding import make_decoder
 from oracle_proposer import propose_oracle
 from tiny_models import random_drafter
@@ -120,20 +119,15 @@ def test_logits_are_float32(bf16_target, bf16_ar, reqs):
     assert logits.dtype == jnp.float32 and cache.k.dtype == jnp.bfloat16
 
 
-@pytest.fixture
-def oracle_mode(monkeypatch):
-    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
-    return "oracle"
-
-
 @pytest.mark.parametrize("batch_size", [1, 4, 16])
 @pytest.mark.parametrize("mode", ["dflash", "ngram", "hybrid", "oracle"])
 def test_bf16_speculative_greedy_is_token_identical_to_bf16_ar(bf16_target, bf16_drafter, reqs, bf16_ar, mode,
-                                                               batch_size, oracle_mode):
+                                                               batch_size):
     """Every committed token comes from an 8-token verify pass, and its K/V rows too; the
     random drafter's blocks are mostly rejected, so a perfect (oracle) drafter makes sure
     accepted drafts are exercised."""
-    dec = make_decoder(bf16_target, mode=mode, drafter=bf16_drafter if mode in ("dflash", "hybrid") else None,
+    settings = dict(mode="ngram", proposer=propose_oracle) if mode == "oracle" else dict(mode=mode)
+    dec = make_decoder(bf16_target, **settings, drafter=bf16_drafter if mode in ("dflash", "hybrid") else None,
                        block_size=8, batch_size=batch_size, max_new_tokens=NEW, prompt_buckets=BUCKETS,
                        prefill_chunk=16)
     out = list(dec.generate(reqs))

@@ -121,8 +121,8 @@ def test_a_decoder_warm_in_two_buckets_holds_what_the_plan_counts(tiny_llama_dir
     seen = []
 
     def measured(fn):
-        def call(*args):
-            out = fn(*args)
+        def call(*args, **kw):
+            out = fn(*args, **kw)
             seen.append(_live_bytes() - before)
             return out
         return call

@@ -14,18 +14,18 @@ import pytest
 from scipy import stats
 
 from dflash_batch.decoder import Request
-from dflash_batch.decoder import _speculative
-from oracle_proposer import propose_oracle
+from dflash_batch.decoder import _speculative, _step
+from oracle_proposer import ORACLE
 from decoding import make_decoder
 
 N = 1500
 TEMPERATURE = 0.5  # peaked enough that 3-token sequences repeat, so the test has power
 
 
-def _samples(target, mode, seeds, drafter=None):
+def _samples(target, mode, seeds, drafter=None, proposer=None):
     prompt = [5, 17, 33, 8, 91, 4, 60]
     dec = make_decoder(target, mode=mode, block_size=4, batch_size=16, max_new_tokens=4, prompt_buckets=(16,),
-                  prefill_chunk=16, chunk_steps=8, drafter=drafter)
+                  prefill_chunk=16, chunk_steps=8, drafter=drafter, proposer=proposer)
     reqs = [Request(id=str(s), token_ids=prompt, max_new_tokens=4, temperature=TEMPERATURE, seed=int(s))
             for s in seeds]
     return [tuple(r.token_ids[1:4]) for r in dec.generate(reqs) if len(r.token_ids) >= 4]
@@ -54,24 +54,23 @@ def ar_samples(tiny_llama):
 
 
 @pytest.fixture
-def oracle(monkeypatch):
-    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
-    _speculative.spec_decode.clear_cache()
-    yield "oracle"
+def oracle():
+    _speculative.spec_decode.clear_cache()  # a patched acceptance rule must not outlive its test
+    yield ORACLE
     _speculative.spec_decode.clear_cache()
 
 
 def test_speculative_sampling_matches_ar_distribution(tiny_llama, ar_samples, oracle):
-    spec = _samples(tiny_llama, oracle, range(N, 2 * N))
+    spec = _samples(tiny_llama, oracle["mode"], range(N, 2 * N), proposer=oracle["proposer"])
     assert len(spec) > 0.9 * N and len(ar_samples) > 0.9 * N
     assert _pvalue([s[0] for s in ar_samples], [s[0] for s in spec]) > 1e-3  # next token
     assert _pvalue(ar_samples, spec) > 1e-3  # 3-token sequences
 
 
 def test_distribution_test_catches_a_wrong_acceptance_rule(tiny_llama, ar_samples, oracle, monkeypatch):
-    monkeypatch.setattr(_speculative, "accept_length", wrong_accept)
+    monkeypatch.setattr(_step, "accept_length", wrong_accept)
     _speculative.spec_decode.clear_cache()
-    spec = _samples(tiny_llama, oracle, range(N, 2 * N))
+    spec = _samples(tiny_llama, oracle["mode"], range(N, 2 * N), proposer=oracle["proposer"])
     worst = min(_pvalue([s[0] for s in ar_samples], [s[0] for s in spec]), _pvalue(ar_samples, spec))
     assert worst < 1e-6
 
@@ -91,7 +90,7 @@ def test_bf16_speculative_sampling_matches_bf16_ar_distribution(tiny_llama_dir, 
 
     bf16 = load_target(str(tiny_llama_dir), dtype="bfloat16", with_tokenizer=False)
     ar = _samples(bf16, "ar", range(N))
-    spec = _samples(bf16, oracle, range(N, 2 * N))
+    spec = _samples(bf16, oracle["mode"], range(N, 2 * N), proposer=oracle["proposer"])
     assert len(spec) > 0.9 * N and len(ar) > 0.9 * N
     assert _pvalue([s[0] for s in ar], [s[0] for s in spec]) > 1e-3
     assert _pvalue(ar, spec) > 1e-3

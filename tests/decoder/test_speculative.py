@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 
 from compile_counter import count_compiles
-from oracle_proposer import propose_oracle
+from oracle_proposer import ORACLE, propose_oracle
 from dflash_batch.decoder import Request
-from dflash_batch.decoder import _speculative
+from dflash_batch.decoder import _acceptance, _proposers
 from decoding import make_decoder
 
 BUCKETS = (64,)
@@ -21,12 +22,6 @@ BUCKETS = (64,)
 @pytest.fixture(scope="module")
 def drafter(tiny_drafter):
     return tiny_drafter
-
-
-@pytest.fixture
-def oracle_mode(monkeypatch):
-    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
-    return "oracle"
 
 
 def _requests(n, vocab, seed, budgets=None, **kw):
@@ -64,12 +59,12 @@ def test_ngram_greedy_is_token_identical_to_ar(tiny_llama, ar_reference):
     assert {r.id: r.token_ids for r in dec.generate(reqs)} == {k: r.token_ids for k, r in ar.items()}
 
 
-def test_perfect_drafter_reaches_tau_equal_block_size(tiny_llama, ar_reference, oracle_mode):
+def test_perfect_drafter_reaches_tau_equal_block_size(tiny_llama, ar_reference):
     """Every step commits all L tokens when drafts are the target's greedy choices, and EOS
     inside a verified block cuts the row exactly where AR stops."""
     reqs, ar = ar_reference
     block = 5
-    dec = make_decoder(tiny_llama, mode=oracle_mode, block_size=block, batch_size=3, max_new_tokens=24,
+    dec = make_decoder(tiny_llama, **ORACLE, block_size=block, batch_size=3, max_new_tokens=24,
                   prompt_buckets=BUCKETS, prefill_chunk=16)
     out = {r.id: r for r in dec.generate(reqs)}
     assert {k: r.token_ids for k, r in out.items()} == {k: r.token_ids for k, r in ar.items()}
@@ -86,7 +81,7 @@ def test_perfect_drafter_reaches_tau_equal_block_size(tiny_llama, ar_reference, 
 def test_ngram_proposes_the_continuation_of_the_latest_match():
     tokens = jnp.asarray([[5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 5, 6, 0, 0]])
     # The row's newest token is at position 11 ("... 5 6"): the latest earlier "5 6" ends at 6.
-    drafts, match = _speculative.ngram_match(tokens, jnp.asarray([11]), 3)
+    drafts, match = _proposers.ngram_match(tokens, jnp.asarray([11]), 3)
     assert drafts.tolist() == [[7, 1, 2]] and match.tolist() == [2]
 
 
@@ -101,6 +96,30 @@ def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
     assert compiles() == 0
 
 
+def test_one_host_round_trip_per_decode_call(tiny_llama, drafter, monkeypatch):
+    """A decode call reads back what the policy and ``harvest`` need in one ``device_get``, and
+    nothing implicitly; ``harvest`` adds one more only when rows finished. More would stall the
+    device once per call."""
+    dec = make_decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size="auto", batch_size=3,
+                       max_new_tokens=24, prompt_buckets=BUCKETS, prefill_chunk=16)
+    dec.warmup(64)
+    reqs = _requests(7, tiny_llama.config.vocab_size, seed=3, budgets=[3, 24, 11])
+    gets, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: gets.append(1) or device_get(tree))
+    run, calls, finished = dec.start(reqs, bucket=64), 0, 0
+    # On an accelerator the guard also makes any implicit read-back raise (on a CPU it cannot).
+    with jax.transfer_guard_device_to_host("disallow"):
+        while run.refill() or run.busy:
+            before = len(gets)
+            run.decode()
+            assert len(gets) - before == 1
+            before = len(gets)
+            done = run.harvest()
+            assert len(gets) - before == (1 if done else 0)
+            calls, finished = calls + 1, finished + len(done)
+    assert finished == 7 and calls >= 3
+
+
 def test_stats_count_drafted_and_accepted_tokens(tiny_llama, drafter, ar_reference):
     reqs, _ = ar_reference
     dec = make_decoder(tiny_llama, mode="dflash", drafter=drafter, block_size=8, batch_size=3, max_new_tokens=24,
@@ -112,32 +131,26 @@ def test_stats_count_drafted_and_accepted_tokens(tiny_llama, drafter, ar_referen
         assert r.draft_tokens_accepted == committed - r.decode_steps
 
 
-def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monkeypatch):
+@dataclasses.dataclass(frozen=True)
+class PerfectLookup:
+    """In the n-gram's place: the oracle's drafts, always as a 3-token match."""
+
+    def __call__(self, params, cfg, drafter, s, block):
+        drafts = propose_oracle(params, cfg, drafter, s, block)
+        return _acceptance.Proposal(ngram=drafts, match=jnp.full((s.batch,), 3, jnp.int32))
+
+
+def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter):
     """A random drafter against a perfect proposal in the n-gram's place (always a
     3-token match): the chooser learns to verify the better source, and tau follows it."""
-
-    def always_a_match(tokens, pos, n_draft):
-        return jnp.zeros((tokens.shape[0], n_draft), jnp.int32), jnp.full((tokens.shape[0],), 3, jnp.int32)
-
-    monkeypatch.setattr(_speculative, "ngram_match", always_a_match)
     reqs = _requests(9, tiny_llama.config.vocab_size, seed=5, budgets=[24])
     ar = {r.id: r.token_ids for r in make_decoder(tiny_llama, batch_size=3, max_new_tokens=24, prompt_buckets=BUCKETS,
                                              prefill_chunk=16).generate(reqs)}
 
-    def perfect_choice(params, cfg, drafter_, s, block):
-        c = hybrid(params, cfg, drafter_, s, block)
-        perfect = propose_oracle(params, cfg, drafter_, s, block)
-        return c.replace(ngram=perfect)
-
-    hybrid = _speculative.propose_hybrid
-    monkeypatch.setitem(_speculative.PROPOSERS, "hybrid", perfect_choice)
-    _speculative.spec_decode.clear_cache()
-    try:
-        dec = make_decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=3, max_new_tokens=24,
-                      prompt_buckets=BUCKETS, prefill_chunk=16)
-        out = list(dec.generate(reqs))
-    finally:
-        _speculative.spec_decode.clear_cache()
+    dec = make_decoder(tiny_llama, mode="hybrid", drafter=drafter, block_size=6, batch_size=3, max_new_tokens=24,
+                       prompt_buckets=BUCKETS, prefill_chunk=16,
+                       proposer=_proposers.HybridProposer(ngram=PerfectLookup()))
+    out = list(dec.generate(reqs))
     assert {r.id: r.token_ids for r in out} == ar
     report = dec.block_report()["64"]["hybrid"]
     assert report["steps_ngram"] > 4 * report["steps_dflash"], report
@@ -147,8 +160,8 @@ def test_hybrid_verifies_the_source_that_accepts_more(tiny_llama, drafter, monke
 
 
 def test_proposal_stats_count_only_the_committed_evidence():
-    st = _speculative.ProposalStats.init(3)
-    prop = _speculative.Proposal(
+    st = _acceptance.ProposalStats.init(3)
+    prop = _acceptance.Proposal(
         ngram=jnp.asarray([[7, 8, 9], [1, 2, 3]]), match=jnp.asarray([2, 1]),
         dflash=jnp.asarray([[7, 0, 0], [1, 2, 3]]), p_top=jnp.asarray([[0.5, 0.5, 0.5], [1.0, 1.0, 0.5]]),
         use_ngram=jnp.asarray([False, True]))
@@ -156,7 +169,7 @@ def test_proposal_stats_count_only_the_committed_evidence():
     # Row 0 verified DFlash: 1 accepted, so the target's tokens are known up to draft 2 (7 8);
     # the n-gram's drafts 1-2 agree with them, draft 3 cannot be judged. Row 1 verified the
     # n-gram: all 3 accepted.
-    new = _speculative._learn(st, prop, y, jnp.asarray([1, 3]), jnp.asarray([True, True]), verified=True)
+    new = _acceptance.learn(st, prop, y, jnp.asarray([1, 3]), jnp.asarray([True, True]), verified=True)
     tries, hits = np.asarray(new.ngram_tries - st.ngram_tries), np.asarray(new.ngram_hits - st.ngram_hits)
     assert tries.tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
     assert hits.tolist() == [[0, 0, 0], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
@@ -166,8 +179,8 @@ def test_proposal_stats_count_only_the_committed_evidence():
     assert float(new.dflash_pred - st.dflash_pred) == pytest.approx(0.875 + 2.5)
     assert (int(new.chose_ngram), int(new.chose_dflash), int(new.gated)) == (1, 1, 0)
     # A gated step (a 1-token AR pass): only draft 1 can be judged, and nothing was verified.
-    gated = _speculative._learn(st, prop, y[:, :1], jnp.asarray([0, 0]), jnp.asarray([True, False]),
-                                verified=False)
+    gated = _acceptance.learn(st, prop, y[:, :1], jnp.asarray([0, 0]), jnp.asarray([True, False]),
+                               verified=False)
     assert np.asarray(gated.ngram_tries - st.ngram_tries)[2].tolist() == [1, 0, 0]
     assert np.asarray(gated.ngram_hits - st.ngram_hits)[2].tolist() == [1, 0, 0]
     assert float(gated.ngram_tries.sum() - st.ngram_tries.sum()) == 1  # row 1 is idle
@@ -176,7 +189,7 @@ def test_proposal_stats_count_only_the_committed_evidence():
 
 
 def test_proposal_promise_is_the_product_of_learnt_rates():
-    st = _speculative.ProposalStats.init(3)
+    st = _acceptance.ProposalStats.init(3)
     st = st.replace(ngram_hits=st.ngram_hits.at[3].set(jnp.asarray([9.0, 5.0, 1.0])),
                     ngram_tries=st.ngram_tries.at[3].set(jnp.asarray([10.0, 10.0, 10.0])))
     promise = st.ngram_promise(jnp.asarray([3, 1]), 3)
@@ -212,9 +225,9 @@ def test_ar_calls_skip_the_drafter_and_later_drafts_stay_lossless(tiny_llama, dr
     calls = []
     decode = engine.phases.decode
 
-    def spy(s, stop_first, block, n, gate):
+    def spy(s, *, block, **kw):
         before = jax.device_get((s.pos, s.extra.ctx_len, s.extra.ctx_k))
-        s, ran = decode(s, stop_first, block, n, gate)
+        s, ran = decode(s, block=block, **kw)
         calls.append((block, before, jax.device_get((s.pos, s.extra.ctx_len, s.extra.ctx_k))))
         return s, ran
 

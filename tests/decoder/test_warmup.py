@@ -45,7 +45,7 @@ def test_a_second_warmup_of_the_same_programs_reuses_the_stored_costs(tiny_llama
     calls = []
     engine = again.engine(16)
     decode = engine.phases.decode
-    engine.phases.decode = lambda s, stop, block, n, gate: calls.append(int(n)) or decode(s, stop, block, n, gate)
+    engine.phases.decode = lambda s, **kw: calls.append(int(kw["max_steps"])) or decode(s, **kw)
     with count_compiles() as compiles:
         again.warmup(16)
     assert calls == [0] * len(again.blocks)  # compiled only: no decode step ran

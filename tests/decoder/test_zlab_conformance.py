@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 
 from dflash_batch.decoder import load_drafter, load_target  # noqa: E402
 from dflash_batch.decoder._slots import Slots  # noqa: E402
+from dflash_batch.decoder._proposers import DFlashProposer  # noqa: E402
 from dflash_batch.decoder._speculative import init_spec_state, spec_decode, spec_prefill  # noqa: E402
 from tiny_training import VOCAB, tiny_prompts  # noqa: E402
 
@@ -94,12 +95,12 @@ def our_generate(target, drafter, prompts, new: int) -> list[tuple[list[int], li
         chunk[0, : len(prompt)] = prompt
         s = spec_prefill(target.params, drafter, s, chunk, jnp.int32(0), jnp.int32(len(prompt)), jnp.int32(0),
                          jnp.int32(new), jnp.float32(0), jnp.float32(1), jnp.zeros((2,), jnp.uint32),
-                         cfg=cfg, eos_ids=target.eos_token_ids, mode="dflash")
+                         cfg=cfg, eos_ids=target.eos_token_ids, proposer=DFlashProposer())
         steps = []
         while not bool(s.done[0]):
             before = int(s.n_out[0])
             s, _ = spec_decode(target.params, drafter, s, jnp.bool_(False), jnp.int32(1), jnp.float32(0),
-                               cfg=cfg, eos_ids=target.eos_token_ids, block=BLOCK, mode="dflash")
+                               cfg=cfg, eos_ids=target.eos_token_ids, block=BLOCK, proposer=DFlashProposer())
             steps.append(int(s.n_out[0]) - before)
         out.append(([int(t) for t in s.out[0, : int(s.n_out[0])]], steps))
     return out

@@ -60,11 +60,16 @@ def merge_costs(policy: BlockPolicy, per_step: dict[int, list[float]], gated: di
 
 
 def park(state):
-    """A host copy of ``state`` and the placement of each of its arrays, for ``unpark``."""
-    placement = jax.tree.map(lambda a: a.sharding, state)
-    return jax.tree.map(lambda a: np.array(a, copy=True), state), placement
+    """A host copy of ``state`` and what ``unpark`` needs to put it back as it was."""
+    leaves, tree = jax.tree.flatten(state)
+    # Committed arrays (a mesh's) go back to their sharding; uncommitted ones (one device) must
+    # stay uncommitted: a jitted call's cache key includes the difference, and would recompile.
+    placement = [a.sharding if a.committed else None for a in leaves]
+    return [np.array(a, copy=True) for a in leaves], (tree, placement)
 
 
-def unpark(host_state, placement):
+def unpark(host_leaves, where):
     """The parked state back on its devices, in the layout it had (nothing recompiles)."""
-    return jax.device_put(host_state, placement)
+    tree, placement = where
+    return jax.tree.unflatten(tree, [jax.device_put(h, p) if p is not None else jax.device_put(h)
+                                     for h, p in zip(host_leaves, placement)])

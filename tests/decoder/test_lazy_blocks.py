@@ -8,6 +8,7 @@ import pytest
 from dflash_batch.decoder import Request
 from dflash_batch.decoder._autoblock import BlockPolicy
 from dflash_batch.decoder._lazy_blocks import merge_costs, next_wanted
+from compile_counter import count_compiles
 from decoding import make_decoder
 from oracle_proposer import propose_oracle
 
@@ -76,7 +77,9 @@ def test_larger_blocks_compile_when_drafts_are_accepted_and_the_tokens_stay_ar_s
     monkeypatch.setattr(engine, "_time_blocks", fake)
     lazy.warmup(32, lazy=True)
     assert lazy.blocks == (1, 2, 4) and set(lazy.block_report()["32"]["step_ms"]) == {"1", "2"}
-    assert {r.id: r.token_ids for r in lazy.generate(reqs)} == ar  # parking the state mid-run lost nothing
+    with count_compiles() as compiles:
+        assert {r.id: r.token_ids for r in lazy.generate(reqs)} == ar  # parking the state mid-run lost nothing
+        assert compiles() == 1  # L=4's program; the state came back in its old layout: nothing else recompiled
     report = lazy.block_report()["32"]
     # The oracle's drafts are always accepted: every larger length became worth compiling, once each.
     assert set(report["step_ms"]) == {str(b) for b in lazy.blocks}

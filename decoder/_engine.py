@@ -27,7 +27,7 @@ from dflash_batch.decoder._slots import Slots
 # more at small batches, so that it judges acceptance on at least EXPLORE_ROW_STEPS row-steps.
 EXPLORE_STEPS = 4
 EXPLORE_ROW_STEPS = 16
-WARMUP_STEPS = 4  # decode steps of each timed warmup call
+WARMUP_STEPS = 2  # decode steps of each timed warmup call (its rounds average the noise out)
 WARMUP_ROUNDS = 3  # timed warmup calls per block length, when the block length is chosen automatically
 GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):

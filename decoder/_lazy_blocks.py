@@ -21,12 +21,12 @@ def next_wanted(policy: BlockPolicy) -> int | None:
     """The next candidate to compile and time, or None while no uncosted one could win.
 
     For each candidate without a cost, smallest first:
-    1. Its cost is bounded below by the cost of the largest costed length under it (``below``):
-       a pass over more tokens costs no less.
-    2. While ``below`` is untried (some of its q_k unseen) and the policy would try it, wait:
-       its trial shows the acceptance that larger lengths are judged by, as the policy's own
-       trials go upward from the cheapest.
-    3. Otherwise the candidate is wanted when, at that cost bound and with the optimistic
+    1. Its cost is bounded below (``cost_floor``) from the costs of the two largest timed
+       lengths under it.
+    2. While the largest of those (``below``) is untried (some of its q_k unseen) and the
+       policy would try it, wait: its trial shows the acceptance that larger lengths are judged
+       by, as the policy's own trials go upward from the cheapest.
+    3. Otherwise the candidate is wanted when, at its cost floor and with the optimistic
        acceptance (unseen q_k as high as the last seen one), it could beat the best costed
        length by the policy's margin: that is when the policy would try it, were its cost known.
     """
@@ -40,9 +40,26 @@ def next_wanted(policy: BlockPolicy) -> int | None:
         below = max(b for b in policy.costs if b < block)
         if below > 1 and np.any(policy.trials[1:below] == 0) and policy.throughput(below, optimistic=True) > bar:
             return None
-        if policy.expected_tokens(block, optimistic=True) / policy.costs[below] > bar:
+        if policy.expected_tokens(block, optimistic=True) / cost_floor(policy.costs, block) > bar:
             return block
     return None
+
+
+def cost_floor(costs: dict[int, float], block: int) -> float:
+    """A lower bound on the step cost at ``block`` from the costs of shorter lengths.
+
+    A pass costs no less for more tokens, and each further token costs no less than the last
+    did (flat while the device has room to spare, then rising), so the cost at L is at least
+    the largest timed length's plus the marginal cost between the two largest, times the
+    extra tokens. Half that margin is counted, because the timed costs are noisy.
+    """
+    shorter = sorted(b for b in costs if b < block)
+    top = shorter[-1]
+    if len(shorter) < 2:
+        return costs[top]
+    prev = shorter[-2]
+    slope = max(0.0, (costs[top] - costs[prev]) / (top - prev))
+    return costs[top] + 0.5 * slope * (block - top)
 
 
 def merge_costs(policy: BlockPolicy, per_step: dict[int, list[float]], gated: dict[int, list[float]]) -> None:

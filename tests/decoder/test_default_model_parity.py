@@ -168,6 +168,8 @@ def test_most_rows_are_identical(comparisons, target):
 def test_identical_rows_finish_for_the_same_reason(comparisons, target):
     """A matching row ends in EOS exactly when transformers' does, else at the token budget."""
     eos = set(target.eos_token_ids)
+    ends = {"eos" if c.theirs and c.theirs[-1] in eos else "length" for c in comparisons}
+    assert ends == {"eos", "length"}, f"the rows should end both ways, at EOS and at the budget: {ends}"
     for c in comparisons:
         if not c.identical:
             continue

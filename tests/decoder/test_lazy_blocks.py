@@ -7,7 +7,7 @@ import pytest
 
 from dflash_batch.decoder import Request
 from dflash_batch.decoder._autoblock import BlockPolicy
-from dflash_batch.decoder._lazy_blocks import merge_costs, next_wanted
+from dflash_batch.decoder._lazy_blocks import cost_floor, merge_costs, next_wanted
 from compile_counter import count_compiles
 from decoding import make_decoder
 from oracle_proposer import propose_oracle
@@ -85,3 +85,9 @@ def test_larger_blocks_compile_when_drafts_are_accepted_and_the_tokens_stay_ar_s
     assert set(report["step_ms"]) == {str(b) for b in lazy.blocks}
     assert "decode L=4" in report["warmup_seconds"] and "block costs L=4" in report["warmup_seconds"]
     assert report["decode_calls_by_block"].get("4", 0) >= 1
+
+
+def test_the_cost_floor_extends_the_marginal_cost_of_the_two_largest_timed_lengths_by_half():
+    assert cost_floor({1: 1.0}, 4) == 1.0  # one length timed: no slope to go by
+    assert cost_floor({1: 1.0, 2: 1.2, 4: 1.6}, 8) == pytest.approx(1.6 + 0.5 * 0.2 * 4)
+    assert cost_floor({1: 1.0, 2: 0.9}, 4) == 0.9  # a noisy dip never lowers the floor below the last cost

@@ -38,7 +38,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
-# Your own loop: everything but the end-to-end tests on the real default model.
+# Your own loop: everything but the minutes-long tests (the real default model end to end, the
+# simulated-device suites).
 test-fast: $(STAMP)
 	$(PY) -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --durations=15
 

@@ -1,6 +1,6 @@
 """Decoding on a ('data', 'model') mesh of simulated CPU devices.
 
-Run by tests/decoder/test_mesh.py in a process with 8 devices. Within a mesh every mode is
+Run by tests/test_simulated_devices.py in a process with 8 devices. Within a mesh every mode is
 token-identical to AR (greedy, and sampling seed for seed: a speculative step commits exactly
 the token AR samples at that position). Across meshes, data parallelism changes no arithmetic;
 tensor parallelism all-reduces partial sums after o and down, so logits agree to a float32

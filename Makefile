@@ -36,11 +36,12 @@ demo: $(STAMP)
 # compiled fixtures are built once (measured on 2 cores: 20 min against ~40 in one process).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -P -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
-# Your own loop: everything but the end-to-end tests on the real default model.
+# Your own loop: everything but the minutes-long tests (the real default model end to end, the
+# simulated-device suites).
 test-fast: $(STAMP)
-	$(PY) -P -m pytest -q -n 2 --dist loadfile -m "not slow" --durations=15
+	$(PY) -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -142,9 +142,11 @@ class Decoder:
                 report[str(b)]["hybrid"] = hybrid_report(stats)
         return report
 
-    def warmup(self, bucket: int) -> float:
-        """Compiles the engine of one bucket; returns the seconds it took."""
-        return self.engine(bucket).warmup()
+    def warmup(self, bucket: int, lazy: bool = False) -> float:
+        """Compiles the engine of one bucket; returns the seconds it took. ``lazy``: of an
+        automatic block length, only AR and the smallest speculative length now, each larger
+        one when the policy could first want it (``SlotEngine.warmup``)."""
+        return self.engine(bucket).warmup(lazy)
 
     def start(self, requests: Iterable[Request], bucket: int | None = None) -> BatchRun:
         """A run of ``requests`` through one static batch, driven step by step (``BatchRun``).

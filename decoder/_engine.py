@@ -18,6 +18,7 @@ import numpy as np
 
 from dflash_batch.decoder._autoblock import BlockPolicy
 from dflash_batch.decoder._cost_table import load_costs, save_costs
+from dflash_batch.decoder._lazy_blocks import merge_costs, next_wanted, park, unpark
 from dflash_batch.decoder._mesh import active, is_sharded, replicated, shardings, state_specs
 from dflash_batch.decoder._requests import Request, Result
 from dflash_batch.decoder._sampling import row_key
@@ -27,7 +28,7 @@ from dflash_batch.decoder._slots import Slots
 # more at small batches, so that it judges acceptance on at least EXPLORE_ROW_STEPS row-steps.
 EXPLORE_STEPS = 4
 EXPLORE_ROW_STEPS = 16
-WARMUP_STEPS = 4  # decode steps of each timed warmup call
+WARMUP_STEPS = 2  # decode steps of each timed warmup call (its rounds average the noise out)
 WARMUP_ROUNDS = 3  # timed warmup calls per block length, when the block length is chosen automatically
 GATE_NEVER_PAYS = 1e9  # a gate no proposal clears: every step of the call runs as AR
 # Requests a decoder call gets per slot by default (a job's rows_per_batch = this x batch_size):
@@ -191,13 +192,15 @@ class SlotEngine:
             s = s.replace(extra=s.extra.replace(stats=jax.tree.map(jnp.asarray, self.kept_stats)))
         return s
 
-    def warmup(self) -> float:
+    def warmup(self, lazy: bool = False) -> float:
         """Readies the batch; returns the seconds it took.
 
         1. Compile prefill, then each decode block length with a call of zero steps, which
-           compiles (or loads from the persistent cache) without running a step.
-        2. With an automatic block length, the candidates' step costs: stored ones for these
-           programs on this machine, else timed side by side at this batch size (and stored).
+           compiles (or loads from the persistent cache) without running a step. ``lazy``:
+           only AR and the smallest speculative length of an automatic one; each larger
+           candidate waits until the policy could want it (``add_wanted_block``).
+        2. With an automatic block length, the compiled candidates' step costs: stored ones for
+           these programs on this machine, else timed side by side at this batch size (and stored).
         3. The scratch state is dropped before the batch's own is made, so warmup holds one
            state at its peak, as decoding does (its statistics came from dummy tokens).
         """
@@ -207,23 +210,10 @@ class SlotEngine:
         s = self._prefill_slots(self.fresh_state(), 1)
         jax.block_until_ready(s.pos)
         self.warmup_seconds["prefill"] = time.perf_counter() - t0
-        blocks = self.phases.blocks
-        for block in blocks:
-            t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, stop_on_first_done=jnp.asarray(True), max_steps=np.int32(0), gate=0.0,
-                                          block=block)
-            jax.block_until_ready(steps)
-            del steps  # nothing of the scratch run may outlive it (the plan counts one state)
-            self.warmup_seconds[f"decode L={block}"] = time.perf_counter() - t1
-        if len(blocks) > 1:
-            t1 = time.perf_counter()
-            stored = load_costs(self.cost_key) if self.cost_key else None
-            per_step, per_gated = stored or self._time_blocks(s)
-            if stored is None and self.cost_key:
-                save_costs(self.cost_key, per_step, per_gated)
-            self.costs_source = "stored" if stored else "measured"
-            self.policy.set_costs(per_step, per_gated)
-            self.warmup_seconds["block costs"] = time.perf_counter() - t1
+        blocks = self.phases.blocks[:2] if lazy else self.phases.blocks
+        s = self._compile_blocks(s, blocks)
+        if len(self.phases.blocks) > 1:
+            self._cost_blocks(s, blocks)
         del s
         self.kept_stats = None
         self.state = self.fresh_state()
@@ -231,6 +221,59 @@ class SlotEngine:
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
         return dt
+
+    def add_wanted_block(self) -> float:
+        """After a lazy warmup: compiles and times the next candidate block length once the
+        policy could want it (``_lazy_blocks.next_wanted``); returns the seconds it took.
+
+        1. Park the batch's state on the host, so that the scratch state of step 2 is the one
+           state on the devices (the memory plan counts one).
+        2. Compile the candidate and time it beside AR on a scratch state (or load its stored
+           costs), as warmup does.
+        3. Put the parked state back, bit for bit: the rows decode on as if nothing happened.
+        """
+        block = next_wanted(self.policy) if self.warm and self.state is not None else None
+        if block is None:
+            return 0.0
+        t0 = time.perf_counter()
+        parked, placement = park(self.state)
+        kept, self.state = self.kept_stats, None  # the live state's last reference: its memory is free
+        s = self._compile_blocks(self._prefill_slots(self.fresh_state(), 1), (block,))
+        self._cost_blocks(s, (1, block))
+        del s
+        self.state, self.kept_stats = unpark(parked, placement), kept
+        dt = time.perf_counter() - t0
+        self.compile_seconds += dt
+        return dt
+
+    def _compile_blocks(self, s: Slots, blocks: Sequence[int]) -> Slots:
+        """``s`` after a zero-step decode call at each of ``blocks``: each program compiled."""
+        for block in blocks:
+            t1 = time.perf_counter()
+            s, steps = self.phases.decode(s, stop_on_first_done=jnp.asarray(True), max_steps=np.int32(0), gate=0.0,
+                                          block=block)
+            jax.block_until_ready(steps)
+            del steps  # nothing of the scratch run may outlive it (the plan counts one state)
+            self.warmup_seconds[f"decode L={block}"] = time.perf_counter() - t1
+        return s
+
+    def _cost_blocks(self, s: Slots, blocks: Sequence[int]) -> None:
+        """Gives the policy the step costs of ``blocks`` (AR among them): stored ones, else
+        timed on the scratch state ``s`` (and stored under a key naming the lengths timed together)."""
+        t1 = time.perf_counter()
+        key = f"{self.cost_key}-L{'-'.join(map(str, blocks))}" if self.cost_key else None
+        stored = load_costs(key) if key else None
+        per_step, per_gated = stored or self._time_blocks(s, blocks)
+        if stored is None and key:
+            save_costs(key, per_step, per_gated)
+        first = not self.policy.costs
+        if first:
+            self.policy.set_costs(per_step, per_gated)
+            self.costs_source = "stored" if stored else "measured"
+        else:
+            merge_costs(self.policy, per_step, per_gated)
+        label = "block costs" if first else f"block costs L={max(blocks)}"
+        self.warmup_seconds[label] = time.perf_counter() - t1
 
     def _prefill_slots(self, s: Slots, n: int) -> Slots:
         """``s`` with its first ``n`` slots prefilled with one chunk of a dummy prompt."""
@@ -240,28 +283,28 @@ class SlotEngine:
                                     np.int32(2), np.float32(0), np.float32(1), row_key(slot))
         return s
 
-    def _time_blocks(self, s: Slots) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
-        """Seconds per step of each block length, per round, on the warm scratch state ``s``
+    def _time_blocks(self, s: Slots, blocks: Sequence[int]) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        """Seconds per step of each of ``blocks``, per round, on the warm scratch state ``s``
         (every slot prefilled first); where a step may fall back to AR, also of calls whose
         every step does (they still propose)."""
-        b, p, blocks = s.batch, self.prefill_chunk, self.phases.blocks
+        b, p = s.batch, self.prefill_chunk
         s = self._prefill_slots(s, b)
 
-        def timed(s: Slots, block: int, gate: float = 0.0) -> tuple[Slots, float | None]:
-            budget = min(self.capacity, 1 + WARMUP_STEPS * block)
+        def timed(s: Slots, block: int, gate: float = 0.0, steps: int = WARMUP_STEPS) -> tuple[Slots, float | None]:
+            budget = min(self.capacity, 1 + steps * block)
             s = s.replace(pos=jnp.full((b,), p, jnp.int32), n_out=jnp.ones((b,), jnp.int32),
                           budget=jnp.full((b,), budget, jnp.int32), done=jnp.zeros((b,), bool))
             jax.block_until_ready(s.pos)
             t1 = time.perf_counter()
-            s, steps = self.phases.decode(s, stop_on_first_done=jnp.asarray(True), max_steps=np.int32(WARMUP_STEPS),
+            s, steps = self.phases.decode(s, stop_on_first_done=jnp.asarray(True), max_steps=np.int32(steps),
                                           gate=gate, block=block)
             steps = int(steps)
             return s, (time.perf_counter() - t1) / steps if steps else None
 
         for block in blocks:  # a program's first run pays one-time costs: never in a timed round
-            s, _ = timed(s, block)
+            s, _ = timed(s, block, steps=1)
         # Round-robin, so that a slow spell of a shared machine falls on every length alike.
-        gated = falls_back_to_ar(blocks)
+        gated = falls_back_to_ar(self.phases.blocks)
         per_step: dict[int, list[float]] = {block: [] for block in blocks}
         per_gated: dict[int, list[float]] = {block: [] for block in blocks if gated and block > 1}
         for _ in range(WARMUP_ROUNDS):
@@ -351,6 +394,7 @@ class BatchRun:
         """One decode call at the policy's block length; its outcome goes back to the policy."""
         self._check_held()
         e = self.engine
+        e.add_wanted_block()  # after a lazy warmup: a larger block length, once it could pay
         block, trial = e.policy.choose()
         steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
         e.state, _ = e.phases.decode(e.state, stop_on_first_done=jnp.asarray(self._next is not None),

@@ -122,7 +122,7 @@ class Decode(beam.DoFn):
             try:
                 if bucket not in model.warm:  # the first batch of this bucket in this process
                     self.progress.phase("compiling", bucket)
-                    model.decoder.warmup(bucket)
+                    model.decoder.warmup(bucket, lazy=True)  # larger block lengths when they could pay
                     model.warm.add(bucket)
                 self.progress.phase("decoding", bucket)
                 for r in model.decoder.generate([it.request() for it in items], bucket=bucket):

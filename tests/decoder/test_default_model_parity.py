@@ -1,9 +1,11 @@
 """Our JAX AR greedy decode of the default model equals transformers' greedy ``generate``.
 
-Eight ACLSum test abstracts go through the ``summarize`` chat prompt of the embedded
-SmolLM2-135M-Instruct, 128 new tokens each. Ours runs all eight in one static batch of 8
+Four ACLSum test abstracts go through the ``summarize`` chat prompt of the embedded
+SmolLM2-135M-Instruct, 128 new tokens each. Ours runs all four in one static batch of 4
 slots (so padded prompts of different lengths share the batch); transformers runs each
-prompt alone at batch 1 (no padding at all), fp32, and is the reference.
+prompt alone at batch 1 (no padding at all), fp32, and is the reference. Four rows are
+enough for what is claimed: their prompts differ in length (padding shares a batch), and
+at 128 new tokens rows end both ways, at EOS and at the token budget.
 
 Float32 sums run in a different order in XLA and in PyTorch, so two greedy decoders can
 part ways where the top two logits are all but tied. A row that differs therefore passes
@@ -25,10 +27,10 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-N_ROWS = 8
+N_ROWS = 4
 MAX_NEW_TOKENS = 128
 NEAR_TIE = 1e-4
-MIN_IDENTICAL = 6
+MIN_IDENTICAL = 3
 
 
 @dataclasses.dataclass
@@ -78,10 +80,10 @@ def prompts(target) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def ours(target, prompts):
-    """Our completions, all eight rows in one batch of 8 slots, keyed by row id."""
+    """Our completions, all rows in one batch of as many slots, keyed by row id."""
     from dflash_batch.decoder import Request
 
-    decoder = make_decoder(target, batch_size=8, max_new_tokens=MAX_NEW_TOKENS)
+    decoder = make_decoder(target, batch_size=N_ROWS, max_new_tokens=MAX_NEW_TOKENS)
     bucket = decoder.bucket(max(len(p) for p in prompts.values()))
     requests = [Request(id=i, token_ids=p, max_new_tokens=MAX_NEW_TOKENS) for i, p in prompts.items()]
     results = {r.id: r for r in decoder.generate(requests, bucket=bucket)}
@@ -166,6 +168,8 @@ def test_most_rows_are_identical(comparisons, target):
 def test_identical_rows_finish_for_the_same_reason(comparisons, target):
     """A matching row ends in EOS exactly when transformers' does, else at the token budget."""
     eos = set(target.eos_token_ids)
+    ends = {"eos" if c.theirs and c.theirs[-1] in eos else "length" for c in comparisons}
+    assert ends == {"eos", "length"}, f"the rows should end both ways, at EOS and at the budget: {ends}"
     for c in comparisons:
         if not c.identical:
             continue

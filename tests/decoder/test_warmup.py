@@ -13,6 +13,15 @@ SETTINGS = dict(mode="ngram", block_size="auto", batch_size=2, max_new_tokens=8,
                 prefill_chunk=16)
 
 
+@pytest.fixture(autouse=True)
+def few_block_candidates(monkeypatch):
+    """Candidates 1, 2, 4 rather than up to 16: what warmup does is the same for any number of
+    candidates, and the largest would take most of the compile time."""
+    from dflash_batch.decoder import _state
+
+    monkeypatch.setattr(_state, "PROPOSER_BLOCK", 4)
+
+
 @pytest.fixture
 def compilation_cache(tmp_path, monkeypatch):
     """The persistent compilation cache enabled in a fresh folder (restored afterwards)."""

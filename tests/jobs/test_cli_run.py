@@ -16,6 +16,16 @@ from job_helpers import DECODE, completions, job_stats, sentence, write_prompts
 from dflash_batch.jobs.cli import main
 
 
+@pytest.fixture(autouse=True)
+def few_block_candidates(monkeypatch):
+    """An automatic block length picks among 1, 2 and 4 here, not up to 16: these tests check the
+    commands' plumbing, which is the same for any candidates, and the largest lengths' programs
+    would take most of the compile time."""
+    from dflash_batch.decoder import _state
+
+    monkeypatch.setattr(_state, "PROPOSER_BLOCK", 4)
+
+
 @pytest.fixture
 def job_file(tmp_path, chat_model_dir) -> Path:
     write_prompts(tmp_path / "in" / "p.parquet", [{"id": f"r{i}", "prompt": sentence(i)} for i in range(5)]

@@ -1,5 +1,5 @@
 """Mesh tests need simulated devices, which must exist before jax starts: they run in their own
-pytest process (``tests/decoder/test_mesh.py`` starts it with ``MESH_DEVICES``). Any other
+pytest process (``tests/test_simulated_devices.py`` starts it with ``MESH_DEVICES``). Any other
 pytest process skips collecting them."""
 
 from __future__ import annotations

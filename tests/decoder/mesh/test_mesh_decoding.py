@@ -1,6 +1,6 @@
 """Decoding on a ('data', 'model') mesh of simulated CPU devices.
 
-Run by tests/decoder/test_mesh.py in a process with 8 devices. Within a mesh every mode is
+Run by tests/test_simulated_devices.py in a process with 8 devices. Within a mesh every mode is
 token-identical to AR (greedy, and sampling seed for seed: a speculative step commits exactly
 the token AR samples at that position). Across meshes, data parallelism changes no arithmetic;
 tensor parallelism all-reduces partial sums after o and down, so logits agree to a float32
@@ -20,7 +20,10 @@ from dflash_batch.decoder._mesh import active
 from dflash_batch.decoder._target import forward
 from tiny_models import make_tiny_checkpoint, random_drafter
 
-MESHES = [(1, 1), (8, 1), (2, 4), (4, 2), (1, 2)]  # D x T
+# D x T: data parallel alone, data and tensor parallel at once, tensor parallel alone. (A 1 x 1
+# mesh is the plain decoder, whose modes tests/decoder/test_speculative.py holds to AR; 4 x 2
+# runs the code of 2 x 4 with other degrees, and its AR tokens are compared below.)
+MESHES = [(8, 1), (2, 4), (1, 2)]
 SPEC_MODES = ("dflash", "ngram", "hybrid")
 TP_ATOL = 1e-4  # logits of the tiny models are O(10); float32 reduction order moves them by ~1e-6
 BATCH, NEW, BUCKET = 8, 10, 32

@@ -1,6 +1,6 @@
 """On a data 2 x model 2 mesh, each chip holds what the memory plan counts per chip.
 
-Run by tests/decoder/test_mesh.py in a process with 8 simulated devices.
+Run by tests/test_simulated_devices.py in a process with 8 simulated devices.
 """
 
 from __future__ import annotations

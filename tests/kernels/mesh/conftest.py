@@ -1,5 +1,5 @@
 """Mesh tests need simulated devices, which must exist before jax starts: they run in their own
-pytest process (``tests/kernels/test_kernels_on_mesh.py`` starts it). Any other
+pytest process (``tests/test_simulated_devices.py`` starts it). Any other
 pytest process skips collecting them."""
 
 from __future__ import annotations

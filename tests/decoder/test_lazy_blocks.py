@@ -10,7 +10,7 @@ from dflash_batch.decoder._autoblock import BlockPolicy
 from dflash_batch.decoder._lazy_blocks import cost_floor, merge_costs, next_wanted
 from compile_counter import count_compiles
 from decoding import make_decoder
-from oracle_proposer import propose_oracle
+from oracle_proposer import ORACLE
 
 
 def test_no_larger_block_is_wanted_while_a_promising_smaller_one_is_untried():
@@ -59,16 +59,15 @@ def test_a_lazy_warmup_readies_ar_and_the_smallest_speculative_block(tiny_llama)
 
 
 def test_larger_blocks_compile_when_drafts_are_accepted_and_the_tokens_stay_ar_s(tiny_llama, monkeypatch):
-    from dflash_batch.decoder import _speculative, _state
+    from dflash_batch.decoder import _state
 
-    monkeypatch.setitem(_speculative.PROPOSERS, "oracle", propose_oracle)
     monkeypatch.setattr(_state, "PROPOSER_BLOCK", 4)  # candidates 1, 2, 4: the fewest that show a lazy one
     rng = np.random.default_rng(5)
     reqs = [Request(id=str(i), token_ids=list(rng.integers(3, 128, size=int(rng.integers(2, 30)))),
                     max_new_tokens=24) for i in range(6)]
     kw = dict(batch_size=2, max_new_tokens=24, prompt_buckets=(32,), prefill_chunk=16)
     ar = {r.id: r.token_ids for r in make_decoder(tiny_llama, **kw).generate(reqs)}
-    lazy = make_decoder(tiny_llama, mode="oracle", block_size="auto", **kw)
+    lazy = make_decoder(tiny_llama, **ORACLE, block_size="auto", **kw)
     engine = lazy.engine(32)
     # Step costs as on an accelerator, where a pass over L tokens costs little more than one
     # token's (this CPU's own would make every length look dear at these tiny shapes).

@@ -7,7 +7,7 @@ The mesh has two axes, ``('data', 'model')`` (D x T chips):
   * ``model`` is Megatron tensor parallelism: q/k/v are split over heads and o over its
     input; gate/up over F and down over its input; the embedding and lm_head over the
     vocabulary (replicated when V % T != 0, which the memory plan counts); norms replicated.
-    The KV caches [L, B, K, S, H] are split over kv heads. The partial sums after o and down
+    The KV caches [layers, B, K, S, H] are split over kv heads. The partial sums after o and down
     are all-reduced, so logits differ from one chip's in the last bits of fp32.
 
 With T > 1 the fused q|k|v and gate|up projections are stored as separate q, k, v, gate, up
@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
-KV_SPEC = P(None, "data", "model", None, None)  # [L, B, K, S, H]
+KV_SPEC = P(None, "data", "model", None, None)  # [layers, B, K, S, H]
 ROW_SPEC = P("data")  # [B, ...]: per-row state
 
 
@@ -107,11 +107,11 @@ def split_fused(layers: dict[str, Any], num_heads: int, num_kv_heads: int, head_
     return out
 
 
-_LAYER_SPECS = {  # stacked layers: a leading L axis
-    "q": P(None, None, "model"), "k": P(None, None, "model"), "v": P(None, None, "model"),  # [L, D, heads*H]
-    "o": P(None, "model", None),  # [L, N*H, D]
-    "gate": P(None, None, "model"), "up": P(None, None, "model"),  # [L, D, F]
-    "down": P(None, "model", None),  # [L, F, D]
+_LAYER_SPECS = {  # stacked layers: a leading layers axis
+    "q": P(None, None, "model"), "k": P(None, None, "model"), "v": P(None, None, "model"),  # [layers, D, heads*H]
+    "o": P(None, "model", None),  # [layers, N*H, D]
+    "gate": P(None, None, "model"), "up": P(None, None, "model"),  # [layers, D, F]
+    "down": P(None, "model", None),  # [layers, F, D]
 }
 
 

@@ -48,7 +48,7 @@ def final_norm(params: Params, cfg: TargetConfig, x: jax.Array) -> jax.Array:
 
 
 def write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array, slot: jax.Array | None = None) -> jax.Array:
-    """Scatters new rows [L, B, T, K, H] into a [L, B', K, S, H] cache at positions [B, T].
+    """Scatters new rows [layers, B, T, K, H] into a [layers, B', K, S, H] cache at positions [B, T].
 
     Rows go to cache batch rows 0..B-1, or (B = 1) to row ``slot``. Out-of-range
     positions are dropped. One scatter per pass, in place on a donated buffer.
@@ -56,7 +56,7 @@ def write_rows(cache: jax.Array, new: jax.Array, positions: jax.Array, slot: jax
     _, b, t, k, _ = new.shape
     rows = jnp.arange(b)[:, None, None] if slot is None else jnp.full((1, 1, 1), slot)  # [B, 1, 1]
     heads = jnp.arange(k)[None, :, None]  # [1, K, 1]
-    vals = jnp.moveaxis(new, 2, 3).astype(cache.dtype)  # [L, B, K, T, H]
+    vals = jnp.moveaxis(new, 2, 3).astype(cache.dtype)  # [layers, B, K, T, H]
     return cache.at[:, rows, heads, positions[:, None, :]].set(vals, mode="drop")
 
 
@@ -130,12 +130,12 @@ def forward(
         return x, (k, v, x if collect_layers else None)
 
     layer_ids = jnp.arange(cfg.num_layers)
-    x, (k_new, v_new, hidden) = scan_layers(layer, x, (params["layers"], layer_ids))  # k_new [L, B, T, K, H]
+    x, (k_new, v_new, hidden) = scan_layers(layer, x, (params["layers"], layer_ids))  # k_new [layers, B, T, K, H]
     kc = write_rows(cache.k, k_new, positions, slot)
     vc = write_rows(cache.v, v_new, positions, slot)
     feats = None
     if collect_layers:
-        # hidden [L, B, T, D] -> the chosen layers' outputs, [B, T, n_f, D]
+        # hidden [layers, B, T, D] -> the chosen layers' outputs, [B, T, n_f, D]
         feats = jnp.moveaxis(hidden[jnp.asarray(collect_layers)], 0, 2)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [B, 1, D]
@@ -161,5 +161,5 @@ def hidden_states(params: Params, cfg: TargetConfig, tokens: jax.Array, collect_
         x, _, _ = target_layer(w, cfg, x, positions, lambda q, k, v: verify_attention(q, nothing, nothing, start, k, v))
         return x, x
 
-    _, hidden = scan_layers(layer, embed(params, tokens), params["layers"])  # [L, B, S, D]
+    _, hidden = scan_layers(layer, embed(params, tokens), params["layers"])  # [layers, B, S, D]
     return jnp.moveaxis(hidden[jnp.asarray(tuple(collect_layers))], 0, 2)  # [B, S, n, D]

@@ -109,10 +109,12 @@ def test_a_run_stopped_midway_keeps_its_parts_and_the_rerun_decodes_only_the_res
         chat_model_dir, big_input, tmp_path, sig):
     out = tmp_path / "out"
     job = _job_file(tmp_path, chat_model_dir, big_input, out, rows_per_file=20, rows_per_batch=8)
-    stopped = _run_until(job, out, saved=int(0.4 * N_ROWS), sig=sig)
-    assert stopped.returncode != 0, stopped.stderr[-2000:]
+    # Stopped at a quarter: a loaded machine may starve this poll for seconds while the job runs on,
+    # and the job must still be mid-run when the signal lands.
+    stopped = _run_until(job, out, saved=N_ROWS // 4, sig=sig)
+    assert stopped.returncode != 0, stopped.stdout[-1000:] + stopped.stderr[-2000:]
     kept = set(_ids(out))
-    assert len(kept) >= int(0.4 * N_ROWS)  # what was saved before the signal is still there
+    assert len(kept) >= N_ROWS // 4  # what was saved before the signal is still there
     assert not list(out.glob("job_stats.json"))
     if sig == signal.SIGINT:  # Ctrl-C says what was kept, counted from the output itself
         assert f"kept {len(kept)} completion(s)" in stopped.stderr, stopped.stderr[-2000:]

@@ -150,7 +150,8 @@ def test_job_stats_record_the_automatic_block_choice_and_why(job, chat_model_dir
     for where, report in stats["block_choice"].items():
         assert " bucket " in where
         assert report["candidates"] == [1, 2, 4, 8, 16]
-        assert set(report["step_ms"]) == {"1", "2", "4", "8", "16"}  # measured at warmup, AR included
+        # A job's warmup is lazy: AR and the smallest block are timed, larger ones once they could pay.
+        assert {"1", "2"} <= set(report["step_ms"]) <= {"1", "2", "4", "8", "16"}
         assert sum(report["decode_calls_by_block"].values()) >= 1
         assert len(report["acceptance_q"]) == 15  # q_1..q_15 (unobserved ones count as 0)
         assert report["expected_tokens_per_step"]["1"] == 1.0  # AR is always a candidate

@@ -66,7 +66,7 @@ class _FailingDecoder:
     def __init__(self):
         self.engines = {}
 
-    def warmup(self, bucket):
+    def warmup(self, bucket, lazy=False):
         return 0.0
 
     def generate(self, requests, bucket):

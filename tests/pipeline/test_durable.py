@@ -47,7 +47,8 @@ def test_rows_cut_into_parts_the_same_way_every_time(tmp_path):
     assert sorted(_ids(tmp_path, "dead_letters-")) == sorted(r["id"] for r in rows)
 
 
-def _job_file(tmp_path: Path, model: Path, inputs: Path, out: Path, **pipeline) -> Path:
+def _job_file(tmp_path: Path, model: Path, inputs: Path, out: Path, new_tokens: int = DECODE['max_new_tokens'],
+              **pipeline) -> Path:
     settings = "\n".join(f"{k} = {v}" for k, v in pipeline.items())
     path = tmp_path / "job.toml"
     path.write_text(f"""
@@ -59,7 +60,7 @@ target = "{model}"
 [decode]
 mode = "ar"
 batch_size = {DECODE['batch_size']}
-max_new_tokens = {DECODE['max_new_tokens']}
+max_new_tokens = {new_tokens}
 prompt_buckets = {DECODE['prompt_buckets']}
 [prompt]
 template = "none"
@@ -108,9 +109,9 @@ def big_input(tmp_path):
 def test_a_run_stopped_midway_keeps_its_parts_and_the_rerun_decodes_only_the_rest(
         chat_model_dir, big_input, tmp_path, sig):
     out = tmp_path / "out"
-    job = _job_file(tmp_path, chat_model_dir, big_input, out, rows_per_file=20, rows_per_batch=8)
-    # Stopped at a quarter: a loaded machine may starve this poll for seconds while the job runs on,
-    # and the job must still be mid-run when the signal lands.
+    # 64 new tokens a row and a stop at a quarter: the tiny model decodes 400 rows of 8 tokens in
+    # under a second, so the signal could land after the last row (measured: the run then ends 0).
+    job = _job_file(tmp_path, chat_model_dir, big_input, out, new_tokens=64, rows_per_file=20, rows_per_batch=8)
     stopped = _run_until(job, out, saved=N_ROWS // 4, sig=sig)
     assert stopped.returncode != 0, stopped.stdout[-1000:] + stopped.stderr[-2000:]
     kept = set(_ids(out))
@@ -119,7 +120,8 @@ def test_a_run_stopped_midway_keeps_its_parts_and_the_rerun_decodes_only_the_res
     if sig == signal.SIGINT:  # Ctrl-C says what was kept, counted from the output itself
         assert f"kept {len(kept)} completion(s)" in stopped.stderr, stopped.stderr[-2000:]
 
-    again = build(job_spec(chat_model_dir, big_input, out, mode="ar", rows_per_file=20, rows_per_batch=8)).run()
+    again = build(job_spec(chat_model_dir, big_input, out, mode="ar", max_new_tokens=64, rows_per_file=20,
+                           rows_per_batch=8)).run()
 
     ids = _ids(out)
     assert sorted(ids) == sorted(set(ids))  # each id exactly once, on disk

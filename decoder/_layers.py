@@ -76,11 +76,24 @@ def take_layer(stack: jax.Array, index) -> jax.Array:
     convert the WHOLE array to float32 first, on every call (every layer's weights or the whole
     KV cache). On a TPU the bitcast is free.
     """
+    (layer,) = take_layers([stack], index)
+    return layer
+
+
+def take_layers(stacks: list[jax.Array], index) -> list[jax.Array]:
+    """``take_layer`` of several stacks at one index, the switched ones through ONE switch (a
+    switch per stack would compile its branches once per stack)."""
     layer, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-    if _switch_layers(stack) and jnp.ndim(layer) == 0:
-        (stack,) = _pick_layer([stack], layer)
-        return _unbits(_bits(stack)[rest], stack.dtype) if rest else stack
-    return _unbits(_bits(stack)[index], stack.dtype)
+    switched = [s for s in stacks if _switch_layers(s)] if jnp.ndim(layer) == 0 else []
+    picked = iter(_pick_layer(switched, layer) if switched else [])
+    out = []
+    for s in stacks:
+        if switched and _switch_layers(s):
+            p = next(picked)
+            out.append(_unbits(_bits(p)[rest], p.dtype) if rest else p)
+        else:
+            out.append(_unbits(_bits(s)[index], s.dtype))
+    return out
 
 
 def scan_layers(f, init, xs):
@@ -88,21 +101,19 @@ def scan_layers(f, init, xs):
     picked as ``take_layer`` does (a switch of static slices on CPU, raw bits elsewhere) and the
     stacked bf16 outputs carried as raw bits."""
     leaves, tree = jax.tree.flatten(xs)
-    held = [_switch_layers(a) for a in leaves]
-    n = leaves[0].shape[0]
+    switched = [j for j, a in enumerate(leaves) if _switch_layers(a)]
+    scanned = [j for j in range(len(leaves)) if j not in switched]
     out_dtypes = []
 
     def body(carry, x):
-        i, scanned = x
-        picked = iter(_pick_layer([a for a, h in zip(leaves, held) if h], i) if any(held) else [])
-        scanned = iter(_unbits(a, b.dtype) for a, b in zip(scanned, [b for b, h in zip(leaves, held) if not h]))
-        layer = tree.unflatten([next(picked) if h else next(scanned) for h in held])
-        carry, y = f(carry, layer)
+        i, sliced = x
+        layer = dict(zip(switched, _pick_layer([leaves[j] for j in switched], i) if switched else []))
+        layer.update((j, _unbits(a, leaves[j].dtype)) for j, a in zip(scanned, sliced))
+        carry, y = f(carry, tree.unflatten([layer[j] for j in range(len(leaves))]))
         out_dtypes.append(jax.tree.map(lambda a: a.dtype, y))
         return carry, jax.tree.map(_bits, y)
 
-    scanned = [_bits(a) for a, h in zip(leaves, held) if not h]
-    carry, ys = jax.lax.scan(body, init, (jnp.arange(n), scanned))
+    carry, ys = jax.lax.scan(body, init, (jnp.arange(leaves[0].shape[0]), [_bits(leaves[j]) for j in scanned]))
     return carry, jax.tree.map(_unbits, ys, out_dtypes[0])
 
 

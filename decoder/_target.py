@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dflash_batch.decoder._cache import KVCache
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._layers import (apply_rope, dense, matmul_rows, mlp, qkv_proj, rms_norm, rope_inv_freq,
-                                          scan_layers, take_layer)
+                                          scan_layers, take_layer, take_layers)
 from dflash_batch.kernels import verify_attention
 
 Params = dict[str, Any]
@@ -121,9 +121,9 @@ def forward(
     def layer(x, xs):
         w, idx = xs  # the layer's weights and its index in the cache
         if slot is None:
-            k_cache, v_cache = take_layer(cache.k, idx), take_layer(cache.v, idx)  # [B, K, S, H]
+            k_cache, v_cache = take_layers([cache.k, cache.v], idx)  # [B, K, S, H]
         else:
-            k_cache, v_cache = take_layer(cache.k, (idx, slot))[None], take_layer(cache.v, (idx, slot))[None]
+            k_cache, v_cache = (c[None] for c in take_layers([cache.k, cache.v], (idx, slot)))
         # Cache rows < start, then the block causally: kernels/ picks Pallas or plain jnp.
         x, k, v = target_layer(w, cfg, x, positions,
                                lambda q, k, v: verify_attention(q, k_cache, v_cache, start, k, v))

@@ -41,7 +41,7 @@ from dflash_batch.decoder._checkpoint import TargetModel, load_target, params_fr
 from dflash_batch.decoder._compile_cache import enable_compilation_cache
 from dflash_batch.decoder._config import TargetConfig
 from dflash_batch.decoder._decode_config import DEFAULT_PROMPT_BUCKETS, DecodeConfig, DecodeConfigError
-from dflash_batch.decoder._drafter_checkpoint import Drafter, load_drafter, place_drafter
+from dflash_batch.decoder._drafter_checkpoint import Drafter, load_drafter
 from dflash_batch.decoder._drafter_config import DrafterConfig
 from dflash_batch.decoder._decoder import DRAFTER_MODES, Decoder
 from dflash_batch.decoder._engine import ROWS_PER_SLOT, BatchRun, bucket_for
@@ -62,7 +62,7 @@ __all__ = [
     "DecodeConfig", "DecodeConfigError", "Decoder", "DEFAULT_MODEL", "DEFAULT_PROMPT_BUCKETS", "describe",
     "Drafter", "DRAFTER_MODES", "DrafterConfig", "enable_compilation_cache", "forward", "HBM_PER_CHIP",
     "KVCache", "LayoutError", "load_drafter", "load_target", "local_capacity", "make_mesh", "MemoryPlan",
-    "MODES", "params_from_hf", "place_drafter", "plan", "read_safetensors", "registered_models",
+    "MODES", "params_from_hf", "plan", "read_safetensors", "registered_models",
     "render_messages", "Request", "resolve_drafter_dir", "resolve_model_dir", "Result", "ROWS_PER_SLOT",
     "TargetConfig", "TargetModel", "tokenize_prompt",
     "render_row", "SUMMARIZE_INSTRUCTION", "summarize_messages",

@@ -1,17 +1,25 @@
-"""What the decoder learns about its proposals on the device: acceptance per draft position.
+"""Acceptance, in one place: what the decoder learns about its proposals, on the device and on the host.
 
-A proposer's drafts are judged twice by the same counts: before verification, by the
-per-step gate and the hybrid chooser (``Proposal.promise``), and after, by ``learn``, which
-adds the step's evidence. The host's block-length policy (decoder/_autoblock.py) reads the
-committed-token histogram the same step writes, so the device's counts are the one source
-of acceptance.
+The device counts; the host reads the counts. Two questions are asked of the same evidence:
+
+- **Which proposal should this row verify now?** ``ProposalStats`` (device) keeps acceptance
+  per proposer and draft position. Before verification, the per-step gate and the hybrid
+  chooser weigh each row's proposals by it (``Proposal.promise``); after, ``learn`` adds the
+  step's evidence.
+- **Which block length should the next call use?** ``AcceptanceTally`` (host) keeps q_k =
+  P(at least k drafts accepted) of the proposals that were verified, read from the
+  committed-token histogram and the gated-step count each decode call returns. The block
+  policy (decoder/_autoblock.py) and the lazy compile (decoder/_lazy_blocks.py) read q_k here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NGRAM_MAX = 3  # longest suffix the n-gram proposer tries to match
 
@@ -140,3 +148,50 @@ def learn(st: ProposalStats, prop: Proposal, y: jax.Array, accepted: jax.Array, 
         st = st.replace(chose_ngram=st.chose_ngram + jnp.sum(active & prop.use_ngram),
                         chose_dflash=st.chose_dflash + jnp.sum(active & ~prop.use_ngram))
     return st
+
+
+@dataclasses.dataclass
+class AcceptanceTally:
+    """q_k over every decode call (host), for block lengths up to ``longest``.
+
+    A verified step at block length L could accept k drafts for each k < L (a trial of q_k) and
+    did when it committed more than k tokens (a success). A step the gate ran as AR verified
+    nothing: it counts in the gated share of its length, not in q_k.
+    """
+
+    longest: int
+    trials: np.ndarray = dataclasses.field(init=False)  # [longest]: verified steps that could accept >= k
+    successes: np.ndarray = dataclasses.field(init=False)  # [longest]: verified steps that accepted >= k
+    row_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # row-steps run at L
+    gated_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # of those, run as AR by the gate
+
+    def __post_init__(self):
+        self.trials = np.zeros(self.longest, np.int64)
+        self.successes = np.zeros(self.longest, np.int64)
+
+    def observe(self, block: int, hist_delta: np.ndarray, gated: int = 0) -> None:
+        """One call's counts: ``hist_delta[i]`` row-steps committed i + 1 tokens, and the gate
+        ran ``gated`` of them as AR steps (one token each)."""
+        steps = int(hist_delta.sum())
+        if block < 2 or steps == 0:
+            return
+        self.row_steps[block] = self.row_steps.get(block, 0) + steps
+        self.gated_steps[block] = self.gated_steps.get(block, 0) + gated
+        at_least = np.cumsum(hist_delta[::-1])[::-1]  # [i]: steps that committed > i tokens
+        self.trials[1:block] += steps - gated
+        self.successes[1:block] += at_least[1:block]
+
+    def q(self) -> np.ndarray:
+        """q_k at index k (index 0 unused); unseen k are 0."""
+        seen = self.trials > 0
+        q = np.zeros(len(self.trials))
+        q[seen] = self.successes[seen] / self.trials[seen]
+        return q
+
+    def seen(self, block: int) -> np.ndarray:
+        """Whether each of q_1 .. q_(block-1) has been observed."""
+        return self.trials[1:block] > 0
+
+    def gated_share(self, block: int) -> float:
+        """The share of row-steps at ``block`` that the gate ran as AR."""
+        return self.gated_steps.get(block, 0) / self.row_steps[block] if self.row_steps.get(block) else 0.0

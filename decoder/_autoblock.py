@@ -7,7 +7,7 @@
    Each cost is AR's best step times the upper quartile of the same-round ratios to AR, so a
    shared machine's slow spells cancel and what noise remains leans the choice to AR.
 2. Acceptance. q_k = P(at least k drafts accepted), counted over the verified steps of every
-   call. With g_L the share of steps the gate ran as AR at L:
+   call (``AcceptanceTally`` in decoder/_acceptance.py, from the counts each call returns). With g_L the share of steps the gate ran as AR at L:
    E[tokens | L] = 1 + (1 - g_L) * sum_{k<L} q_k, at (1 - g_L) * c_L + g_L * c'_L per step.
 3. Choice. The best estimate wins, but a speculative L must beat AR by ``margin``. A length whose
    q_k are not all seen yet is tried in a short call if it could still win with its unseen q_k
@@ -25,6 +25,8 @@ import dataclasses
 
 import numpy as np
 
+from dflash_batch.decoder._acceptance import AcceptanceTally
+
 
 @dataclasses.dataclass
 class BlockPolicy:
@@ -34,16 +36,12 @@ class BlockPolicy:
     costs: dict[int, float] = dataclasses.field(default_factory=dict)  # seconds per step, by L
     gated_costs: dict[int, float] = dataclasses.field(default_factory=dict)  # a gated step's, by L
     calls: dict[int, int] = dataclasses.field(default_factory=dict)
-    row_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # row-steps run at L
-    gated_steps: dict[int, int] = dataclasses.field(default_factory=dict)  # of those, run as AR by the gate
-    trials: np.ndarray = dataclasses.field(init=False)  # [Lmax]: verified steps that could accept >= k
-    successes: np.ndarray = dataclasses.field(init=False)  # [Lmax]: verified steps that accepted >= k
+    tally: AcceptanceTally = dataclasses.field(init=False)  # q_k and the gated shares
     _since_recheck: int = 0
 
     def __post_init__(self):
         self.candidates = tuple(sorted(set(self.candidates)))
-        self.trials = np.zeros(self.candidates[-1], np.int64)
-        self.successes = np.zeros(self.candidates[-1], np.int64)
+        self.tally = AcceptanceTally(self.candidates[-1])
 
     def set_costs(self, per_step: dict[int, list[float]], gated: dict[int, list[float]] | None = None) -> None:
         """Step 1: ``per_step[L][r]`` is warmup round r's seconds per step at L; ``gated[L][r]``
@@ -59,38 +57,24 @@ class BlockPolicy:
         self.gated_costs.update({b: cost(t) for b, t in (gated or {}).items() if t})
 
     def observe(self, block: int, hist_delta: np.ndarray, gated: int = 0) -> None:
-        """Step 2, one call's worth: ``hist_delta[i]`` row-steps committed i + 1 tokens, and the
-        gate ran ``gated`` of them as AR steps (one token each, no evidence of acceptance)."""
-        steps = int(hist_delta.sum())
-        if block < 2 or steps == 0:
-            return
-        self.row_steps[block] = self.row_steps.get(block, 0) + steps
-        self.gated_steps[block] = self.gated_steps.get(block, 0) + gated
-        at_least = np.cumsum(hist_delta[::-1])[::-1]  # [i]: steps that committed > i tokens
-        self.trials[1:block] += steps - gated
-        self.successes[1:block] += at_least[1:block]
+        """Step 2, one call's counts (``AcceptanceTally.observe``)."""
+        self.tally.observe(block, hist_delta, gated)
 
     def acceptance(self) -> np.ndarray:
         """q_k at index k (index 0 unused); unseen k are 0."""
-        seen = self.trials > 0
-        q = np.zeros(len(self.trials))
-        q[seen] = self.successes[seen] / self.trials[seen]
-        return q
-
-    def _gated_share(self, block: int) -> float:
-        return self.gated_steps.get(block, 0) / self.row_steps[block] if self.row_steps.get(block) else 0.0
+        return self.tally.q()
 
     def expected_tokens(self, block: int, optimistic: bool = False) -> float:
         """E[tokens per step | L]; ``optimistic``: unseen q_k as high as the last seen q (1 at first)."""
         q = self.acceptance()[1:block]
         if optimistic:
-            seen = self.trials[1:block] > 0
+            seen = self.tally.seen(block)
             q = np.where(seen, q, np.minimum.accumulate(np.where(seen, q, 1.0)))
-        return 1.0 + (1.0 - self._gated_share(block)) * float(q.sum())
+        return 1.0 + (1.0 - self.tally.gated_share(block)) * float(q.sum())
 
     def cost(self, block: int) -> float:
         """Seconds per step of a call at L: the L-token pass, or a gated step, in the gate's share."""
-        g = self._gated_share(block)
+        g = self.tally.gated_share(block)
         return (1.0 - g) * self.costs[block] + g * self.gated_costs.get(block, self.costs[block])
 
     def throughput(self, block: int, optimistic: bool = False) -> float:
@@ -112,7 +96,7 @@ class BlockPolicy:
             best = max(costed, key=self.throughput)
             if 1 in costed and self.throughput(best) < (1 + self.margin) * self.throughput(1):
                 best = 1
-            untried = [b for b in costed if b > 1 and np.any(self.trials[1:b] == 0)
+            untried = [b for b in costed if b > 1 and not self.tally.seen(b).all()
                        and self.throughput(b, optimistic=True) > (1 + self.margin) * self.throughput(best)]
             self._since_recheck += 1
             if untried:
@@ -136,5 +120,5 @@ class BlockPolicy:
             "expected_tokens_per_step": {str(b): round(self.expected_tokens(b), 3) for b in self.candidates},
             "expected_tokens_per_s_per_row": {str(b): round(self.throughput(b), 2) for b in costed},
             "decode_calls_by_block": {str(b): n for b, n in sorted(self.calls.items())},
-            "gated_fraction_by_block": {str(b): round(self._gated_share(b), 3) for b in sorted(self.row_steps)},
+            "gated_fraction_by_block": {str(b): round(self.tally.gated_share(b), 3) for b in sorted(self.tally.row_steps)},
         }

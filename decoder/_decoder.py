@@ -28,14 +28,15 @@ class Decoder:
     Engines compile once, on first use or ``warmup``, and keep their programs; the slot state
     is one per decoder, held by the bucket that ran last (``StateHolder``), so memory is one
     bucket's state whatever the number of buckets seen. ``drafter`` is required by the modes
-    in ``DRAFTER_MODES`` and unused by the others. ``mesh``: a ``('data', 'model')`` mesh the
-    target was loaded onto (``load_target(..., mesh=)``); None decodes on one device.
+    in ``DRAFTER_MODES`` and unused by the others. The mesh is the target's: a target loaded
+    onto a ``('data', 'model')`` mesh (``load_target(..., mesh=)``) decodes on it, the drafter
+    laid out beside it; any other decodes on one device.
     ``proposer``: what drafts in a speculative mode (``decoder/_proposers.py``); None: the one
     the mode names.
     """
 
     def __init__(self, target: TargetModel, config: DecodeConfig = DecodeConfig(), drafter: Drafter | None = None,
-                 mesh=None, *, proposer=None):
+                 *, proposer=None):
         mode = config.mode
         if proposer is not None and mode == "ar":
             raise ValueError("a proposer needs a speculative mode (mode='ar' drafts nothing)")
@@ -50,7 +51,7 @@ class Decoder:
         else:
             drafter = None
         self.blocks: tuple[int, ...] = decode_blocks(config, drafter.config.block_size if drafter else None)
-        self.mesh = mesh if is_sharded(mesh) else None
+        self.mesh = target.mesh if is_sharded(target.mesh) else None
         self.target = target
         self.config = config
         self.drafter = check_mesh(self.mesh, target, drafter, config.batch_size)

@@ -122,14 +122,6 @@ def load_drafter(folder: str | Path, dtype: Any = "float32", mesh=None) -> Draft
     return Drafter(cfg, params_from_tensors(cfg, read_safetensors(path), mesh=mesh))
 
 
-def place_drafter(drafter: Drafter, mesh) -> Drafter:
-    """A drafter (host or one device) laid out on ``mesh``: for drafters made in memory
-    (training, tests). Loading with ``load_drafter(..., mesh=)`` never gathers them."""
-    if not is_sharded(mesh):
-        return drafter
-    return Drafter(drafter.config, layout_params(jax.device_get(drafter.params), drafter.config, mesh))
-
-
 def save_drafter(folder: str | Path, cfg: DrafterConfig, params: Params, dtype=jnp.bfloat16) -> Path:
     """Writes config.json + model.safetensors in z-lab's format; ``load_drafter`` reads it back."""
     from safetensors.numpy import save_file

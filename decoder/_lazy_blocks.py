@@ -38,7 +38,7 @@ def next_wanted(policy: BlockPolicy) -> int | None:
     bar = (1 + policy.margin) * policy.throughput(best)
     for block in (b for b in policy.candidates if b not in policy.costs):
         below = max(b for b in policy.costs if b < block)
-        if below > 1 and np.any(policy.trials[1:below] == 0) and policy.throughput(below, optimistic=True) > bar:
+        if below > 1 and not policy.tally.seen(below).all() and policy.throughput(below, optimistic=True) > bar:
             return None
         if policy.expected_tokens(block, optimistic=True) / cost_floor(policy.costs, block) > bar:
             return block

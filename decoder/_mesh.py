@@ -224,8 +224,8 @@ def check_mesh(mesh: Mesh | None, target, drafter, batch_size: int):
     if not is_sharded(mesh):
         return drafter
     d, t = mesh_shape(mesh)
-    if target.mesh != mesh or not _on_mesh(target.params, mesh):
-        raise ValueError("the target's parameters are not laid out on this mesh; load it with "
+    if not _on_mesh(target.params, mesh):
+        raise ValueError("the target's parameters are not laid out on its mesh; load it with "
                          "load_target(..., mesh=mesh)")
     if batch_size % d:
         raise ValueError(f"{batch_size=} must be divisible by the data-parallel degree {d}")

@@ -54,7 +54,7 @@ class DecoderCell:
         self.dtype = dtype or str(target.params["embed"].dtype)  # what the target was loaded in
         config = DecodeConfig(mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens, block_size=block_size,
                               **kw)
-        self.decoder = Decoder(target, config, drafter if mode in DRAFTER_MODES else None, mesh=target.mesh)
+        self.decoder = Decoder(target, config, drafter if mode in DRAFTER_MODES else None)
         self.compile_seconds = self.decoder.warmup(max(self.decoder.bucket(len(r.token_ids)) for r in requests))
         self.runs: list[float] = []
         self.learning_runs: list[float] = []

@@ -12,7 +12,7 @@ if __name__ != "dflash_batch.kernels":
 from dflash_batch.kernels._dispatch import (ENV_VAR, IMPLS, attention_impl, default_impl,
                                             use_attention_impl)
 from dflash_batch.kernels._selfcheck import (KernelFallbackWarning, SelfCheck, attention_report,
-                                             forget_self_checks, self_check)
+                                             self_check)
 from dflash_batch.kernels._draft_attention import (DraftBlockSizes, draft_attention,
                                                    reference_draft_attention)
 from dflash_batch.kernels._verify_attention import (VerifyBlockSizes, reference_verify_attention,
@@ -20,7 +20,7 @@ from dflash_batch.kernels._verify_attention import (VerifyBlockSizes, reference_
 
 __all__ = [
     "ENV_VAR", "IMPLS", "attention_impl", "default_impl", "use_attention_impl",
-    "KernelFallbackWarning", "SelfCheck", "attention_report", "forget_self_checks", "self_check",
+    "KernelFallbackWarning", "SelfCheck", "attention_report", "self_check",
     "VerifyBlockSizes", "verify_attention", "reference_verify_attention",
     "DraftBlockSizes", "draft_attention", "reference_draft_attention",
 ]

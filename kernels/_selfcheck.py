@@ -136,10 +136,3 @@ def attention_report() -> dict[str, dict[str, str | None]]:
     self-check, why the reference replaced the kernel."""
     with _lock:
         return {op: dict(v) for op, v in sorted(_used.items())}
-
-
-def forget_self_checks() -> None:
-    """Drops every verdict and record of this process (tests)."""
-    with _lock:
-        _checks.clear()
-        _used.clear()

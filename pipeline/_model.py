@@ -16,7 +16,6 @@ one SDK process per worker.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import threading
@@ -26,9 +25,6 @@ from typing import Any, Callable
 from dflash_batch.decoder import DRAFTER_MODES, DecodeConfig, Decoder, DrafterConfig, MemoryPlan, TargetConfig, \
     choose_layout, describe, enable_compilation_cache, load_drafter, load_target, local_capacity, \
     make_mesh, resolve_drafter_dir, resolve_dtype, resolve_model_dir
-
-# Loads per model in this process: what the tests read to prove "once per process".
-load_counts: collections.Counter[str] = collections.Counter()
 
 _lock = threading.Lock()
 _models: dict["ModelKey", "LoadedModel"] = {}
@@ -111,7 +107,7 @@ def _load(key: ModelKey) -> LoadedModel:
     drafter = None
     if key.decode.mode in DRAFTER_MODES:
         drafter = load_drafter(resolve_drafter_dir(key.drafter, key.model), dtype=p.dtype, mesh=mesh)
-    decoder = Decoder(target, key.decode, drafter, mesh=mesh)
+    decoder = Decoder(target, key.decode, drafter)
     return LoadedModel(decoder, threading.Lock(), time.perf_counter() - t0, describe(mesh))
 
 
@@ -124,7 +120,6 @@ def shared_model(key: ModelKey, before_load: Callable[[], None] | None = None) -
         if before_load is not None:
             before_load()
         _models[key] = _load(key)
-        load_counts[key.model] += 1
         return _models[key], True
 
 
@@ -137,13 +132,6 @@ def shared_tokenizer(model: str) -> tuple[Any, threading.Lock]:
 
             _tokenizers[model] = (AutoTokenizer.from_pretrained(str(resolve_model_dir(model))), threading.Lock())
         return _tokenizers[model]
-
-
-def forget_models() -> None:
-    """Drops every cached model and tokenizer of this process (tests use it to count loads)."""
-    with _lock:
-        _models.clear()
-        _tokenizers.clear()
 
 
 def check_drafter(model: str, drafter: str | None) -> str:

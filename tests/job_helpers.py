@@ -83,3 +83,4 @@ def job_stats(output: Path | str) -> dict[str, Any]:
 def stable(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Rows by id without the columns that differ between runs."""
     return {r["id"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+

@@ -6,25 +6,21 @@ from __future__ import annotations
 import jax
 import pytest
 from click.testing import CliRunner
+from fresh_process import fresh_kernel_checks, fresh_worker
 from job_helpers import job_spec, job_stats, sentence, write_prompts
 
 from dflash_batch.jobs.cli import main
-from dflash_batch.kernels import KernelFallbackWarning, _block_attention, forget_self_checks
+from dflash_batch.kernels import KernelFallbackWarning, _block_attention
 from dflash_batch.pipeline import build
-from dflash_batch.pipeline._model import forget_models
 
 
 @pytest.fixture
 def fresh_kernels():
     """No verdict, no traced program and no loaded model from an earlier test."""
-    def forget():
-        forget_self_checks()
-        forget_models()
-        jax.clear_caches()
-
-    forget()
-    yield
-    forget()
+    jax.clear_caches()
+    with fresh_kernel_checks(), fresh_worker():
+        yield
+    jax.clear_caches()
 
 
 def test_the_job_stats_and_audit_record_a_kernel_fallback(tmp_path, chat_model_dir, monkeypatch, fresh_kernels):

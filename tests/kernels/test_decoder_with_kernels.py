@@ -18,9 +18,10 @@ import pytest
 
 from dflash_batch.decoder import Request
 from dflash_batch.decoder import _drafter
-from dflash_batch.kernels import KernelFallbackWarning, _block_attention, attention_report, forget_self_checks, \
+from dflash_batch.kernels import KernelFallbackWarning, _block_attention, attention_report, \
     reference_draft_attention, reference_verify_attention, self_check, use_attention_impl, verify_attention
 from decoding import make_decoder
+from fresh_process import fresh_kernel_checks
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,9 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(_block_attention, "run_kernel", spy)
     jax.clear_caches()
-    forget_self_checks()
-    yield calls
+    with fresh_kernel_checks():
+        yield calls
     jax.clear_caches()
-    forget_self_checks()
 
 
 @pytest.fixture
@@ -61,10 +61,9 @@ def wrong_verify_kernel(monkeypatch):
 
     monkeypatch.setattr(_block_attention, "run_kernel", wrong)
     jax.clear_caches()
-    forget_self_checks()
-    yield calls
+    with fresh_kernel_checks():
+        yield calls
     jax.clear_caches()
-    forget_self_checks()
 
 
 def _generate(model, drafter, reqs):
@@ -147,8 +146,6 @@ def test_a_kernel_that_raises_fails_its_check(monkeypatch):
         raise NotImplementedError("Mosaic cannot lower this")
 
     monkeypatch.setattr(_block_attention, "run_kernel", broken)
-    forget_self_checks()
-    with pytest.warns(KernelFallbackWarning):
+    with fresh_kernel_checks(), pytest.warns(KernelFallbackWarning):
         check = self_check("draft_attention", "interpret", reference_draft_attention)
-    forget_self_checks()
     assert not check.passed and "the kernel raised NotImplementedError: Mosaic cannot lower this" in check.detail

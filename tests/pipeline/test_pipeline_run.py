@@ -7,10 +7,10 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fresh_process import fresh_worker
 from job_helpers import completions, dead_letters, job_spec, job_stats, sentence, write_prompts
 
-from dflash_batch.pipeline import build
-from dflash_batch.pipeline import _model
+from dflash_batch.pipeline import _model, build
 from dflash_batch.schemas import COMPLETIONS_SCHEMA, schema_name, validate_completion_row
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -38,16 +38,14 @@ def _rows_a() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def job(chat_model_dir, tmp_path_factory):
-    """Two input files (one lacking the extra columns); the model cache is emptied first so loads count."""
+    """Two input files (one lacking the extra columns); loaded by this job, as by a fresh worker."""
     root = tmp_path_factory.mktemp("job")
     write_prompts(root / "in" / "a.parquet", _rows_a(), SCHEMA_A)
     write_prompts(root / "in" / "b.parquet", [{"id": f"b{i}", "prompt": sentence(20 + i)} for i in range(5)])
-    _model.forget_models()
-    loads_before = _model.load_counts[str(chat_model_dir)]
-    built = build(job_spec(chat_model_dir, root / "in" / "*.parquet", root / "out", rows_per_batch=4))
-    result = built.run()
-    return {"built": built, "result": result, "out": root / "out", "in": root / "in",
-            "loads": _model.load_counts[str(chat_model_dir)] - loads_before}
+    with fresh_worker():  # held for the module: the tests' later jobs find this job's model
+        built = build(job_spec(chat_model_dir, root / "in" / "*.parquet", root / "out", rows_per_batch=4))
+        result = built.run()
+        yield {"built": built, "result": result, "out": root / "out", "in": root / "in"}
 
 
 def test_every_row_gets_exactly_one_completion(job):
@@ -113,7 +111,7 @@ def test_beam_metrics_count_rows_tokens_tau_and_batches(job):
 
 def test_model_loads_once_per_process_not_per_batch(job, chat_model_dir, tmp_path):
     assert job["result"].metrics["batch_rows"]["count"] > 1
-    assert job["loads"] == 1 and job["result"].metrics["model_loads"] == 1
+    assert job["result"].metrics["model_loads"] == 1
     # A second job with the same decoder shape in this process reuses the loaded model.
     again = build(job_spec(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out")).run()
     assert again.metrics.get("model_loads", 0) == 0

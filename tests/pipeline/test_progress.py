@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from fresh_process import fresh_worker
 from job_helpers import job_spec, sentence, write_prompts
 
 from dflash_batch.pipeline import build, read_progress
@@ -53,13 +54,11 @@ def test_a_repeated_phase_is_written_once(tmp_path):
 
 
 def test_a_job_reports_loading_compiling_and_decoding_then_each_row(chat_model_dir, tmp_path):
-    from dflash_batch.pipeline._model import forget_models
-
-    forget_models()  # this job loads its model, as a fresh worker does
     source = write_prompts(tmp_path / "in" / "p.parquet", [{"id": f"r{i}", "prompt": sentence(i)} for i in range(5)])
     progress = tmp_path / "progress"
     progress.mkdir()
-    build(job_spec(chat_model_dir, source, tmp_path / "out"), progress_dir=str(progress)).run()
+    with fresh_worker():  # this job loads its model, as a fresh worker does
+        build(job_spec(chat_model_dir, source, tmp_path / "out"), progress_dir=str(progress)).run()
     records = [json.loads(line) for f in progress.glob("*.jsonl") for line in f.read_text().splitlines()]
     phases = [(r["phase"], r["bucket"]) for r in sorted(records, key=lambda r: r["t"]) if "phase" in r]
     assert phases[0] == ("loading", None) and phases[1][0] == "compiling" and phases[1][1] in (16, 64)

@@ -64,7 +64,7 @@ def decoder(folder, shape, mode, drafter=None):
         target = target_on(folder, shape)
         config = DecodeConfig(mode=mode, batch_size=BATCH, max_new_tokens=NEW, prompt_buckets=(BUCKET,),
                               prefill_chunk=16, block_size=4 if mode != "ar" else "auto")
-        _decoders[key] = Decoder(target, config, drafter if mode in ("dflash", "hybrid") else None, mesh=target.mesh)
+        _decoders[key] = Decoder(target, config, drafter if mode in ("dflash", "hybrid") else None)
     return _decoders[key]
 
 
@@ -155,7 +155,7 @@ def test_each_device_holds_its_share_of_every_weight_and_of_the_kv_cache(wide_di
 def test_no_compilation_after_warmup_on_a_mesh(wide_dir, drafter):
     config = DecodeConfig(mode="hybrid", batch_size=BATCH, max_new_tokens=NEW, prompt_buckets=(BUCKET,),
                           prefill_chunk=16)
-    dec = Decoder(target_on(wide_dir, (2, 4)), config, drafter, mesh=target_on(wide_dir, (2, 4)).mesh)
+    dec = Decoder(target_on(wide_dir, (2, 4)), config, drafter)
     dec.warmup(BUCKET)
     with count_compiles() as compiles:
         for temperature in (0.0, 0.8):
@@ -164,32 +164,34 @@ def test_no_compilation_after_warmup_on_a_mesh(wide_dir, drafter):
         assert compiles() == 0
 
 
-def test_a_target_not_loaded_onto_the_mesh_is_refused(wide_dir):
-    plain = load_target(str(wide_dir), with_tokenizer=False)
-    with pytest.raises(ValueError, match="load_target"):
-        Decoder(plain, DecodeConfig(batch_size=BATCH), mesh=make_mesh(2, 4))
-    with pytest.raises(ValueError, match="batch_size=6 must be divisible by the data-parallel degree 4"):
-        Decoder(target_on(wide_dir, (4, 2)), DecodeConfig(batch_size=6), mesh=target_on(wide_dir, (4, 2)).mesh)
-
-
-def test_bf16_every_mode_is_token_identical_to_bf16_ar_on_a_2x2_mesh(wide_dir, drafter):
-    """Data and tensor parallel at once, in bf16: weights, KV cache and drafter context in bf16."""
+def test_a_target_not_loaded_onto_its_mesh_is_refused(wide_dir):
     import dataclasses
 
+    # Parameters left on one device under a mesh (e.g. swapped in after loading).
+    stray = dataclasses.replace(load_target(str(wide_dir), with_tokenizer=False), mesh=make_mesh(2, 4))
+    with pytest.raises(ValueError, match="load_target"):
+        Decoder(stray, DecodeConfig(batch_size=BATCH))
+    with pytest.raises(ValueError, match="batch_size=6 must be divisible by the data-parallel degree 4"):
+        Decoder(target_on(wide_dir, (4, 2)), DecodeConfig(batch_size=6))
+
+
+def test_bf16_every_mode_is_token_identical_to_bf16_ar_on_a_2x2_mesh(wide_dir, drafter, tmp_path):
+    """Data and tensor parallel at once, in bf16: weights, KV cache and drafter context in bf16."""
     import jax.numpy as jnp
 
-    from dflash_batch.decoder import Drafter, place_drafter
+    from dflash_batch.decoder import load_drafter
+    from dflash_batch.decoder._drafter_checkpoint import save_drafter
 
     mesh = make_mesh(2, 2)
     target = load_target(str(wide_dir), dtype="bfloat16", with_tokenizer=False, mesh=mesh)
-    cast = lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    d16 = place_drafter(Drafter(dataclasses.replace(drafter.config, dtype="bfloat16"),
-                                jax.tree.map(cast, jax.device_get(drafter.params))), mesh)
+    # The drafter goes onto the mesh as a job's does: from its checkpoint, straight into its shards.
+    folder = save_drafter(tmp_path / "drafter", drafter.config, jax.device_get(drafter.params), dtype=jnp.bfloat16)
+    d16 = load_drafter(folder, dtype="bfloat16", mesh=mesh)
 
     def run(mode):
         config = DecodeConfig(mode=mode, batch_size=BATCH, max_new_tokens=NEW, prompt_buckets=(BUCKET,),
                               prefill_chunk=16, block_size=4 if mode != "ar" else "auto")
-        return tokens(Decoder(target, config, d16 if mode in ("dflash", "hybrid") else None, mesh=mesh), reqs)
+        return tokens(Decoder(target, config, d16 if mode in ("dflash", "hybrid") else None), reqs)
 
     reqs = requests(0.0)
     want = run("ar")

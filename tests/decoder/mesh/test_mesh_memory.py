@@ -37,7 +37,7 @@ def test_each_chip_holds_the_plans_bytes_after_two_buckets(tmp_path):
     target = load_target(str(folder), with_tokenizer=False, mesh=mesh)
     config = DecodeConfig(mode="dflash", block_size=4, batch_size=4, max_new_tokens=10, prompt_buckets=(16, 32),
                           prefill_chunk=16)
-    dec = Decoder(target, config, random_drafter(target.config, block_size=4), mesh=mesh)
+    dec = Decoder(target, config, random_drafter(target.config, block_size=4))
     rng = np.random.default_rng(3)
     for bucket in (16, 32):
         reqs = [Request(id=str(i), token_ids=[int(t) for t in rng.integers(3, 128, size=bucket - 2)],

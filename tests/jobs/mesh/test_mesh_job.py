@@ -22,7 +22,12 @@ def _run(tmp_path: Path, name: str, data: int, model: int) -> tuple[dict, dict]:
     out = tmp_path / name
     result = CliRunner().invoke(main, ["run", str(EXAMPLE), "--no-progress", "--set", f"input={tmp_path}/in/*.parquet",
                                        "--set", f"output={out}", "--set", f"decode.data_parallel={data}",
-                                       "--set", f"decode.tensor_parallel={model}", "--set", "decode.max_new_tokens=48"])
+                                       "--set", f"decode.tensor_parallel={model}", "--set", "decode.max_new_tokens=48",
+                                       # One block length: the automatic choice's warmup would time
+                                       # and compile up to four programs per run (minutes on 6
+                                       # simulated devices); its parked state on a mesh is held to
+                                       # its shards in tests/decoder/mesh.
+                                       "--set", "decode.block_size=4"])
     assert result.exit_code == 0, result.output
     rows = {}
     for f in sorted(out.glob("completions-*.parquet")):

@@ -19,7 +19,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+from xla_test_flags import TEST_XLA_FLAGS, xla_flags  # noqa: E402
+
+if "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = xla_flags(1)
+elif TEST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:  # a process a test started with its own device count
+    os.environ["XLA_FLAGS"] += f" {TEST_XLA_FLAGS}"
 # Python processes the tests start (``-c``, ``-m``) must not put the repository root first on their
 # path: its top-level folders (kernels/, decoder/, ...) would shadow installed packages of the same
 # name (transformers imports a ``kernels`` package). ``make test`` runs pytest itself with ``-P``.

@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from xla_test_flags import xla_flags
+
 
 def run_mesh_suite(folders: Path | list[Path], devices: int, *args: str) -> subprocess.CompletedProcess:
     """Runs the tests of ``folders`` (one or several) in one pytest process with ``devices``
     simulated devices; each test's outcome is listed (``-rA``) so callers can check what ran."""
     folders = [folders] if isinstance(folders, Path) else folders
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider",
                            *map(str, folders), *args],
                           env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from xla_test_flags import xla_flags
 
 from dflash_batch.decoder import summarize_messages
 
@@ -38,7 +39,7 @@ def test_device_recipe_resumes_every_stage(tmp_path):
     env = dict(os.environ, PY=sys.executable, TARGET=str(model), WORK=str(work), RESULTS=str(results),
                STEPS="4", BATCH="2", ANCHORS="4", LAYERS="1", TARGET_LAYERS="0,1", DRAFT_VOCAB="0", GEN_BATCH="4",
                MAX_NEW="8", EVAL_PROMPTS="2", EVAL_EVERY="0", CKPT="1", TEST_LIMIT="2", TEST_MAX_NEW="8",
-               BUDGET="3000", GEN_BUDGET="2000", EVAL_RESERVE="10", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               BUDGET="3000", GEN_BUDGET="2000", EVAL_RESERVE="10", XLA_FLAGS=xla_flags(1))
 
     def run(*extra):
         r = subprocess.run(["bash", str(SCRIPT), *extra], env=env, capture_output=True, text=True, timeout=1200)

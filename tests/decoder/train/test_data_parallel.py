@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from tiny_training import SPEC, TRAIN
+from xla_test_flags import xla_flags
 
 from dflash_batch.decoder.train import (
     Sample, Trainer, TokenSequences, drafter_config, init_params, target_to_draft,
@@ -24,7 +25,7 @@ INNER = "DFLASH_TEST_DATA_PARALLEL_INNER"
 
 
 def test_four_devices_equal_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", **{INNER: "1"})
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), **{INNER: "1"})
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         f"{__file__}::test_step_on_four_devices_equals_step_on_one"],
                        env=env, capture_output=True, text=True, timeout=900)

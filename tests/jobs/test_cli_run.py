@@ -137,12 +137,10 @@ def test_bench_refuses_a_bad_job_before_any_work(job_file):
 
 
 def test_bench_max_new_tokens_overrides_the_jobs(job_file):
-    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--block-sizes", "2",
-                                       "--modes", "ngram", "--num-prompts", "2", "--repeats", "1",
-                                       "--max-new-tokens", "3"])
+    result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--modes", "",
+                                       "--num-prompts", "2", "--repeats", "1", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert "the first rows of" in result.output and "up to 3 new tokens" in result.output
-    assert "ngram" in result.output.splitlines()[-1]
 
 
 def test_bench_decodes_four_rows_per_slot_by_default_and_auto_only(job_file):

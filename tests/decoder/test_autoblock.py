@@ -60,6 +60,10 @@ def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypa
     assert auto.blocks == (1, 2, 4, 8)
     engine = auto.engine(64)
     engine.warmup()
+    # The timed costs are this machine's (and a shared machine's at that); the choices below are
+    # made from fixed ones, where a perfect drafter's longer blocks pay.
+    engine.policy.costs.update({1: 1.0, 2: 1.1, 4: 1.2, 8: 1.4})
+    engine.policy.gated_costs.update({2: 1.0, 4: 1.0, 8: 1.0})  # a gated step: an AR step
     decode, probes = engine.phases.decode, []
 
     choose = engine.policy.choose
@@ -158,6 +162,8 @@ def test_the_per_step_gate_runs_steps_as_ar_where_proposals_cannot_pay(tiny_llam
     kw = dict(batch_size=3, max_new_tokens=16, prompt_buckets=(64,), prefill_chunk=16)
     ar = {r.id: r.token_ids for r in make_decoder(tiny_llama, **kw).generate(reqs)}
     auto = make_decoder(tiny_llama, **ORACLE, block_size="auto", **kw)
+    auto.engine(64).warmup()
+    auto.engine(64).policy.costs.update({1: 1.0, 2: 1.1, 4: 1.2})  # fixed: speculation may pay
     out = list(auto.generate(reqs))
     assert {r.id: r.token_ids for r in out} == ar
     report = auto.block_report()["64"]

@@ -38,8 +38,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
-# Your own loop: everything but the minutes-long tests (the real default model end to end, the
-# simulated-device suites).
+# Your own loop: everything but the tests marked slow (5 s or more each, measured: the real model
+# end to end, the simulated-device suites, every test that compiles several decoders).
 test-fast: $(STAMP)
 	$(PY) -P -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --durations=15
 

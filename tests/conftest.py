@@ -73,12 +73,14 @@ def tiny_drafter(tiny_llama):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files that hold a slow test come first, the rest in their usual order.
+    """Files that hold a minutes-long test come first, then files that hold a slow one, then the
+    rest, each part in its usual order.
 
     ``make test`` hands whole files to two processes as each becomes free, in this order
     (``--dist loadfile --no-loadscope-reorder``). A minutes-long file taken up last would leave
     one process working alone at the end; taken up first, the other process meanwhile works
     through the many short files, and both finish at about the same time.
     """
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each part stays
+    minutes = {item.path for item in items if item.get_closest_marker("minutes")}
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path not in minutes, item.path not in slow))  # stable

@@ -39,6 +39,7 @@ def _passed_probe(result: subprocess.CompletedProcess) -> None:
     pytest.param([sys.executable, "-m", "pytest"], id="python -m pytest"),
     pytest.param([str(BIN / "pytest"), "tests/kernels"], id="pytest tests/kernels"),
 ])
+@pytest.mark.slow
 def test_pytest_from_the_root_runs_the_kernels_name_probe(argv):
     """Collects what the command names (every test, for a bare ``pytest``) and runs the probe,
     which checks where ``import kernels`` resolves: transformers' import of it used to fail."""

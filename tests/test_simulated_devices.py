@@ -13,6 +13,7 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow  # minutes: every decode mode compiled on several meshes
+@pytest.mark.minutes
 def test_decoding_and_kernels_on_meshes_of_8_simulated_devices():
     result = run_mesh_suite([HERE / "decoder" / "mesh", HERE / "kernels" / "mesh"], 8)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -104,6 +104,7 @@ def test_sampling_is_reproducible_per_seed_and_varies_across_seeds(tiny_llama, d
     assert len({tuple(out[f"{s}-0"]) for s in range(6)}) > 1
 
 
+@pytest.mark.slow
 def test_first_token_sampling_follows_softmax(tiny_llama):
     """The sampled first-token frequencies match softmax(logits / T) (chi-square, 2000 draws)."""
     from scipy import stats

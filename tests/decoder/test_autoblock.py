@@ -47,6 +47,7 @@ def test_rechecks_the_runner_up_every_so_many_calls():
     assert [single.choose() for _ in range(3)] == [(4, False)] * 3  # a fixed L never tries another
 
 
+@pytest.mark.slow
 def test_auto_block_size_is_lossless_and_reports_its_choice(tiny_llama, monkeypatch):
     # Candidates 1, 2, 4 and 8: trials go upward through more than one speculative length, and
     # the oracle's 16-token block (15 target passes per draft) is not compiled.
@@ -150,6 +151,7 @@ def test_gated_steps_are_no_evidence_of_acceptance_but_count_in_the_expectation(
     assert BlockPolicy((4,), costs={4: 2.0}).gate(4) == 0.0  # a fixed L: nothing to fall back on
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate, all_gated", [(1e6, True), (0.0, False)])
 def test_the_per_step_gate_runs_steps_as_ar_where_proposals_cannot_pay(tiny_llama, monkeypatch, gate, all_gated):
     """A gate no proposal can clear turns every step of a speculative call into an AR step

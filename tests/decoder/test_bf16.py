@@ -124,6 +124,7 @@ def test_logits_are_float32(bf16_target, bf16_ar, reqs):
 # every proposer: a proposer only chooses the drafts that pass verifies.
 @pytest.mark.parametrize("mode,batch_size", [("dflash", 4), ("ngram", 4), ("hybrid", 4), ("oracle", 1),
                                              ("oracle", 4), ("oracle", 16)])
+@pytest.mark.slow
 def test_bf16_speculative_greedy_is_token_identical_to_bf16_ar(bf16_target, bf16_drafter, reqs, bf16_ar, mode,
                                                                batch_size):
     """Every committed token comes from an 8-token verify pass, and its K/V rows too; the

@@ -19,7 +19,7 @@ from dflash_batch.jobs._datasets import aclsum_abstracts
 from dflash_batch.decoder import summarize_messages
 from decoding import make_decoder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.minutes]
 MODEL = "smollm2-135m-instruct"
 
 

@@ -24,7 +24,7 @@ from decoding import make_decoder
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.minutes]
 
 MODEL = "smollm2-135m-instruct"
 N_ROWS = 4

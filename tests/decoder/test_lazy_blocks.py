@@ -58,6 +58,7 @@ def test_a_lazy_warmup_readies_ar_and_the_smallest_speculative_block(tiny_llama)
     assert set(report["step_ms"]) == {"1", "2"}
 
 
+@pytest.mark.slow
 def test_larger_blocks_compile_when_drafts_are_accepted_and_the_tokens_stay_ar_s(tiny_llama, monkeypatch):
     from dflash_batch.decoder import _state
 

@@ -103,6 +103,7 @@ def _requests(bucket: int, n: int, seed: int) -> list[Request]:
                     max_new_tokens=int(rng.integers(4, 24))) for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, mode", [("float32", "dflash"), ("bfloat16", "ar"), ("bfloat16", "ngram")])
 def test_a_decoder_warm_in_two_buckets_holds_what_the_plan_counts(tiny_llama_dir, dtype, mode):
     """Two buckets warmed and decoded, then the first again: the arrays alive (measured after

@@ -91,6 +91,7 @@ def test_importing_the_decoder_asks_xla_to_keep_every_rounding():
     assert "--xla_allow_excess_precision=false" in os.environ["XLA_FLAGS"]
 
 
+@pytest.mark.slow
 def test_a_blocks_first_row_equals_an_ar_step_in_bf16(tiny_llama_dir):
     """The anchor row of a verify pass and the same token decoded alone (batch 1 and batch 2)
     give the same bf16 hidden states and logits, bit for bit, in every layer."""

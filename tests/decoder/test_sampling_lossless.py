@@ -60,6 +60,7 @@ def oracle():
     _speculative.spec_decode.clear_cache()
 
 
+@pytest.mark.slow
 def test_speculative_sampling_matches_ar_distribution(tiny_llama, ar_samples, oracle):
     spec = _samples(tiny_llama, oracle["mode"], range(N, 2 * N), proposer=oracle["proposer"])
     assert len(spec) > 0.9 * N and len(ar_samples) > 0.9 * N
@@ -75,6 +76,7 @@ def test_distribution_test_catches_a_wrong_acceptance_rule(tiny_llama, ar_sample
     assert worst < 1e-6
 
 
+@pytest.mark.slow
 def test_hybrid_sampling_matches_ar_distribution(tiny_llama, tiny_drafter, ar_samples):
     """Per-row switching between DFlash and n-gram proposals keeps sampling exact."""
     spec = _samples(tiny_llama, "hybrid", range(N, 2 * N), drafter=tiny_drafter)
@@ -83,6 +85,7 @@ def test_hybrid_sampling_matches_ar_distribution(tiny_llama, tiny_drafter, ar_sa
     assert _pvalue(ar_samples, spec) > 1e-3
 
 
+@pytest.mark.slow
 def test_bf16_speculative_sampling_matches_bf16_ar_distribution(tiny_llama_dir, oracle):
     """The same test with weights, activations and KV cache in bf16: sampling and acceptance
     stay float32, so the rule is as exact as in float32."""

@@ -85,6 +85,7 @@ def test_ngram_proposes_the_continuation_of_the_latest_match():
     assert drafts.tolist() == [[7, 1, 2]] and match.tolist() == [2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, block_size", [("dflash", 6), ("hybrid", "auto")])
 def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
     dec = make_decoder(tiny_llama, mode=mode, drafter=drafter, block_size=block_size, batch_size=3, max_new_tokens=24,
@@ -96,6 +97,7 @@ def test_no_recompilation_after_warmup(tiny_llama, drafter, mode, block_size):
     assert compiles() == 0
 
 
+@pytest.mark.slow
 def test_one_host_round_trip_per_decode_call(tiny_llama, drafter, monkeypatch):
     """A decode call reads back what the policy and ``harvest`` need in one ``device_get``, and
     nothing implicitly; ``harvest`` adds one more only when rows finished. More would stall the
@@ -209,6 +211,7 @@ def test_every_mode_reads_as_much_cache_per_step_as_ar(tiny_llama, drafter):
     assert lengths == {"ar": 64 + 24, "ngram": 64 + 24, "dflash": 64 + 24, "hybrid": 64 + 24}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dflash", "hybrid"])
 def test_ar_calls_skip_the_drafter_and_later_drafts_stay_lossless(tiny_llama, drafter, ar_reference, mode,
                                                                  monkeypatch):

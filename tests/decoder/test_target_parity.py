@@ -24,6 +24,7 @@ def _ours(folder):
     return cfg, params_from_hf(cfg, read_safetensors(folder))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_prefill_and_stepwise_decode_match_transformers(family, tiny_llama_dir, tiny_qwen3_dir):
     folder = tiny_llama_dir if family == "llama" else tiny_qwen3_dir

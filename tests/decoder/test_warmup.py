@@ -34,6 +34,7 @@ def compilation_cache(tmp_path, monkeypatch):
     jax.config.update("jax_compilation_cache_dir", before)
 
 
+@pytest.mark.slow
 def test_warmup_reports_each_program_and_the_block_costs(tiny_llama):
     dec = make_decoder(tiny_llama, **SETTINGS)
     dec.warmup(16)
@@ -44,6 +45,7 @@ def test_warmup_reports_each_program_and_the_block_costs(tiny_llama):
     assert set(report["step_ms"]) == {str(b) for b in dec.blocks}
 
 
+@pytest.mark.slow
 def test_a_second_warmup_of_the_same_programs_reuses_the_stored_costs(tiny_llama, compilation_cache):
     first = make_decoder(tiny_llama, **SETTINGS)
     first.warmup(16)

@@ -106,6 +106,7 @@ def our_generate(target, drafter, prompts, new: int) -> list[tuple[list[int], li
     return out
 
 
+@pytest.mark.slow
 def test_our_decoder_commits_what_zlab_commits_step_by_step(target_dir, drafter_dir):
     prompts = [p for _, p in tiny_prompts(6, seed=5)]
     target = load_target(str(target_dir), dtype="float32", with_tokenizer=False)

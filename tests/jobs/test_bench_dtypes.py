@@ -38,6 +38,7 @@ def rows_and_rounds(tiny_llama_dir):
     return rows, rounds
 
 
+@pytest.mark.slow
 def test_both_dtypes_run_in_the_same_rounds(rows_and_rounds):
     _, rounds = rows_and_rounds
     assert rounds == [["float32", "bfloat16"]] * 2  # one call per batch size, with every cell

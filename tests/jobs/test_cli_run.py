@@ -108,6 +108,7 @@ def load_spec_dtype(job_file) -> str:
     return job_dtype(load_spec(job_file))
 
 
+@pytest.mark.slow
 def test_bench_takes_the_jobs_prompts_and_settings(job_file):
     result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "1,2", "--block-sizes", "2",
                                        "--modes", "ngram", "--num-prompts", "3", "--repeats", "2", "--json"])
@@ -143,6 +144,7 @@ def test_bench_max_new_tokens_overrides_the_jobs(job_file):
     assert "the first rows of" in result.output and "up to 3 new tokens" in result.output
 
 
+@pytest.mark.slow
 def test_bench_decodes_four_rows_per_slot_by_default_and_auto_only(job_file):
     result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "1", "--block-sizes", "",
                                        "--modes", "ngram", "--repeats", "1", "--ar-control", "--json"])
@@ -155,6 +157,7 @@ def test_bench_decodes_four_rows_per_slot_by_default_and_auto_only(job_file):
     assert control["speedup_runs"][0] > 0 and control["tau_mean"] == 1.0
 
 
+@pytest.mark.slow
 def test_bench_hf_generate_gives_the_same_tokens_as_ar(job_file):
     result = CliRunner().invoke(main, ["bench", str(job_file), "--batch-sizes", "2", "--modes", "", "--num-prompts",
                                        "3", "--repeats", "2", "--hf", "--json"])

@@ -23,6 +23,7 @@ def fresh_kernels():
     jax.clear_caches()
 
 
+@pytest.mark.slow
 def test_the_job_stats_and_audit_record_a_kernel_fallback(tmp_path, chat_model_dir, monkeypatch, fresh_kernels):
     real = _block_attention.run_kernel
 

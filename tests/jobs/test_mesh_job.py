@@ -10,6 +10,7 @@ from mesh_runner import run_mesh_suite
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 def test_the_demo_job_on_6_simulated_devices():
     result = run_mesh_suite(Path(__file__).parent / "mesh", 6)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

@@ -72,6 +72,7 @@ def _generate(model, drafter, reqs):
     return {r.id: (r.token_ids, r.accepted_per_step.tolist()) for r in dec.generate(reqs)}
 
 
+@pytest.mark.slow
 def test_dflash_greedy_tokens_are_the_same_with_the_kernels(tiny_llama, drafter, kernel_calls):
     """Prefill chunks, verify blocks and drafts all go through the kernels. Tokens are the
     target's either way (DFlash is lossless); acceptance also depends on the drafter."""
@@ -91,6 +92,7 @@ def test_dflash_greedy_tokens_are_the_same_with_the_kernels(tiny_llama, drafter,
     assert all(len(tokens) > 1 for tokens, _ in want.values())
 
 
+@pytest.mark.slow
 def test_draft_logits_are_the_same_with_the_kernel(tiny_llama, drafter, kernel_calls):
     dcfg, dparams = drafter.config, drafter.params
     c = tiny_llama.config
@@ -114,6 +116,7 @@ def _requests(tiny_llama):
                     max_new_tokens=8) for i, n in enumerate([6, 30])]
 
 
+@pytest.mark.slow
 def test_a_wrong_kernel_fails_its_check_and_the_reference_decodes(tiny_llama, drafter, wrong_verify_kernel):
     reqs = _requests(tiny_llama)
     with use_attention_impl("reference"):

@@ -133,6 +133,7 @@ def test_a_run_stopped_midway_keeps_its_parts_and_the_rerun_decodes_only_the_res
     assert not [p for p in out.iterdir() if PARTIAL in p.name or p.name.startswith("beam-temp-")]
 
 
+@pytest.mark.slow
 def test_chunked_runs_keep_every_dead_letter_and_add_up(chat_model_dir, tmp_path):
     out = tmp_path / "out"
     chunks = []

@@ -140,6 +140,7 @@ def test_the_pipeline_takes_the_spec_object_and_records_it_as_given(job, chat_mo
         build(job_spec(chat_model_dir, tmp_path / "missing.parquet", tmp_path / "out2"))
 
 
+@pytest.mark.slow
 def test_job_stats_record_the_automatic_block_choice_and_why(job, chat_model_dir, tmp_path):
     built = build(job_spec(chat_model_dir, job["in"] / "b.parquet", tmp_path / "out", mode="ngram",
                            block_size="auto"))
@@ -156,6 +157,7 @@ def test_job_stats_record_the_automatic_block_choice_and_why(job, chat_model_dir
     assert job_stats(tmp_path / "out")["block_choice"] == stats["block_choice"]
 
 
+@pytest.mark.slow
 def test_a_hybrid_job_with_automatic_blocks_gives_the_ar_jobs_tokens(job, chat_model_dir, tmp_path):
     import jax
 

@@ -28,6 +28,7 @@ def _prompts(path: Path, n: int, prefix: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.minutes
 def test_device_recipe_resumes_every_stage(tmp_path):
     from tiny_chat_model import make_tiny_chat_checkpoint
 

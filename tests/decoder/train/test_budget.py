@@ -50,6 +50,7 @@ def test_generation_stops_at_its_deadline_and_the_next_call_decodes_only_the_res
     assert [s.response_ids.tolist() for s in rest] == [s.response_ids.tolist() for s in whole]
 
 
+@pytest.mark.slow
 def test_budgeted_run_freezes_its_prompt_set_and_resumes_to_the_end(tiny32, tmp_path, monkeypatch):
     gen_clock, train_clock = Clock(), Clock()
     monkeypatch.setattr(_data, "time", gen_clock)
@@ -95,6 +96,7 @@ def test_budgeted_run_freezes_its_prompt_set_and_resumes_to_the_end(tiny32, tmp_
         train_drafter(tiny32, prompts, tmp_path / "out", work_dir=tmp_path / "work", **kw)  # no silent overwrite
 
 
+@pytest.mark.slow
 def test_test_evaluation_resumes_with_the_runs_it_has_not_finished(tiny32, tiny_run, tmp_path, monkeypatch):
     from dflash_batch.decoder import train as train_pkg
     from dflash_batch.jobs import _train_cli

@@ -24,6 +24,7 @@ from dflash_batch.decoder.train import (
 INNER = "DFLASH_TEST_DATA_PARALLEL_INNER"
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device():
     env = dict(os.environ, XLA_FLAGS=xla_flags(4), **{INNER: "1"})
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

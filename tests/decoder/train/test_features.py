@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dflash_batch.decoder import KVCache, forward
 from dflash_batch.decoder._target import final_norm
@@ -19,6 +20,7 @@ def _samples(vocab, n, seed=0):
                    rng.integers(3, vocab, int(rng.integers(2, 7))).astype(np.int32), "length") for i in range(n)]
 
 
+@pytest.mark.slow
 def test_cache_holds_the_targets_features_and_next_token_distributions(tiny_llama, tmp_path):
     samples = _samples(tiny_llama.config.vocab_size, 3)
     cache = build_feature_cache(tiny_llama, samples, tmp_path, LAYERS, top_k=4)

@@ -44,6 +44,7 @@ def setup(tiny32):
     return trainer, params
 
 
+@pytest.mark.slow
 def test_a_bf16_target_trains_in_bf16_on_float32_masters(setup):
     trainer, params = setup
     assert trainer.compute_dtype == jnp.bfloat16

@@ -57,6 +57,7 @@ def _same_blocks_same_loss(offline, online, params, seqs, seed):
     return a, b, ma, mb
 
 
+@pytest.mark.slow
 def test_online_loss_and_step_equal_the_offline_ones(both):
     offline, online, params, _, _ = both
     a, b, ma, mb = _same_blocks_same_loss(offline, online, params, [1, 2, 4, 6], seed=7)
@@ -69,6 +70,7 @@ def test_online_loss_and_step_equal_the_offline_ones(both):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), pb, pa)
 
 
+@pytest.mark.slow
 def test_full_teacher_is_the_targets_own_logits_online_and_offline(tiny32, both):
     """teacher="full": the teacher logits are the target's logits at each label's row over the
     draft vocabulary, from the cached head input (offline) as from the live target pass (online)."""

@@ -6,10 +6,14 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from tiny_training import N_HELD_OUT, SPEC, tiny_prompts
 
 from dflash_batch.decoder._drafter_checkpoint import load_drafter
 from dflash_batch.decoder.train import decode_tau, split_prompts
+
+# Every test here reads one tiny training run (about 20 s to make): the file is slow as a whole.
+pytestmark = pytest.mark.slow
 
 
 def test_training_raises_decoder_tau_on_held_out_prompts(tiny_run):

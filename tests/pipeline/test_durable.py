@@ -70,6 +70,14 @@ template = "none"
     return path
 
 
+def _as_in_a_terminal() -> None:
+    """In the job's process before it starts: Ctrl-C's signal handled by default and not blocked, as
+    in a terminal. A process inherits an ignored or blocked SIGINT from the one that starts it, and
+    a test worker may have either from an earlier test (measured: a signalled run then ended 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def _run_until(job: Path, out: Path, saved: int, sig: int, timeout: float = 600.0) -> subprocess.CompletedProcess:
     """Runs ``dflash-batch run JOB`` in a new process and sends it ``sig`` once ``saved`` completions
     are on disk. The result's ``signalled`` says when it was sent (ids on disk, seconds after the
@@ -77,7 +85,8 @@ def _run_until(job: Path, out: Path, saved: int, sig: int, timeout: float = 600.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     cmd = [sys.executable, "-P", "-c", "from dflash_batch.jobs.cli import main; main()", "run", str(job),
            "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=_as_in_a_terminal)
     start = time.monotonic()
     signalled = None
     try:

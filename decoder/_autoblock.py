@@ -7,7 +7,8 @@
    Each cost is AR's best step times the upper quartile of the same-round ratios to AR, so a
    shared machine's slow spells cancel and what noise remains leans the choice to AR.
 2. Acceptance. q_k = P(at least k drafts accepted), counted over the verified steps of every
-   call (``AcceptanceTally`` in decoder/_acceptance.py, from the counts each call returns). With g_L the share of steps the gate ran as AR at L:
+   call (``AcceptanceTally`` in decoder/_acceptance.py, from the counts each call returns).
+   With g_L the share of steps the gate ran as AR at L:
    E[tokens | L] = 1 + (1 - g_L) * sum_{k<L} q_k, at (1 - g_L) * c_L + g_L * c'_L per step.
 3. Choice. The best estimate wins, but a speculative L must beat AR by ``margin``. A length whose
    q_k are not all seen yet is tried in a short call if it could still win with its unseen q_k
@@ -87,15 +88,22 @@ class BlockPolicy:
             return 0.0
         return self.costs[block] / self.gated_costs.get(block, self.costs[1])
 
+    def best(self) -> int:
+        """The costed length with the best estimated tokens/s; a speculative one only where it
+        beats AR by ``margin``."""
+        costed = [b for b in self.candidates if b in self.costs]
+        best = max(costed, key=self.throughput)
+        if 1 in costed and self.throughput(best) < (1 + self.margin) * self.throughput(1):
+            best = 1
+        return best
+
     def choose(self) -> tuple[int, bool]:
         """Step 3: the next call's block length, and whether it is a short trial."""
         if len(self.candidates) == 1:
             block, trial = self.candidates[0], False
         else:
             costed = [b for b in self.candidates if b in self.costs]
-            best = max(costed, key=self.throughput)
-            if 1 in costed and self.throughput(best) < (1 + self.margin) * self.throughput(1):
-                best = 1
+            best = self.best()
             untried = [b for b in costed if b > 1 and not self.tally.seen(b).all()
                        and self.throughput(b, optimistic=True) > (1 + self.margin) * self.throughput(best)]
             self._since_recheck += 1

@@ -32,10 +32,7 @@ def next_wanted(policy: BlockPolicy) -> int | None:
     """
     if 1 not in policy.costs:
         return None
-    best = max(policy.costs, key=policy.throughput)
-    if policy.throughput(best) < (1 + policy.margin) * policy.throughput(1):
-        best = 1
-    bar = (1 + policy.margin) * policy.throughput(best)
+    bar = (1 + policy.margin) * policy.throughput(policy.best())
     for block in (b for b in policy.candidates if b not in policy.costs):
         below = max(b for b in policy.costs if b < block)
         if below > 1 and not policy.tally.seen(below).all() and policy.throughput(below, optimistic=True) > bar:

@@ -14,22 +14,23 @@ import pytest
 
 
 @contextlib.contextmanager
-def fresh_worker() -> Iterator[None]:
+def _emptied(module, *names: str) -> Iterator[None]:
+    """``module``'s dictionaries ``names`` empty until the block ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in names:
+            mp.setattr(module, name, {})
+        yield
+
+
+def fresh_worker() -> contextlib.AbstractContextManager[None]:
     """No loaded model or tokenizer until the block ends."""
     from dflash_batch.pipeline import _model
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_model, "_models", {})
-        mp.setattr(_model, "_tokenizers", {})
-        yield
+    return _emptied(_model, "_models", "_tokenizers")
 
 
-@contextlib.contextmanager
-def fresh_kernel_checks() -> Iterator[None]:
+def fresh_kernel_checks() -> contextlib.AbstractContextManager[None]:
     """No kernel self-check verdict, and no record of which implementation was traced."""
     from dflash_batch.kernels import _selfcheck
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_selfcheck, "_checks", {})
-        mp.setattr(_selfcheck, "_used", {})
-        yield
+    return _emptied(_selfcheck, "_checks", "_used")

@@ -252,8 +252,10 @@ class BenchModel:
 
 
 def _cells(m: BenchModel, reqs: Sequence[Request], b: int, max_new_tokens: int, modes: Sequence[str],
-           block_sizes: Sequence[int], prompt_buckets, ar_control: bool, say: Callable[[str], None]) -> list:
-    """One dtype's configurations at batch size ``b``, AR first, each built and warmed up."""
+           block_sizes: Sequence[int], prompt_buckets, ar_control: bool, say: Callable[[str], None],
+           auto: bool = True) -> list:
+    """One dtype's configurations at batch size ``b``, AR first, each built and warmed up
+    (``auto``: each mode's automatic block choice too)."""
     kw = dict(prompt_buckets=prompt_buckets, dtype=m.dtype)
     cells: list = [DecoderCell(m.target, reqs, b, max_new_tokens, block_size=1, **kw)]
     if ar_control:
@@ -261,7 +263,7 @@ def _cells(m: BenchModel, reqs: Sequence[Request], b: int, max_new_tokens: int, 
     for mode in modes:
         if mode in DRAFTER_MODES and m.drafter is None:
             continue
-        for blk in [*block_sizes, "auto"]:
+        for blk in [*block_sizes, *(["auto"] if auto else [])]:
             if mode in DRAFTER_MODES and blk != "auto" and blk > m.drafter.config.block_size:
                 continue
             cells.append(DecoderCell(m.target, reqs, b, max_new_tokens, mode=mode, drafter=m.drafter,
@@ -290,7 +292,7 @@ def bench(models: Sequence[BenchModel], requests: Sequence[Request], batch_sizes
           max_new_tokens: int, *, repeats: int = 3, block_sizes: Sequence[int] = (8, 16),
           modes: Sequence[str] = ("dflash", "ngram", "hybrid"), with_hf: bool = False,
           prompt_buckets: Sequence[int] | None = None, num_prompts: int | None = None, learning_rounds: int = 1,
-          ar_control: bool = False, progress: Callable[[str], None] | None = None) -> list[dict]:
+          ar_control: bool = False, progress: Callable[[str], None] | None = None, auto: bool = True) -> list[dict]:
     """One row per (batch size, dtype, mode, block size), each with its dtype's AR numbers beside it.
 
     ``models``: the target (and drafter) in each dtype to compare, e.g. float32 and bfloat16.
@@ -312,8 +314,8 @@ def bench(models: Sequence[BenchModel], requests: Sequence[Request], batch_sizes
     for b in batch_sizes:
         reqs = requests[: num_prompts or ROWS_PER_SLOT * b]
         say(f"batch {b}: compiling")
-        by_dtype = {m.dtype: _cells(m, reqs, b, max_new_tokens, modes, block_sizes, prompt_buckets, ar_control, say)
-                    for m in models}
+        by_dtype = {m.dtype: _cells(m, reqs, b, max_new_tokens, modes, block_sizes, prompt_buckets, ar_control, say,
+                                    auto) for m in models}
         cells = [c for group in by_dtype.values() for c in group]
         if learning_rounds:
             run_rounds(cells, learning_rounds, lambda m: say(f"batch {b}: (learning, not counted){m}"))

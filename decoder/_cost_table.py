@@ -50,13 +50,24 @@ def load_costs(key: str) -> tuple[dict[int, list[float]], dict[int, list[float]]
         return None
 
 
-def save_costs(key: str, per_step: dict[int, list[float]], gated: dict[int, list[float]]) -> None:
-    """Stores the measurements (written to a temporary name and renamed: never half a file)."""
+def save_costs(key: str, per_step: dict[int, list[float]], gated: dict[int, list[float]],
+               seconds: float | None = None) -> None:
+    """Stores the measurements (written to a temporary name and renamed: never half a file);
+    ``seconds``: what compiling and timing these lengths took when they were measured."""
     path = _path(key)
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"per_step": {str(b): t for b, t in per_step.items()},
-                               "gated": {str(b): t for b, t in gated.items()}}))
+                               "gated": {str(b): t for b, t in gated.items()}, "seconds": seconds}))
     tmp.replace(path)
+
+
+def stored_seconds(key: str) -> float | None:
+    """The ``seconds`` stored with ``key``'s measurements, or None."""
+    path = _path(key)
+    try:
+        return float(json.loads(path.read_text())["seconds"]) if path is not None and path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None

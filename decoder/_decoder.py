@@ -149,25 +149,29 @@ class Decoder:
         one when the policy could first want it (``SlotEngine.warmup``)."""
         return self.engine(bucket).warmup(lazy)
 
-    def start(self, requests: Iterable[Request], bucket: int | None = None) -> BatchRun:
+    def start(self, requests: Iterable[Request], bucket: int | None = None, rows_after: int | None = None
+              ) -> BatchRun:
         """A run of ``requests`` through one static batch, driven step by step (``BatchRun``).
 
         With ``bucket`` given, every request must fit it; otherwise the requests are read
         first and all share the static batch of the largest bucket they need, so a small job
         keeps its batch full. (The pipeline buckets large jobs by length, which keeps each
-        batch's cache short.)
+        batch's cache short.) ``rows_after``: how many more rows this decoder may get after
+        these (0: none; None: unknown). With it and a list, a lazily warmed batch compiles a
+        larger block length only where the work left could pay for it (``_lazy_blocks``).
         """
         if bucket is None:
             requests = list(requests)
             bucket = max((self.bucket(len(r.token_ids)) for r in requests), default=self.config.prompt_buckets[0])
-        return self.engine(bucket).start(requests)
+        return self.engine(bucket).start(requests, rows_after)
 
-    def generate(self, requests: Iterable[Request], bucket: int | None = None) -> Iterator[Result]:
+    def generate(self, requests: Iterable[Request], bucket: int | None = None, rows_after: int | None = None
+                 ) -> Iterator[Result]:
         """Decodes requests, yielding results as rows finish (not in input order); ``bucket``
-        as for ``start``."""
+        and ``rows_after`` as for ``start``."""
         requests = requests if bucket is not None else list(requests)
         if bucket is not None or requests:
-            yield from self.start(requests, bucket).results()
+            yield from self.start(requests, bucket, rows_after).results()
 
 
 def hybrid_report(st) -> dict:

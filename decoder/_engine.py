@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dflash_batch.decoder._autoblock import BlockPolicy
-from dflash_batch.decoder._cost_table import load_costs, save_costs
+from dflash_batch.decoder._cost_table import load_costs, save_costs, stored_seconds
 from dflash_batch.decoder._lazy_blocks import merge_costs, next_wanted, park, unpark
 from dflash_batch.decoder._mesh import active, is_sharded, replicated, shardings, state_specs
 from dflash_batch.decoder._requests import Request, Result
@@ -169,6 +169,7 @@ class SlotEngine:
         self.warmup_seconds: dict[str, float] = {}
         self.costs_source = ""  # "measured" or "stored" (an earlier warmup's, same programs and machine)
         self.policy = BlockPolicy(phases.blocks)
+        self.add_seconds = 0.0  # what readying the last block length took: compile and costs
 
     @property
     def state(self) -> Slots | None:
@@ -214,6 +215,7 @@ class SlotEngine:
         s = self._compile_blocks(s, blocks)
         if len(self.phases.blocks) > 1:
             self._cost_blocks(s, blocks)
+            self.add_seconds = self.warmup_seconds[f"decode L={blocks[-1]}"] + self.warmup_seconds["block costs"]
         del s
         self.kept_stats = None
         self.state = self.fresh_state()
@@ -222,9 +224,10 @@ class SlotEngine:
         self.compile_seconds += dt
         return dt
 
-    def add_wanted_block(self) -> float:
+    def add_wanted_block(self, work_left: float | None = None) -> float:
         """After a lazy warmup: compiles and times the next candidate block length once the
-        policy could want it (``_lazy_blocks.next_wanted``); returns the seconds it took.
+        policy could want it and, with ``work_left`` (tokens per slot) known, once it could pay
+        back what adding a length costs (``_lazy_blocks.next_wanted``); returns the seconds it took.
 
         1. Park the batch's state on the host, so that the scratch state of step 2 is the one
            state on the devices (the memory plan counts one).
@@ -232,7 +235,8 @@ class SlotEngine:
            costs), as warmup does.
         3. Put the parked state back, bit for bit: the rows decode on as if nothing happened.
         """
-        block = next_wanted(self.policy) if self.warm and self.state is not None else None
+        block = (next_wanted(self.policy, work_left, self.ready_seconds)
+                 if self.warm and self.state is not None else None)
         if block is None:
             return 0.0
         t0 = time.perf_counter()
@@ -244,6 +248,7 @@ class SlotEngine:
         self.state, self.kept_stats = unpark(parked, placement), kept
         dt = time.perf_counter() - t0
         self.compile_seconds += dt
+        self.add_seconds = dt
         return dt
 
     def _compile_blocks(self, s: Slots, blocks: Sequence[int]) -> Slots:
@@ -261,11 +266,12 @@ class SlotEngine:
         """Gives the policy the step costs of ``blocks`` (AR among them): stored ones, else
         timed on the scratch state ``s`` (and stored under a key naming the lengths timed together)."""
         t1 = time.perf_counter()
-        key = f"{self.cost_key}-L{'-'.join(map(str, blocks))}" if self.cost_key else None
+        key = self._costs_key(blocks)
         stored = load_costs(key) if key else None
         per_step, per_gated = stored or self._time_blocks(s, blocks)
-        if stored is None and key:
-            save_costs(key, per_step, per_gated)
+        if stored is None and key:  # with what readying the largest took (compile, then timing)
+            save_costs(key, per_step, per_gated,
+                       self.warmup_seconds[f"decode L={max(blocks)}"] + time.perf_counter() - t1)
         first = not self.policy.costs
         if first:
             self.policy.set_costs(per_step, per_gated)
@@ -274,6 +280,20 @@ class SlotEngine:
             merge_costs(self.policy, per_step, per_gated)
         label = "block costs" if first else f"block costs L={max(blocks)}"
         self.warmup_seconds[label] = time.perf_counter() - t1
+
+    def _costs_key(self, blocks: Sequence[int]) -> str | None:
+        """Where the costs of ``blocks`` timed together are stored (None: nowhere)."""
+        return f"{self.cost_key}-L{'-'.join(map(str, blocks))}" if self.cost_key else None
+
+    def ready_seconds(self, block: int) -> float:
+        """What readying ``block`` would likely take: as the last length did where its costs are
+        stored (its programs were compiled here before, so the persistent cache holds them),
+        else no less than the first speculative length took when first compiled, cold (stored
+        with its costs by the run that measured them)."""
+        key = self._costs_key((1, block))
+        if key is None or load_costs(key) is not None:
+            return self.add_seconds
+        return max(self.add_seconds, stored_seconds(self._costs_key(self.phases.blocks[:2])) or 0.0)
 
     def _prefill_slots(self, s: Slots, n: int) -> Slots:
         """``s`` with its first ``n`` slots prefilled with one chunk of a dummy prompt."""
@@ -316,13 +336,13 @@ class SlotEngine:
                     per_gated[block] += [seconds] if seconds is not None else []
         return per_step, per_gated
 
-    def start(self, requests: Iterable[Request]) -> "BatchRun":
+    def start(self, requests: Iterable[Request], rows_after: int | None = None) -> "BatchRun":
         """A run of these requests through the batch, driven step by step (``BatchRun``)."""
         if not self.warm:
             self.warmup()
         if self.state is None:
             self.state = self.fresh_state()
-        return BatchRun(self, requests)
+        return BatchRun(self, requests, rows_after)
 
 
 class BatchRun:
@@ -334,8 +354,14 @@ class BatchRun:
     3. ``harvest``: finished rows (EOS, budget, or a stop string) become results, freeing slots.
     """
 
-    def __init__(self, engine: SlotEngine, requests: Iterable[Request]):
+    def __init__(self, engine: SlotEngine, requests: Iterable[Request], rows_after: int | None = None):
+        """``rows_after``: rows the same decoder may still get after these (None: unknown). With
+        a list of requests and a known ``rows_after``, the work left is known (``work_left``)."""
         self.engine = engine
+        sized = isinstance(requests, Sequence) and rows_after is not None
+        self._queued_tokens = sum(r.max_new_tokens for r in requests) if sized else None
+        mean_new = self._queued_tokens / len(requests) if sized and requests else 0.0
+        self._later_tokens = rows_after * mean_new if sized else None
         self._queue = iter(requests)
         self._next: Request | None = next(self._queue, None)
         b = engine.state.batch
@@ -371,6 +397,9 @@ class BatchRun:
             if row is None:
                 req, self._next = self._next, next(self._queue, None)
                 self.rows[i] = (req, time.perf_counter())
+                self._n_out[i] = 0
+                if self._queued_tokens is not None:
+                    self._queued_tokens -= req.max_new_tokens
                 self._prefill(i, req)
                 self._seen_hist[i] = 0
                 filled += 1
@@ -394,16 +423,28 @@ class BatchRun:
         """One decode call at the policy's block length; its outcome goes back to the policy."""
         self._check_held()
         e = self.engine
-        e.add_wanted_block()  # after a lazy warmup: a larger block length, once it could pay
+        e.add_wanted_block(self.work_left())  # after a lazy warmup: a larger block length, once it could pay
         block, trial = e.policy.choose()
         steps = self._probe_steps if trial else e.chunk_steps  # a trial only measures acceptance
         e.state, _ = e.phases.decode(e.state, stop_on_first_done=jnp.asarray(self._next is not None),
                                      max_steps=np.int32(steps), gate=e.policy.gate(block), block=block)
         # One host round trip per call: what the policy learns and what ``harvest`` reads.
-        hist, gated, self._done, self._n_out = jax.device_get(
+        hist, gated, self._done, n_out = jax.device_get(
             (e.state.hist, _gated(e.state), e.state.done, e.state.n_out))
+        self._n_out = np.array(n_out)  # writable: a slot refilled before the next call starts at 0
         e.policy.observe(block, (hist - self._seen_hist).sum(axis=0), int(gated) - self._seen_gated)
         self._seen_hist, self._seen_gated = hist.astype(np.int64), int(gated)
+
+    def work_left(self) -> float | None:
+        """Tokens each slot still has to decode, at most (every row to its budget), or None where
+        the requests are a stream or the rows after them unknown: the running rows' remaining
+        budgets, the queued and later rows' spread over the slots, and never less than the
+        longest running row's."""
+        if self._queued_tokens is None:
+            return None
+        running = [r[0].max_new_tokens - int(self._n_out[i]) for i, r in enumerate(self.rows) if r is not None]
+        total = sum(running) + self._queued_tokens + self._later_tokens
+        return max(total / len(self.rows), max(running, default=0))
 
     def harvest(self) -> list[Result]:
         """The rows that finished in the last decode call, as results; their slots are free again."""

@@ -32,6 +32,9 @@ class JobConfig:
     dtype: str | None = None  # the resolved [model] dtype (bfloat16/float32); set with the drafter, by the preflight
     # The target's context (max_position_embeddings), once build has read it: a longer prompt is a dead letter.
     context_tokens: int | None = None
+    # Rows in the job's input as the preflight counted them (None: not counted, e.g. on Dataflow):
+    # a worker's decoder may get at most this many, which bounds the work a compile can pay back over.
+    rows_in: int | None = None
 
 
 def job_config(spec: Any, options: PipelineOptions, progress_dir: str | None = None) -> JobConfig:

@@ -101,6 +101,7 @@ class Decode(beam.DoFn):
         out, per_file = self.config.output, self.config.rows_per_file
         self.completion_part = PartBuffer(out, COMPLETIONS_PREFIX, self.schema, per_file)
         self.dead_part = PartBuffer(out, DEAD_LETTERS_PREFIX, DEAD_LETTERS_SCHEMA, per_file)
+        self.rows_seen = 0  # rows this instance was given to decode
 
     def finish_bundle(self):
         # Beam commits the bundle's output only after this returns: the rows are on disk first.
@@ -125,7 +126,10 @@ class Decode(beam.DoFn):
                     model.decoder.warmup(bucket, lazy=True)  # larger block lengths when they could pay
                     model.warm.add(bucket)
                 self.progress.phase("decoding", bucket)
-                for r in model.decoder.generate([it.request() for it in items], bucket=bucket):
+                self.rows_seen += len(items)
+                # The rows this decoder may still get (at most the job's rest): what a compile pays back over.
+                rows_after = max(self.config.rows_in - self.rows_seen, 0) if self.config.rows_in else None
+                for r in model.decoder.generate([it.request() for it in items], bucket=bucket, rows_after=rows_after):
                     results[r.id] = r
                     h = np.asarray(r.accepted_per_step, np.int64)
                     self.progress.report(rows=1, completion_tokens=r.completion_tokens, steps=int(h.sum()),

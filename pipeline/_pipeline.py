@@ -155,7 +155,8 @@ def build(spec: Any, beam_options: Sequence[str] = (), test_pipeline: beam.Pipel
     config = job_config(spec, options, progress_dir)
     pre = (check or preflight)(config)
     # A preflight that read no checkpoint (the offline dry run) leaves "auto" to the platform alone.
-    config = dataclasses.replace(config, drafter=pre.drafter, dtype=pre.dtype or job_dtype(spec))
+    config = dataclasses.replace(config, drafter=pre.drafter, dtype=pre.dtype or job_dtype(spec),
+                                 rows_in=pre.rows_in or None)
     if check is None:  # a replaced check (an offline dry run) must not read the model
         context = model_context(spec.model.target)
         check_context(spec, context)

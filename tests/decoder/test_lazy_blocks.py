@@ -7,7 +7,7 @@ import pytest
 
 from dflash_batch.decoder import Request
 from dflash_batch.decoder._autoblock import BlockPolicy
-from dflash_batch.decoder._lazy_blocks import cost_floor, merge_costs, next_wanted
+from dflash_batch.decoder._lazy_blocks import cost_floor, likely_tokens, merge_costs, next_wanted, pays_back
 from compile_counter import count_compiles
 from decoding import make_decoder
 from oracle_proposer import ORACLE
@@ -34,6 +34,29 @@ def test_the_next_block_is_wanted_when_its_optimistic_throughput_could_win():
     assert next_wanted(hopeless) is None
 
 
+def test_a_block_that_could_win_is_wanted_only_where_the_work_left_pays_for_adding_it():
+    policy = BlockPolicy((1, 2, 4, 8), costs={1: 1.0, 2: 1.2})
+    policy.observe(2, np.array([0, 10]))  # every draft accepted: L=2 is best, 2 tokens per 1.2 s = 0.6 s a token
+    # L=4 at its cost floor (1.4 s) could commit 4 tokens: 0.35 s a token, 100 tokens x 0.25 s = 25 s saved.
+    assert pays_back(policy, 4, work_left=100, add_seconds=20)
+    assert not pays_back(policy, 4, work_left=100, add_seconds=30)
+    assert next_wanted(policy, work_left=100, ready_seconds=lambda b: 20) == 4
+    assert next_wanted(policy, work_left=100, ready_seconds=lambda b: 30) == 8  # 8 tokens for 1.8 s: 37.5 s saved
+    assert next_wanted(policy, work_left=10, ready_seconds=lambda b: 30) is None  # a small job decodes on with what it has
+    assert next_wanted(policy, work_left=None, ready_seconds=lambda b: 1e9) == 4  # a stream: the work left is unknown
+
+
+def test_the_payback_extends_the_seen_acceptance_geometrically_where_the_bound_keeps_it_flat():
+    policy = BlockPolicy((1, 2, 4, 8), costs={1: 1.0, 2: 1.2})
+    policy.observe(2, np.array([5, 5]))  # q_1 = 0.5
+    assert policy.expected_tokens(4, optimistic=True) == pytest.approx(1 + 0.5 * 3)  # could win: the bound
+    assert likely_tokens(policy, 4) == pytest.approx(1 + 0.5 + 0.25 + 0.125)  # would likely save: q_k = 0.5^k
+    policy.observe(4, np.array([4, 2, 2, 2]))  # a call at L=4: q_1 .. q_3 all seen
+    assert likely_tokens(policy, 4) == pytest.approx(policy.expected_tokens(4))  # all seen: no guess
+    q = policy.acceptance()[1:4]
+    assert likely_tokens(policy, 8) == pytest.approx(1 + q.sum() + sum(q[2] * (q[2] / q[1]) ** k for k in (1, 2, 3, 4)))
+
+
 def test_only_the_smallest_uncosted_block_is_named():
     policy = BlockPolicy((1, 2, 4, 8), costs={1: 1.0, 2: 1.2, 4: 1.5})
     policy.observe(4, np.array([0, 0, 0, 10]))
@@ -56,6 +79,14 @@ def test_a_lazy_warmup_readies_ar_and_the_smallest_speculative_block(tiny_llama)
     report = dec.block_report()["16"]
     assert list(report["warmup_seconds"]) == ["prefill", "decode L=1", "decode L=2", "block costs"]
     assert set(report["step_ms"]) == {"1", "2"}
+    # What a compile could pay back over: every running row to its budget, the queue and the
+    # rows after it spread over the slots; a stream's is unknown.
+    reqs = [Request(id=str(i), token_ids=[5, 6, 7], max_new_tokens=8 if i else 4) for i in range(5)]
+    run = dec.start(reqs, bucket=16, rows_after=3)
+    assert run.refill() == 2
+    assert run.work_left() == pytest.approx(max((4 + 8 + 3 * 8 + 3 * 36 / 5) / 2, 8))
+    assert dec.start(iter(reqs), bucket=16, rows_after=3).work_left() is None
+    assert dec.start(reqs, bucket=16).work_left() is None  # the rows after these unknown
 
 
 @pytest.mark.slow
@@ -77,8 +108,11 @@ def test_larger_blocks_compile_when_drafts_are_accepted_and_the_tokens_stay_ar_s
     monkeypatch.setattr(engine, "_time_blocks", fake)
     lazy.warmup(32, lazy=True)
     assert lazy.blocks == (1, 2, 4) and set(lazy.block_report()["32"]["step_ms"]) == {"1", "2"}
-    with count_compiles() as compiles:
-        assert {r.id: r.token_ids for r in lazy.generate(reqs)} == ar  # parking the state mid-run lost nothing
+    with count_compiles() as compiles:  # these rows are all the work (at 1 ms a step, too little to pay)
+        assert {r.id: r.token_ids for r in lazy.generate(reqs, bucket=32, rows_after=0)} == ar
+        assert compiles() == 0 and set(lazy.block_report()["32"]["step_ms"]) == {"1", "2"}
+    with count_compiles() as compiles:  # a stream: the work left is unknown, so L=4 could pay
+        assert {r.id: r.token_ids for r in lazy.generate(iter(reqs), bucket=32)} == ar  # parking lost nothing
         assert compiles() == 1  # L=4's program; the state came back in its old layout: nothing else recompiled
     report = lazy.block_report()["32"]
     # The oracle's drafts are always accepted: every larger length became worth compiling, once each.

@@ -67,3 +67,22 @@ def test_a_second_warmup_of_the_same_programs_reuses_the_stored_costs(tiny_llama
     other = make_decoder(tiny_llama, **{**SETTINGS, "batch_size": 3})  # other programs: measured anew
     other.warmup(16)
     assert other.block_report()["16"]["costs"] == "measured"
+
+
+@pytest.mark.slow
+def test_a_rerun_prices_a_length_never_compiled_here_at_the_first_runs_cold_seconds(tiny_llama, compilation_cache):
+    from dflash_batch.decoder._cost_table import stored_seconds
+
+    first = make_decoder(tiny_llama, **SETTINGS)
+    first.warmup(16, lazy=True)  # AR and L=2: their costs are stored with what readying L=2 took
+    cold = stored_seconds(first.engine(16)._costs_key((1, 2)))
+    assert cold is not None and cold > 0
+    again = make_decoder(tiny_llama, **SETTINGS)
+    again.warmup(16, lazy=True)  # from the persistent cache, with the stored costs
+    engine = again.engine(16)
+    engine.add_seconds = 0.0  # as fast as a cached warmup can be
+    # L=4 was never compiled here: readying it would cost what L=2 did cold, not what a cache hit does.
+    assert engine.ready_seconds(4) == cold
+    engine.warmup_seconds["decode L=4"] = 0.5  # as if L=4 had been readied here and its costs stored
+    engine._cost_blocks(engine._compile_blocks(engine.fresh_state(), (4,)), (1, 4))
+    assert engine.ready_seconds(4) == 0.0  # now in the cache: as cheap as the last length

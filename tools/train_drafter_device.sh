@@ -16,6 +16,8 @@
 #     cp .train-work/carry-*/*.part-* .train-work/parts/ && cp .train-work/carry-3/*.parquet .train-work/device/ &&
 #     PYTHONUNBUFFERED=1 MODEL_PARTS=.train-work/parts RESULTS=$OUT bash tools/train_drafter_device.sh
 #   with timeout_s 600. Join the returned weights with `cat model.safetensors.part-* > model.safetensors`.
+# The bench can follow in the same call, on the model this run imported (`tools/device_bench.py`, e.g.
+# `--drafter $WORK/drafter --batch-sizes 16,64,1 --no-auto --budget 40`): the machine goes back 30 s after a call.
 #
 # Other arguments go to train-drafter (e.g. --stop-at N). Settings are environment variables (below).
 #

@@ -108,6 +108,12 @@ class Decode(beam.DoFn):
         self.completion_part.flush()
         self.dead_part.flush()
 
+    def _rows_after(self, batch_rows: int) -> int | None:
+        """The rows this decoder may still get after a batch of ``batch_rows``: at most the rest of
+        the job's rows (None where the preflight did not count them), what a compile pays back over."""
+        self.rows_seen += batch_rows
+        return max(self.config.rows_in - self.rows_seen, 0) if self.config.rows_in else None
+
     def process(self, element: tuple[tuple[int, int], Iterable[Prepared]]):
         (bucket, _shard), batch = element
         items = list(batch)
@@ -126,10 +132,8 @@ class Decode(beam.DoFn):
                     model.decoder.warmup(bucket, lazy=True)  # larger block lengths when they could pay
                     model.warm.add(bucket)
                 self.progress.phase("decoding", bucket)
-                self.rows_seen += len(items)
-                # The rows this decoder may still get (at most the job's rest): what a compile pays back over.
-                rows_after = max(self.config.rows_in - self.rows_seen, 0) if self.config.rows_in else None
-                for r in model.decoder.generate([it.request() for it in items], bucket=bucket, rows_after=rows_after):
+                for r in model.decoder.generate([it.request() for it in items], bucket=bucket,
+                                                rows_after=self._rows_after(len(items))):
                     results[r.id] = r
                     h = np.asarray(r.accepted_per_step, np.int64)
                     self.progress.report(rows=1, completion_tokens=r.completion_tokens, steps=int(h.sum()),

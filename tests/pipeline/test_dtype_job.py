@@ -53,6 +53,7 @@ def test_auto_is_recorded_as_the_dtype_it_resolves_to(chat_model_dir, inputs, tm
     out = tmp_path / "out"
     built = build(job_spec(chat_model_dir, inputs, out))  # dtype "auto", the default
     assert built.config.spec.model.dtype == "auto" and built.config.dtype == CPU_AUTO
+    assert built.config.rows_in == 3  # the preflight's count: the most a worker's lazy compile can pay back over
     built.prepare_output()
     assert json.loads((out / "job_manifest.json").read_text())["dtype"] == CPU_AUTO
     build(job_spec(chat_model_dir, inputs, out, dtype=CPU_AUTO))

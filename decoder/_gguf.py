@@ -97,6 +97,8 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     src_dir, src_name = str(gguf_path.parent), gguf_path.name
     config = AutoConfig.from_pretrained(src_dir, gguf_file=src_name)
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
+    for attr, token in gguf_special_tokens(reader, tokenizer).items():
+        setattr(tokenizer, attr, token)
     tied = all(t.name != "output.weight" for t in reader.tensors)
     config.architectures = ["LlamaForCausalLM"]
     config.tie_word_embeddings = tied
@@ -175,6 +177,23 @@ def _update_json(path: Path, values: dict, overwrite: bool = False) -> None:
         if overwrite or k not in data:
             data[k] = v
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def gguf_special_tokens(reader, tokenizer) -> dict[str, str]:
+    """The special tokens the GGUF's metadata names by id (``tokenizer.ggml.*_token_id``).
+
+    transformers' GGUF reader has set them differently across versions: 5.17 made SmolLM2's
+    ``<|im_start|>`` (id 1) the EOS token and left no pad token, where the file says EOS and pad
+    are ``<|im_end|>`` (id 2), as 5.25 reads it. The file's ids are the model's, so they win.
+    """
+    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+            "pad_token": "padding_token_id"}
+    out = {}
+    for attr, key in keys.items():
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            out[attr] = tokenizer.convert_ids_to_tokens(int(field.contents()))
+    return out
 
 
 def _field_str(reader, key: str) -> str | None:

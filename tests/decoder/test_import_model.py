@@ -205,6 +205,25 @@ def test_tokenizer_renders_the_chat_template_like_the_gguf_tokenizer(model_dir):
 
 
 @pytest.mark.slow
+def test_the_special_tokens_are_the_gguf_files_whatever_transformers_reads(tmp_path, monkeypatch):
+    import transformers
+
+    read = transformers.AutoTokenizer.from_pretrained
+
+    def as_transformers_5_17(*args, **kwargs):  # what that version's GGUF reader made of this file
+        tok = read(*args, **kwargs)
+        tok.eos_token, tok.pad_token = "<|im_start|>", None
+        return tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", as_transformers_5_17)
+    out = import_gguf(embedded_gguf_path(), tmp_path / "m")
+    monkeypatch.undo()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (2, 1, 2)
+
+
+@pytest.mark.slow
 def test_interrupted_import_leaves_no_folder(tmp_path, monkeypatch):
     def fail_midway(folder, *args):
         (folder / "config.json").write_text("{}")

@@ -69,7 +69,7 @@ class _FailingDecoder:
     def warmup(self, bucket, lazy=False):
         return 0.0
 
-    def generate(self, requests, bucket):
+    def generate(self, requests, bucket, rows_after=None):
         r = requests[0]
         yield Result(id=r.id, prompt_tokens=len(r.token_ids), token_ids=[5, 6], text="ok", finish_reason="length",
                      decode_steps=1, accepted_per_step=np.array([1]), draft_tokens_proposed=0,

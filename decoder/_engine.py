@@ -170,6 +170,9 @@ class SlotEngine:
         self.costs_source = ""  # "measured" or "stored" (an earlier warmup's, same programs and machine)
         self.policy = BlockPolicy(phases.blocks)
         self.add_seconds = 0.0  # what readying the last block length took: compile and costs
+        # What ``ready_seconds`` read from the cost store, read once per run (not once per decode call):
+        self._costs_stored: dict[int, bool] = {}  # by length: whether its costs (and so its programs) are here
+        self._cold_seconds: float | None = None  # what the first speculative length took cold
 
     @property
     def state(self) -> Slots | None:
@@ -272,6 +275,7 @@ class SlotEngine:
         if stored is None and key:  # with what readying the largest took (compile, then timing)
             save_costs(key, per_step, per_gated,
                        self.warmup_seconds[f"decode L={max(blocks)}"] + time.perf_counter() - t1)
+        self._costs_stored[max(blocks)] = key is not None
         first = not self.policy.costs
         if first:
             self.policy.set_costs(per_step, per_gated)
@@ -291,9 +295,15 @@ class SlotEngine:
         else no less than the first speculative length took when first compiled, cold (stored
         with its costs by the run that measured them)."""
         key = self._costs_key((1, block))
-        if key is None or load_costs(key) is not None:
+        if key is None:
             return self.add_seconds
-        return max(self.add_seconds, stored_seconds(self._costs_key(self.phases.blocks[:2])) or 0.0)
+        if block not in self._costs_stored:
+            self._costs_stored[block] = load_costs(key) is not None
+        if self._costs_stored[block]:
+            return self.add_seconds
+        if self._cold_seconds is None:
+            self._cold_seconds = stored_seconds(self._costs_key(self.phases.blocks[:2])) or 0.0
+        return max(self.add_seconds, self._cold_seconds)
 
     def _prefill_slots(self, s: Slots, n: int) -> Slots:
         """``s`` with its first ``n`` slots prefilled with one chunk of a dummy prompt."""

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
 
+    import jax
+
     from dflash_batch.decoder import DRAFTER_MODES, ROWS_PER_SLOT, Request, resolve_drafter_dir
     from dflash_batch.jobs._bench import bench, format_table, load_bench_models
     from dflash_batch.jobs._train_cli import read_prompts
@@ -50,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = models[0].target.tokenizer
     prompts, bad = read_prompts(a.prompts, tokenizer, limit=a.num_prompts or ROWS_PER_SLOT * max(batch_sizes))
     reqs = [Request(id=i, token_ids=ids, max_new_tokens=a.max_new_tokens) for i, ids in prompts]
-    import jax
-
     a.out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
     for b in batch_sizes:

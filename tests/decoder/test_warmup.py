@@ -70,7 +70,9 @@ def test_a_second_warmup_of_the_same_programs_reuses_the_stored_costs(tiny_llama
 
 
 @pytest.mark.slow
-def test_a_rerun_prices_a_length_never_compiled_here_at_the_first_runs_cold_seconds(tiny_llama, compilation_cache):
+def test_a_rerun_prices_a_length_never_compiled_here_at_the_first_runs_cold_seconds(tiny_llama, compilation_cache,
+                                                                                    monkeypatch):
+    from dflash_batch.decoder import _engine
     from dflash_batch.decoder._cost_table import stored_seconds
 
     first = make_decoder(tiny_llama, **SETTINGS)
@@ -82,7 +84,12 @@ def test_a_rerun_prices_a_length_never_compiled_here_at_the_first_runs_cold_seco
     engine = again.engine(16)
     engine.add_seconds = 0.0  # as fast as a cached warmup can be
     # L=4 was never compiled here: readying it would cost what L=2 did cold, not what a cache hit does.
+    reads = []
+    load = _engine.load_costs
+    monkeypatch.setattr(_engine, "load_costs", lambda key: reads.append(key) or load(key))
     assert engine.ready_seconds(4) == cold
+    assert engine.ready_seconds(4) == cold  # asked before each decode call: the store is read once
+    assert len(reads) == 1
     engine.warmup_seconds["decode L=4"] = 0.5  # as if L=4 had been readied here and its costs stored
     engine._cost_blocks(engine._compile_blocks(engine.fresh_state(), (4,)), (1, 4))
     assert engine.ready_seconds(4) == 0.0  # now in the cache: as cheap as the last length
